@@ -1,0 +1,270 @@
+"""Every setting of a training run, as dataclasses; loaded from YAML with dotted `key=value` overrides (OmegaConf
+does the parsing and type checks), validated before any model loads, and saved with each run.
+
+The comment after each field is its help text: `dopd train --help` and the README's table are made from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .objectives import Objective, ObjectiveConfig
+from .prompts import DEFAULT_PRIVILEGED_TEMPLATE, check_template
+
+
+@dataclass
+class ModelConfig:
+    student: str = ""  # student model: a local path or a hub name (required)
+    teacher: str | None = None  # teacher model: a local path or a hub name (required unless the method has no teacher)
+    tokenizer: str | None = None  # tokenizer path or hub name (default: the student's)
+    dtype: str = "float32"  # float32 | bfloat16 | float16: weights of both models (the loss accumulates in fp32)
+    trust_remote_code: bool = False  # passed to from_pretrained
+    attn_implementation: str | None = None  # e.g. sdpa, flash_attention_2 (default: transformers' choice)
+    gradient_checkpointing: bool = False  # recompute the student's activations in backward to save memory
+
+
+@dataclass
+class DataConfig:
+    path: str = ""  # JSONL/JSON/Parquet/CSV file, a save_to_disk directory, or a hub data set name (required)
+    name: str | None = None  # hub data set configuration name
+    split: str = "train"  # split to read
+    prompt_column: str = "prompt"  # the question: a string or a list of chat messages
+    privileged_column: str = "privileged_context"  # the privileged input, seen only by the privileged passes
+    answer_column: str = "answer"  # optional reference answer (kept for evaluation and samples)
+    teacher_template: str = DEFAULT_PRIVILEGED_TEMPLATE  # how the teacher's prompt inserts the privileged context
+    self_template: str = DEFAULT_PRIVILEGED_TEMPLATE  # the same for the privileged student pass
+    use_chat_template: bool | None = None  # render prompts with the tokenizer's chat template (default: if it has one)
+    max_prompt_length: int = 1024  # longest prompt in tokens, privileged prompts included
+    drop_long_prompts: bool = False  # drop prompts over max_prompt_length instead of stopping with an error
+    max_samples: int | None = None  # use only the first N rows
+    shuffle: bool = True  # visit prompts in a seeded random order, reshuffled each epoch
+
+
+@dataclass
+class RolloutConfig:
+    backend: str = "hf"  # hf (transformers generate); vllm comes with the scale work
+    num_generations: int = 4  # completions sampled per prompt
+    max_new_tokens: int = 256  # longest completion
+    temperature: float = 1.0  # sampling temperature; 0 means greedy
+    top_p: float = 1.0  # nucleus sampling
+    top_k: int = 0  # sample from the top-k tokens only (0: off)
+    batch_size: int = 64  # prompts per generate call
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-6  # AdamW learning rate (paper: 5e-6)
+    weight_decay: float = 0.0  # AdamW weight decay
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
+    eps: float = 1e-8  # AdamW epsilon
+    schedule: str = "cosine"  # cosine | constant, after the warm-up
+    warmup_steps: int = 0  # linear warm-up steps
+    max_grad_norm: float | None = 1.0  # gradient clipping (null: off)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200  # optimizer steps
+    prompts_per_step: int = 128  # prompts per optimizer step over all processes (each gets num_generations rollouts)
+    micro_batch_size: int = 8  # sequences per forward/backward pass (gradient accumulation over the rest)
+    seed: int = 0  # seeds data order, sampling and initialization
+    chunk_size: int | None = None  # tokens per chunk of the chunked loss (null: automatic; 0: plain full logits)
+    device: str | None = None  # force a device, e.g. cpu (default: accelerate's choice)
+
+
+@dataclass
+class LoggingConfig:
+    output_dir: str = ""  # the run directory (required); holds config, metrics, samples, checkpoints
+    overwrite: bool = False  # replace a run directory that holds another run
+    report_to: list[str] = field(default_factory=list)  # extra trackers: tensorboard, wandb
+    project: str = "dopd"  # tracker project name
+    run_name: str | None = None  # tracker run name (default: the directory name)
+    log_every: int = 1  # steps between metric lines
+    sample_every: int = 10  # steps between saved samples with token-level routing (0: never)
+    num_samples: int = 4  # completions saved each time
+    progress_bar: bool = True  # a progress bar with the loss and the step
+
+
+@dataclass
+class CheckpointConfig:
+    save_every: int = 50  # steps between checkpoints (0: only the final model)
+    keep_last: int = 2  # checkpoints kept on disk (older ones are deleted)
+    resume: bool = False  # continue from the last checkpoint in output_dir
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work; the message names the key and the fix."""
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None, **sections: Any) -> Config:
+    """A validated `Config` from a YAML file, dotted `key=value` overrides and/or keyword sections (dicts)."""
+    merged = OmegaConf.structured(Config)
+    try:
+        if path is not None:
+            if not os.path.exists(path):
+                raise ConfigError(f"config file {path} does not exist")
+            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        if sections:
+            merged = OmegaConf.merge(merged, OmegaConf.create(sections))
+        if overrides:
+            bad = [item for item in overrides if "=" not in item]
+            if bad:
+                raise ConfigError(f"override {bad[0]!r} is not of the form key=value (e.g. objective.method=opd)")
+            for item in overrides:
+                try:
+                    parsed = OmegaConf.from_dotlist([item])
+                except Exception as error:  # yaml's parse errors: a value such as {prompt} needs quotes
+                    raise ConfigError(
+                        f"override {item!r} could not be parsed ({type(error).__name__}); quote a value that starts "
+                        """with '{' or '[' as a string, e.g. data.teacher_template='"{prompt} {privileged_context}"'"""
+                    ) from None
+                merged = OmegaConf.merge(merged, parsed)
+        config: Config = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as error:
+        key = getattr(error, "full_key", None)
+        first = str(error).splitlines()[0]
+        raise ConfigError(f"config key {key}: {first}" if key else first) from None
+    validate(config)
+    return config
+
+
+def to_yaml(config: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(config))
+
+
+def to_dict(config: Config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def validate(config: Config) -> Objective:
+    """Check every setting that can be checked without loading a model; returns the built objective."""
+    try:
+        objective = Objective(config.objective)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    m, d, r, o, t, lg, ck = (
+        config.model, config.data, config.rollout, config.optim, config.train, config.logging, config.checkpoint
+    )
+    if not m.student:
+        raise ConfigError("model.student is required: a local path or a hub name of the student model")
+    if objective.needs_teacher and not m.teacher:
+        raise ConfigError(f"model.teacher is required by method {config.objective.method!r}: a path or a hub name")
+    if m.dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"model.dtype = {m.dtype!r} is unknown; use float32, bfloat16 or float16")
+    if not d.path:
+        raise ConfigError("data.path is required: a JSONL/Parquet file, a save_to_disk directory or a hub name")
+    for key in ("teacher_template", "self_template"):
+        try:
+            check_template(getattr(d, key), f"data.{key}")
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+    _positive(d.max_prompt_length, "data.max_prompt_length")
+    if r.backend not in ("hf", "vllm"):
+        raise ConfigError(f"rollout.backend = {r.backend!r} is unknown; use hf (or vllm on a GPU machine)")
+    _positive(r.num_generations, "rollout.num_generations")
+    _positive(r.max_new_tokens, "rollout.max_new_tokens")
+    _positive(r.batch_size, "rollout.batch_size")
+    if r.temperature < 0:
+        raise ConfigError(f"rollout.temperature = {r.temperature} must be >= 0 (0: greedy)")
+    if not 0 < r.top_p <= 1:
+        raise ConfigError(f"rollout.top_p = {r.top_p} must be in (0, 1]")
+    if o.lr <= 0:
+        raise ConfigError(f"optim.lr = {o.lr} must be positive")
+    if o.schedule not in ("cosine", "constant"):
+        raise ConfigError(f"optim.schedule = {o.schedule!r} is unknown; use cosine or constant")
+    if len(o.betas) != 2:
+        raise ConfigError(f"optim.betas = {o.betas} must have two values, e.g. [0.9, 0.999]")
+    if o.warmup_steps < 0 or o.warmup_steps > t.steps:
+        raise ConfigError(f"optim.warmup_steps = {o.warmup_steps} must be between 0 and train.steps = {t.steps}")
+    _positive(t.steps, "train.steps")
+    _positive(t.prompts_per_step, "train.prompts_per_step")
+    _positive(t.micro_batch_size, "train.micro_batch_size")
+    if t.chunk_size is not None and t.chunk_size < 0:
+        raise ConfigError(f"train.chunk_size = {t.chunk_size} must be >= 0 (0: plain form; null: automatic)")
+    if not lg.output_dir:
+        raise ConfigError("logging.output_dir is required: the run directory")
+    for tracker in lg.report_to:
+        if tracker not in ("tensorboard", "wandb"):
+            raise ConfigError(f"logging.report_to has {tracker!r}; known: tensorboard, wandb")
+    _positive(lg.log_every, "logging.log_every")
+    if ck.resume and lg.overwrite:
+        raise ConfigError("checkpoint.resume and logging.overwrite are both true; choose one")
+    _positive(ck.keep_last, "checkpoint.keep_last")
+    return objective
+
+
+def _positive(value: int | float, key: str) -> None:
+    if value <= 0:
+        raise ConfigError(f"{key} = {value} must be positive")
+
+
+# --------------------------------------------------------------------------------------------------- help
+
+_FIELD_LINE = re.compile(r"^\s+(\w+):\s*([^=]+?)\s*=\s*(.+?)\s*#\s*(.+)$")
+
+
+def field_help(cls: type) -> dict[str, tuple[str, str]]:
+    """{field: (type, help)} from the comment after each field in the dataclass's source."""
+    found = {}
+    for line in inspect.getsource(cls).splitlines():
+        match = _FIELD_LINE.match(line)
+        if match:
+            found[match.group(1)] = (match.group(2), match.group(4))
+    return found
+
+
+def describe_keys(config: Config | None = None) -> list[tuple[str, str, str]]:
+    """(dotted key, default, help) for every setting."""
+    config = config or Config()
+    rows = []
+    for section in dataclasses.fields(Config):
+        value = getattr(config, section.name)
+        helps = field_help(type(value))
+        for item in dataclasses.fields(value):
+            default = getattr(value, item.name)
+            rows.append((f"{section.name}.{item.name}", _show(default), helps.get(item.name, ("", ""))[1]))
+    return rows
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, str):
+        return repr(value) if value == "" or "\n" in value else value
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+def keys_help() -> str:
+    rows = describe_keys()
+    width = max(len(key) for key, _, _ in rows)
+    return "\n".join(f"  {key:<{width}}  {default:<14} {text}" for key, default, text in rows)
+
+
+def keys_markdown() -> str:
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+    for key, default, text in describe_keys():
+        default, text = default.replace("|", "\\|"), text.replace("|", "\\|")
+        lines.append(f"| `{key}` | `{default}` | {text} |")
+    return "\n".join(lines)

@@ -1,0 +1,173 @@
+"""Prompt data sets for on-policy distillation: loading, checking, rendering the three prompts, tokenizing
+(spec, "Privileged input"; design, "data.py").
+
+A row has a prompt (a string or chat messages), a privileged context and optionally an answer. Each row becomes
+three token sequences: the deployed student's prompt, the privileged student's and the teacher's (with or without
+the privileged context as the method asks). Problems are found before any model loads: missing or empty columns,
+prompts over the length limit (with how many and the longest), a data set that cannot be read.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from typing import Any
+
+from .config import ConfigError, DataConfig
+from .prompts import render_prompt
+
+_FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def load_rows(config: DataConfig):
+    """The data set as a `datasets.Dataset`: a local file, a `save_to_disk` directory or a hub name."""
+    import datasets
+
+    path = config.path
+    try:
+        if os.path.isfile(path):
+            extension = os.path.splitext(path)[1].lower()
+            if extension not in _FILE_BUILDERS:
+                raise ConfigError(
+                    f"data.path = {path} has extension {extension!r}; use .jsonl, .json, .parquet or .csv"
+                )
+            dataset = datasets.load_dataset(_FILE_BUILDERS[extension], data_files=path, split="train")
+        elif os.path.isdir(path) and (
+            os.path.exists(os.path.join(path, "dataset_info.json"))
+            or os.path.exists(os.path.join(path, "dataset_dict.json"))
+        ):
+            dataset = datasets.load_from_disk(path)
+            if isinstance(dataset, datasets.DatasetDict):
+                if config.split not in dataset:
+                    raise ConfigError(
+                        f"data.split = {config.split!r} is not in {path}; it has {', '.join(dataset.keys())}"
+                    )
+                dataset = dataset[config.split]
+        else:
+            dataset = datasets.load_dataset(path, config.name, split=config.split)
+    except ConfigError:
+        raise
+    except FileNotFoundError as error:
+        raise ConfigError(f"data.path = {path} could not be found ({error})") from None
+    except Exception as error:  # datasets raises many types for an unreadable or unreachable source
+        raise ConfigError(f"data.path = {path} could not be read: {type(error).__name__}: {error}") from None
+    if config.max_samples is not None:
+        dataset = dataset.select(range(min(config.max_samples, len(dataset))))
+    return dataset
+
+
+def check_columns(dataset, config: DataConfig, needs_privileged: bool) -> None:
+    """Stop with one message when a needed column is missing or holds empty values."""
+    if len(dataset) == 0:
+        raise ConfigError(f"data.path = {config.path} has no rows")
+    needed = [("data.prompt_column", config.prompt_column)]
+    if needs_privileged:
+        needed.append(("data.privileged_column", config.privileged_column))
+    for key, column in needed:
+        if column not in dataset.column_names:
+            raise ConfigError(
+                f"{key} = {column!r} is not a column of {config.path}; its columns are "
+                f"{', '.join(dataset.column_names)} (rename the column or set {key})"
+            )
+        values = dataset[column]
+        empty = [i for i, value in enumerate(values) if _is_empty(value)]
+        if empty:
+            raise ConfigError(
+                f"{len(empty)} of {len(values)} rows have an empty {column!r} ({key}), the first at row {empty[0]}; "
+                "fill or drop them"
+            )
+
+
+def _is_empty(value: Any) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, str):
+        return not value.strip()
+    if isinstance(value, list):
+        return len(value) == 0
+    return False
+
+
+@dataclass
+class PromptSet:
+    """Tokenized prompts of the three passes, one entry per row kept."""
+
+    student_ids: list[list[int]]
+    self_ids: list[list[int]]
+    teacher_ids: list[list[int]]
+    prompts: list[Any]
+    privileged: list[str | None]
+    answers: list[str | None]
+
+    def __len__(self) -> int:
+        return len(self.student_ids)
+
+
+def build_prompt_set(
+    dataset, config: DataConfig, tokenizer, teacher_privileged: bool | None, self_privileged: bool
+) -> PromptSet:
+    """Render and tokenize every row; prompts over `max_prompt_length` stop the run (or are dropped)."""
+    prompts = list(dataset[config.prompt_column])
+    has_privileged = config.privileged_column in dataset.column_names
+    privileged = list(dataset[config.privileged_column]) if has_privileged else [None] * len(prompts)
+    answers = list(dataset[config.answer_column]) if config.answer_column in dataset.column_names else [None] * len(
+        prompts
+    )
+
+    def encode(texts: list[str]) -> list[list[int]]:
+        return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+    def render(context: list[str | None] | None, template: str) -> list[str]:
+        return [
+            render_prompt(tokenizer, p, None if context is None else c, template, config.use_chat_template)
+            for p, c in zip(prompts, context or [None] * len(prompts))
+        ]
+
+    student_ids = encode(render(None, config.self_template))
+    self_ids = encode(render(privileged if self_privileged else None, config.self_template))
+    teacher_ids = encode(render(privileged if teacher_privileged else None, config.teacher_template))
+    lengths = [max(len(a), len(b), len(c)) for a, b, c in zip(student_ids, self_ids, teacher_ids)]
+    too_long = [i for i, n in enumerate(lengths) if n > config.max_prompt_length]
+    if too_long and not config.drop_long_prompts:
+        longest = max(lengths)
+        raise ConfigError(
+            f"{len(too_long)} of {len(lengths)} prompts are longer than data.max_prompt_length = "
+            f"{config.max_prompt_length} tokens (privileged prompts included; the longest has {longest}, row "
+            f"{lengths.index(longest)}); raise data.max_prompt_length or set data.drop_long_prompts=true"
+        )
+    keep = [i for i, n in enumerate(lengths) if n <= config.max_prompt_length]
+    if not keep:
+        raise ConfigError(f"every prompt is longer than data.max_prompt_length = {config.max_prompt_length}")
+    return PromptSet(
+        student_ids=[student_ids[i] for i in keep],
+        self_ids=[self_ids[i] for i in keep],
+        teacher_ids=[teacher_ids[i] for i in keep],
+        prompts=[prompts[i] for i in keep],
+        privileged=[privileged[i] for i in keep],
+        answers=[answers[i] for i in keep],
+    )
+
+
+class PromptOrder:
+    """Which prompts each step reads: a seeded permutation per epoch and a global position (saved with
+    checkpoints, so a resumed run reads what the uninterrupted one would have)."""
+
+    def __init__(self, size: int, seed: int, shuffle: bool, position: int = 0):
+        self.size, self.seed, self.shuffle, self.position = size, seed, shuffle, position
+
+    def _order(self, epoch: int) -> list[int]:
+        order = list(range(self.size))
+        if self.shuffle:
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+        return order
+
+    def take(self, count: int) -> list[int]:
+        picked = []
+        while len(picked) < count:
+            epoch, offset = divmod(self.position, self.size)
+            order = self._order(epoch)
+            step = min(count - len(picked), self.size - offset)
+            picked.extend(order[offset : offset + step])
+            self.position += step
+        return picked

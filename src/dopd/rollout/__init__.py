@@ -1,0 +1,43 @@
+"""Rollouts: the student samples completions of prompts it sees without privileged context (spec, step 1).
+
+A backend implements one narrow interface, `RolloutEngine.generate(prompt_ids, num_generations)`, and returns
+completion token ids without padding (ending with the end-of-sequence token when the model produced one). The
+trainer never needs to know which engine sampled: transformers `generate` (`hf.py`, the default) or vLLM (later).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass
+class Rollouts:
+    """Completions of a list of prompts: `prompt_index[i]` is the prompt that completion `i` continues."""
+
+    prompt_index: list[int]
+    completion_ids: list[list[int]]
+    finished: list[bool]  # the completion ended with an end-of-sequence token (else it hit max_new_tokens)
+
+    def __len__(self) -> int:
+        return len(self.completion_ids)
+
+
+class RolloutEngine(Protocol):
+    def generate(self, prompt_ids: list[list[int]], num_generations: int) -> Rollouts:
+        """`num_generations` completions of each prompt, grouped by prompt (prompt 0's first)."""
+        ...
+
+    def sync_weights(self) -> None:
+        """Make the engine sample from the student's current weights (a no-op when it shares them)."""
+        ...
+
+
+def trim_completion(token_ids: list[int], eos_ids: set[int]) -> tuple[list[int], bool]:
+    """Cut a generated row after its first end-of-sequence token (kept: the student chose it, so it is scored).
+
+    Engines pad only after a finished row, so a row without an end-of-sequence token has no padding to drop."""
+    for position, token in enumerate(token_ids):
+        if token in eos_ids:
+            return token_ids[: position + 1], True
+    return token_ids, False

@@ -1,0 +1,84 @@
+"""Tiny transformers models, a tokenizer and a prompt data set built on the spot, for trainer tests.
+
+Nothing is downloaded: the tokenizer is a word-level `tokenizers` model over a fixed vocabulary with a small chat
+template, and the models are `Qwen3ForCausalLM` from a tiny `Qwen3Config`, saved with `save_pretrained` so the
+trainer loads them by path exactly as it loads real checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+
+WORDS = [str(i) for i in range(20)] + ["plus", "is", "hint", "add", "then", "answer", "what", "?", ":", "."]
+SPECIAL = ["<pad>", "<eos>", "<unk>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ 'user: ' + m['content'] + ' ' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'assistant:' }}{% endif %}"
+)
+
+
+def build_tokenizer(extra_words: list[str] | None = None, chat_template: bool = True):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(SPECIAL + WORDS + ["user", "assistant"] + (extra_words or []))}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>", padding_side="left"
+    )
+    if chat_template:
+        tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_model(vocab_size: int, hidden: int = 32, layers: int = 2, seed: int = 0, vocab_pad: int = 0):
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen3Config(
+        vocab_size=vocab_size + vocab_pad,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=hidden // 2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=None,
+    )
+    return Qwen3ForCausalLM(config)
+
+
+def write_pair(directory: str, student_hidden: int = 32, teacher_hidden: int = 48, teacher_vocab_pad: int = 0):
+    """Save a tokenizer, a student and a teacher under `directory`; returns (student_path, teacher_path)."""
+    tokenizer = build_tokenizer()
+    paths = []
+    for name, hidden, seed, pad in (("student", student_hidden, 0, 0), ("teacher", teacher_hidden, 1, teacher_vocab_pad)):
+        path = os.path.join(directory, name)
+        build_model(len(tokenizer), hidden, seed=seed, vocab_pad=pad).save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        paths.append(path)
+    return tuple(paths)
+
+
+def write_prompts(path: str, count: int = 32, seed: int = 0, chat: bool = False) -> str:
+    """A JSONL file of addition prompts with step-wise hints as privileged context."""
+    rng = random.Random(seed)
+    with open(path, "w") as handle:
+        for _ in range(count):
+            a, b = rng.randint(0, 9), rng.randint(0, 9)
+            prompt = f"what is {a} plus {b} ?"
+            row = {
+                "prompt": [{"role": "user", "content": prompt}] if chat else prompt,
+                "privileged_context": f"hint : add {a} then {b} .",
+                "answer": str(a + b),
+            }
+            handle.write(json.dumps(row) + "\n")
+    return path
