@@ -100,7 +100,13 @@ def generalized_jsd(
     if beta == 1.0:
         return reverse_kl(student_logprobs, target_logprobs, support_mask)
     student_logprobs, target_logprobs = _upcast(student_logprobs, target_logprobs)
-    mixture = torch.logaddexp(target_logprobs + math.log(beta), student_logprobs + math.log1p(-beta))
+    # Where both are -inf the mixture is -inf, but logaddexp's gradient there is NaN (0/NaN), which a later
+    # renormalization (Top-K union) spreads to every entry: compute it on finite stand-ins and put -inf back.
+    empty = ~(torch.isfinite(student_logprobs) | torch.isfinite(target_logprobs))
+    mixture = torch.logaddexp(
+        target_logprobs.masked_fill(empty, 0.0) + math.log(beta),
+        student_logprobs.masked_fill(empty, 0.0) + math.log1p(-beta),
+    ).masked_fill(empty, float("-inf"))
     return beta * kl_divergence(target_logprobs, mixture, support_mask) + (1.0 - beta) * kl_divergence(
         student_logprobs, mixture, support_mask
     )

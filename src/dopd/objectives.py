@@ -45,7 +45,7 @@ _DEFAULT_TEACHER_PRIVILEGED = {"dopd": True, "opd": False, "opd-priv": True, "op
 class ObjectiveConfig:
     """Every option of the objective. Defaults are the paper's (spec.md); each field is one config key."""
 
-    method: str = "dopd"  # one of METHODS
+    method: str = "dopd"  # dopd | opd | opd-priv | opsd | gkd | eopd
     top_k: int = 128  # K of the Top-K terms
     topk_support: str = "target"  # target | student | union: whose top-K tokens form the support
     topk_tail: str = "renormalize"  # renormalize | bucket: renormalize over the support, or add a tail entry
@@ -58,7 +58,7 @@ class ObjectiveConfig:
     divergence: str | None = None  # one divergence for every term: reverse_kl | forward_kl | js | jsd
     granularity: str | None = None  # one granularity for every term: sampled | topk | full
     target: str | None = None  # one target for every term: teacher (no self term) | self (no teacher term)
-    teacher_privileged: bool | None = None  # teacher reads the privileged context; None: the method's default
+    teacher_privileged: bool | None = None  # teacher reads the privileged context (null: the method's default)
     self_privileged: bool = True  # the self pass reads the privileged context (false: "no privileged input")
     trim: float = 0.05  # fraction of largest values dropped from each threshold mean
     threshold_scope: str = "batch"  # batch (whole rollout batch, all processes) | micro_batch
@@ -455,7 +455,7 @@ def summarize(
         metrics["sampled_kl/teacher"] = mean(student_token_logprobs_BT - teacher_token_logprobs_BT, valid)
     if routed.gap is not None:
         metrics["gap/mean"] = mean(routed.gap, valid)
-    if routed.thresholds is not None:
+    if routed.thresholds is not None and routed.regime is not None:
         for key, value in routed.thresholds.as_metrics().items():
             metrics[key] = torch.tensor(value, dtype=torch.float64)
     if routed.regime is not None:
@@ -542,7 +542,9 @@ def compute_objective(
         {name: s.flat(valid) for name, s in scores.items()},
         lambda name, rows: flat_full[name][rows],
     )
-    loss = token_loss.sum()
+    # The empty slice adds exactly 0 but keeps the loss on the student's graph when no term applies to any token
+    # (all padding, all dropped, no token in an enabled regime): backward gives zero gradients, not an error.
+    loss = token_loss.sum() + student_lp[..., :0].sum()
     token_loss_BT = torch.zeros(mask_BT.shape, dtype=plain.dtype, device=plain.device).masked_scatter(valid, plain)
     student_token_lp = student_lp.detach().gather(-1, completion_ids_BT.unsqueeze(-1)).squeeze(-1)
     entropies = {"student": losses.entropy(student_lp.detach())}

@@ -65,7 +65,9 @@ def trimmed_mean(values: Tensor, trim: float) -> float:
         return 0.0
     keep = max(1, n - int(trim * n))
     kept = values.double().sort().values[:keep]
-    return float(kept.mean())
+    # Clamp to the kept range: rounding can put the mean of n equal values one ulp above them, which would route
+    # a batch of identical gaps to `A < Ā` instead of `A ≥ Ā`.
+    return float(kept.mean().clamp(min=kept[0], max=kept[-1]))
 
 
 def _normalizer(values: Tensor, normalization: str) -> tuple[float, float]:

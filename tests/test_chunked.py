@@ -1,0 +1,263 @@
+"""`dopd.kernels.chunked` equals `objectives.compute_objective` on the full logits: loss, gradients with respect to
+the student's hidden states, head weight and bias, routing and metrics, for every method and the main options."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from dopd import losses, objectives
+from dopd.kernels.chunked import Head, chunked_objective, score_target
+from dopd.objectives import TargetScores, build_objective, compute_batch_thresholds, compute_objective
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread. On a busy 2-core machine OpenMP's barrier makes a [2, 4] log_softmax
+    take milliseconds instead of microseconds."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+V, K = 11, 3
+
+
+@dataclass
+class Case:
+    hidden: torch.Tensor  # student [B, T, H]
+    weight: torch.Tensor  # [V, H], shared by the student and the privileged student (same weights)
+    bias: torch.Tensor
+    self_hidden: torch.Tensor  # [B, T, H]
+    teacher_hidden: torch.Tensor  # [B, T, H_T], another hidden size
+    teacher_weight: torch.Tensor
+    teacher_bias: torch.Tensor
+    ids: torch.Tensor
+    mask: torch.Tensor
+
+
+def make_case(dtype=torch.float32, seed=0) -> Case:
+    g = torch.Generator().manual_seed(seed)
+    B, T, H, H_T = 3, 5, 6, 9
+
+    def randn(*shape, scale=1.0):
+        return scale * torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
+
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0]], dtype=torch.bool)
+    return Case(
+        hidden=randn(B, T, H),
+        weight=randn(V, H, scale=0.6),
+        bias=randn(V, scale=0.3),
+        self_hidden=randn(B, T, H),
+        teacher_hidden=randn(B, T, H_T),
+        teacher_weight=randn(V, H_T, scale=0.6),
+        teacher_bias=randn(V, scale=0.3),
+        ids=torch.randint(0, V, (B, T), generator=g),
+        mask=mask,
+    )
+
+
+def plain(objective, case: Case, scale: float = 1.0, **kwargs):
+    """compute_objective on the logits of the three heads; gradients of hidden, weight and bias."""
+    hidden, weight, bias = (x.clone().requires_grad_() for x in (case.hidden, case.weight, case.bias))
+    logits = hidden @ weight.T + bias
+    self_logits = case.self_hidden @ case.weight.T + case.bias
+    teacher_logits = case.teacher_hidden @ case.teacher_weight.T + case.teacher_bias
+    out = compute_objective(objective, logits, case.ids, case.mask, self_logits, teacher_logits, **kwargs)
+    (scale * out.loss).backward()
+    return out, (hidden.grad, weight.grad, bias.grad)
+
+
+def chunked(objective, case: Case, chunk_size=None, scale: float = 1.0, **kwargs):
+    hidden, weight, bias = (x.clone().requires_grad_() for x in (case.hidden, case.weight, case.bias))
+    out = chunked_objective(
+        objective,
+        Head(hidden, weight, bias),
+        case.ids,
+        case.mask,
+        self_head=Head(case.self_hidden, case.weight, case.bias),
+        teacher_head=Head(case.teacher_hidden, case.teacher_weight, case.teacher_bias),
+        chunk_size=chunk_size,
+        **kwargs,
+    )
+    (scale * out.loss).backward()
+    return out, (hidden.grad, weight.grad, bias.grad)
+
+
+def assert_same(expected, actual, rtol):
+    (out_a, grads_a), (out_b, grads_b) = expected, actual
+    assert out_b.loss.item() == pytest.approx(out_a.loss.item(), rel=rtol)
+    for name, a, b in zip(("hidden", "weight", "bias"), grads_a, grads_b):
+        assert b is not None, name
+        torch.testing.assert_close(b, a, rtol=rtol, atol=rtol * float(a.abs().max()), msg=name)
+    if out_a.regime is not None:
+        assert torch.equal(out_a.regime, out_b.regime)
+    torch.testing.assert_close(out_b.token_loss, out_a.token_loss, rtol=rtol, atol=rtol)
+    assert out_a.metrics.keys() == out_b.metrics.keys()
+    for key in out_a.metrics:
+        a, b = float(out_a.metrics[key]), float(out_b.metrics[key])
+        assert b == pytest.approx(a, rel=max(rtol, 1e-5), abs=1e-6), key
+
+
+OPTIONS = [
+    {"method": "dopd"},
+    {"method": "opd"},
+    {"method": "opd-priv"},
+    {"method": "opsd"},
+    {"method": "gkd", "jsd_beta": 0.3},
+    {"method": "eopd"},
+    {"topk_support": "union"},
+    {"topk_support": "student"},
+    {"topk_tail": "bucket"},
+    {"topk_support": "union", "topk_tail": "bucket", "divergence": "js"},
+    {"routing": False},
+    {"regimes": ["LL", "HT"]},
+    {"target": "self"},
+    {"drop_fraction": 0.3, "drop_mode": "random"},
+    {"drop_fraction": 0.3, "drop_mode": "lowest_gap"},
+    {"drop_fraction": 0.3, "drop_mode": "highest_gap"},
+    {"granularity": "full"},
+    {"granularity": "sampled", "divergence": "forward_kl"},
+    {"temperature": 2.0},
+    {"normalization": "zscore"},
+    {"normalization": "minmax"},
+]
+
+
+def option_id(option):
+    return "-".join(f"{k}={v}" for k, v in option.items())
+
+
+@pytest.mark.parametrize("option", OPTIONS, ids=option_id)
+def test_chunked_equals_plain_float32(option):
+    objective = build_objective({"top_k": K, **option})
+    case = make_case()
+    expected = plain(objective, case, generator=torch.Generator().manual_seed(5))
+    actual = chunked(objective, case, 3, generator=torch.Generator().manual_seed(5))
+    assert expected[0].loss.item() != 0
+    assert_same(expected, actual, rtol=1e-5)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 100, None])  # None: the default, larger than the 9 tokens
+@pytest.mark.parametrize("option", [OPTIONS[0], OPTIONS[5], OPTIONS[6], OPTIONS[13]], ids=option_id)
+def test_chunk_sizes(option, chunk_size):
+    objective = build_objective({"top_k": K, **option})
+    case = make_case(seed=3)
+    expected = plain(objective, case, generator=torch.Generator().manual_seed(6))
+    actual = chunked(objective, case, chunk_size, generator=torch.Generator().manual_seed(6))
+    assert_same(expected, actual, rtol=1e-5)
+
+
+@pytest.mark.parametrize("option", [OPTIONS[i] for i in (0, 1, 5, 6, 9, 18)], ids=option_id)
+def test_chunked_equals_plain_float64(option):
+    objective = build_objective({"top_k": K, **option})
+    case = make_case(torch.float64, seed=1)
+    assert_same(plain(objective, case), chunked(objective, case, chunk_size=2), rtol=1e-10)
+
+
+def test_case_covers_every_regime():
+    out, _ = plain(build_objective({"top_k": K}), make_case())
+    valid = out.regime[make_case().mask]
+    assert set(valid.tolist()) == {0, 1, 2, 3}
+
+
+def test_without_bias():
+    objective = build_objective({"top_k": K})
+    case = make_case(seed=2)
+    hidden, weight = case.hidden.clone().requires_grad_(), case.weight.clone().requires_grad_()
+    out = chunked_objective(
+        objective, Head(hidden, weight), case.ids, case.mask,
+        self_head=Head(case.self_hidden, case.weight), teacher_head=Head(case.teacher_hidden, case.teacher_weight),
+        chunk_size=4,
+    )  # fmt: skip
+    out.loss.backward()
+    hidden_p, weight_p = case.hidden.clone().requires_grad_(), case.weight.clone().requires_grad_()
+    reference = compute_objective(
+        objective, hidden_p @ weight_p.T, case.ids, case.mask,
+        case.self_hidden @ case.weight.T, case.teacher_hidden @ case.teacher_weight.T,
+    )  # fmt: skip
+    reference.loss.backward()
+    assert out.loss.item() == pytest.approx(reference.loss.item(), rel=1e-5)
+    torch.testing.assert_close(hidden.grad, hidden_p.grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(weight.grad, weight_p.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_gradient_scales_with_grad_output():
+    objective = build_objective({"top_k": K})
+    case = make_case()
+    expected = plain(objective, case, scale=2.0)
+    actual = chunked(objective, case, chunk_size=3, scale=2.0)
+    assert_same(expected, actual, rtol=1e-5)
+    once = chunked(objective, case, chunk_size=3)
+    torch.testing.assert_close(actual[1][0], 2 * once[1][0], rtol=1e-6, atol=1e-9)
+
+
+def test_all_masked_batch_gives_zero_loss_and_zero_gradients():
+    objective = build_objective({"top_k": K})
+    case = make_case()
+    case.mask = torch.zeros_like(case.mask)
+    for form in (chunked, plain):
+        out, grads = form(objective, case)
+        assert out.loss.item() == 0.0
+        for grad in grads:
+            assert grad is not None and (grad == 0).all()
+        assert all(torch.isfinite(v).all() for v in out.metrics.values())
+
+
+@pytest.mark.parametrize("option", [{"method": "dopd"}, {"method": "eopd"}, {"topk_support": "union"}], ids=option_id)
+def test_precomputed_scores_and_thresholds_give_the_same_result(option):
+    objective = build_objective({"top_k": K, **option})
+    case = make_case()
+    self_scores = score_target(Head(case.self_hidden, case.weight, case.bias), case.ids, case.mask,
+                               objective.top_k_for("self"), chunk_size=3)  # fmt: skip
+    teacher_scores = score_target(Head(case.teacher_hidden, case.teacher_weight, case.teacher_bias), case.ids,
+                                  case.mask, objective.top_k_for("teacher"), chunk_size=3)  # fmt: skip
+    thresholds = compute_batch_thresholds(objective, self_scores, teacher_scores, case.mask)
+    assert thresholds is not None
+    given = chunked(objective, case, 3, self_scores=self_scores, teacher_scores=teacher_scores, thresholds=thresholds)
+    computed = chunked(objective, case, 3)
+    assert given[0].thresholds == computed[0].thresholds
+    assert_same(computed, given, rtol=1e-6)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_score_target_equals_full_logits(temperature):
+    case = make_case()
+    head = Head(case.teacher_hidden, case.teacher_weight, case.teacher_bias)
+    scores = score_target(head, case.ids, case.mask, top_k=K, temperature=temperature, chunk_size=2)
+    logprobs = torch.log_softmax((case.teacher_hidden @ case.teacher_weight.T + case.teacher_bias) / temperature, -1)
+    reference = TargetScores.from_logprobs(logprobs, case.ids, K)
+    valid = case.mask
+    torch.testing.assert_close(scores.token_logprobs[valid], reference.token_logprobs[valid], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(scores.entropy[valid], losses.entropy(logprobs)[valid], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(scores.topk_logprobs[valid], reference.topk_logprobs[valid], rtol=1e-5, atol=1e-6)
+    assert torch.equal(scores.topk_ids[valid], reference.topk_ids[valid])
+    for tensor in (scores.token_logprobs, scores.entropy, scores.topk_logprobs, scores.topk_ids):
+        assert (tensor[~valid] == 0).all()
+    assert score_target(head, case.ids, case.mask).topk_logprobs is None
+
+
+def test_chunked_checks_its_inputs():
+    objective = build_objective({"top_k": K})
+    case = make_case()
+    narrow = Head(case.teacher_hidden, case.teacher_weight[:-1], case.teacher_bias[:-1])
+    with pytest.raises(ValueError, match=r"11 rows and the teacher's has 10.*tokenizer"):
+        chunked_objective(objective, Head(case.hidden, case.weight, case.bias), case.ids, case.mask,
+                          Head(case.self_hidden, case.weight, case.bias), narrow)  # fmt: skip
+    with pytest.raises(ValueError, match="needs the teacher's hidden states"):
+        chunked_objective(objective, Head(case.hidden, case.weight, case.bias), case.ids, case.mask,
+                          Head(case.self_hidden, case.weight, case.bias))  # fmt: skip
+    with pytest.raises(ValueError, match="larger than the vocabulary"):
+        chunked_objective(build_objective({"top_k": 12}), Head(case.hidden, case.weight, case.bias), case.ids,
+                          case.mask, Head(case.self_hidden, case.weight, case.bias),
+                          Head(case.teacher_hidden, case.teacher_weight, case.teacher_bias))  # fmt: skip
+
+
+def test_num_sequences_matches_plain():
+    objective = build_objective({"top_k": K})
+    case = make_case()
+    assert_same(plain(objective, case, num_sequences=7), chunked(objective, case, 2, num_sequences=7), rtol=1e-5)
+    assert objectives.METHODS == ("dopd", "opd", "opd-priv", "opsd", "gkd", "eopd")  # every method is in OPTIONS
