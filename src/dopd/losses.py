@@ -196,9 +196,16 @@ def restrict_to_support(
     log-probs at the same ids. Returns (student [..., K'], target [..., K'], mask [..., K']) with K' = K for
     "renormalize" and K + 1 for "bucket".
     """
+    return restrict_gathered(student_logprobs.gather(-1, ids), target_support_logprobs, mask, tail)
+
+
+def restrict_gathered(
+    student_support_logprobs: Tensor, target_support_logprobs: Tensor, mask: Tensor, tail: str = "renormalize"
+) -> tuple[Tensor, Tensor, Tensor]:
+    """`restrict_to_support` from both distributions' log-probs already gathered on the support [..., K]."""
     if tail not in TOPK_TAILS:
         raise ValueError(f"unknown Top-K tail {tail!r}; known: {', '.join(TOPK_TAILS)}")
-    student_sub, target_sub = _upcast(student_logprobs.gather(-1, ids), target_support_logprobs)
+    student_sub, target_sub = _upcast(student_support_logprobs, target_support_logprobs)
     if tail == "renormalize":
         student_sub = student_sub.masked_fill(~mask, float("-inf"))
         target_sub = target_sub.masked_fill(~mask, float("-inf"))
@@ -281,6 +288,7 @@ def sampled_token_divergence(
 def entropy(logprobs: Tensor) -> Tensor:
     """Shannon entropy `−Σ p log p` over the last axis, in nats. Shapes: [..., V] -> [...]."""
     (logprobs,) = _upcast(logprobs)
-    finite = torch.isfinite(logprobs)
-    safe = torch.where(finite, logprobs, torch.zeros_like(logprobs))
-    return -(torch.exp(safe) * safe).masked_fill(~finite, 0.0).sum(-1)
+    # -inf entries become the most negative finite number: exp gives 0 and 0 × finite = 0, with no NaN and
+    # fewer temporaries than masking (this runs on every scored token).
+    safe = logprobs.clamp(min=torch.finfo(logprobs.dtype).min)
+    return -(torch.exp(safe) * safe).sum(-1)

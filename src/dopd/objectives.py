@@ -359,25 +359,30 @@ def term_values(
     full_target: FullTarget,
     rows: Tensor,
 ) -> Tensor:
-    """One term's per-token value on M tokens. `target` holds those M tokens' scores; `full_target(name, rows)`
-    gives the target's full log-probs [M, V] for the tokens `rows` of the caller's flat index (only called when
-    the term needs them). Returns [M]."""
+    """One term's per-token value on the tokens `rows` [R] of a block of M tokens.
+
+    `student_logprobs_MV` and `completion_ids_M` cover the whole block (rows are picked here, so a Top-K term
+    copies [R, K] student entries, not [R, V]); `target` holds the R tokens' scores; `full_target(name, rows)`
+    gives the target's full log-probs [R, V] (only called when the term needs them). Returns [R]."""
     c = objective.config
     if term.granularity == "sampled":
-        student_token = student_logprobs_MV.gather(-1, completion_ids_M.unsqueeze(-1)).squeeze(-1)
+        student_token = student_logprobs_MV[rows, completion_ids_M[rows]]
         return losses.sampled_token_divergence(term.divergence, student_token, target.token_logprobs, c.jsd_beta)
     if term.granularity == "full":
-        return losses.divergence(term.divergence, student_logprobs_MV, full_target(term.target, rows), c.jsd_beta)
+        student = student_logprobs_MV[rows]
+        return losses.divergence(term.divergence, student, full_target(term.target, rows), c.jsd_beta)
     if c.topk_support == "target" and target.topk_logprobs is not None:
         ids = target.topk_ids[..., : c.top_k]
         support_mask = torch.ones_like(ids, dtype=torch.bool)
         target_support = target.topk_logprobs[..., : c.top_k]
     else:
         full = full_target(term.target, rows)
-        ids, support_mask = losses.topk_support(student_logprobs_MV, full, c.top_k, c.topk_support)
+        student_rows = full if c.topk_support == "target" else student_logprobs_MV[rows]  # read only for its top-K
+        ids, support_mask = losses.topk_support(student_rows, full, c.top_k, c.topk_support)
         target_support = full.gather(-1, ids)
-    student_sub, target_sub, support_mask = losses.restrict_to_support(
-        student_logprobs_MV, target_support, ids, support_mask, c.topk_tail
+    student_support = student_logprobs_MV[rows.unsqueeze(-1), ids]
+    student_sub, target_sub, support_mask = losses.restrict_gathered(
+        student_support, target_support, support_mask, c.topk_tail
     )
     return losses.divergence(term.divergence, student_sub, target_sub, c.jsd_beta, support_mask)
 
@@ -396,6 +401,7 @@ def weighted_token_loss(
     applicable terms' weighted values per token [M], without them, detached, for token-level views).
     """
     dtype = losses.accumulation_dtype(student_logprobs_MV.dtype)
+    coefficients_JM = coefficients_JM.to(dtype)
     total = torch.zeros(coefficients_JM.shape[-1], dtype=dtype, device=student_logprobs_MV.device)
     plain = torch.zeros_like(total)
     for term, coefficient in zip(objective.terms, coefficients_JM):
@@ -403,15 +409,9 @@ def weighted_token_loss(
         if rows.numel() == 0:
             continue
         values = term_values(
-            objective,
-            term,
-            student_logprobs_MV[rows],
-            completion_ids_M[rows],
-            targets[term.target].rows(rows),
-            full_target,
-            rows,
+            objective, term, student_logprobs_MV, completion_ids_M, targets[term.target].rows(rows), full_target, rows
         )
-        total = total.index_add(0, rows, values * coefficient[rows].to(dtype))
+        total = total.index_add(0, rows, values * coefficient[rows])
         plain = plain.index_add(0, rows, values.detach() * term.weight)
     return total, plain
 

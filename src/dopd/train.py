@@ -23,6 +23,7 @@ import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -300,7 +301,9 @@ class Trainer:
         """The no-gradient passes of every micro-batch: privileged student and teacher."""
         pad = self.tokenizer.pad_token_id
         size = self.config.train.micro_batch_size
-        top_k = {name: self.objective.top_k_for(name) for name in ("self", "teacher")}
+        # No top-K here: routing reads only the sampled token, and the loss computes a target's top-K for just the
+        # tokens whose Top-K term applies (LH: teacher; LL, HS: self), from the heads kept in the micro-batch.
+        top_k = {"self": None, "teacher": None}
         temperature = self.config.objective.temperature
         batches = []
         for start in range(0, len(rollouts), size):
@@ -469,7 +472,9 @@ class Trainer:
         if self.config.logging.report_to:
             self.accelerator.log({k: v for k, v in result.items() if k != "step"}, step=int(result["step"]))
 
-    def run(self) -> TrainResult:
+    def run(self, evaluate: Callable[[int, "Trainer"], dict[str, float]] | None = None, evaluate_every: int = 0):
+        """Train to `train.steps`. `evaluate(step, trainer)`, called at step 0, every `evaluate_every` steps and
+        at the end, returns metrics (e.g. held-out accuracy) that are logged with that step's line."""
         from tqdm.auto import tqdm
 
         config, accelerator = self.config, self.accelerator
@@ -489,9 +494,14 @@ class Trainer:
             desc="dopd",
         )
         result: dict[str, float] = {}
+        if evaluate is not None and self.start_step == 0:
+            self.log({"step": 0, **evaluate(0, self)})
         for step in range(self.start_step, config.train.steps):
             result = self.step(step)
-            if (step + 1) % config.logging.log_every == 0 or step + 1 == config.train.steps:
+            last = step + 1 == config.train.steps
+            if evaluate is not None and (last or (evaluate_every and (step + 1) % evaluate_every == 0)):
+                result.update(evaluate(step + 1, self))
+            if (step + 1) % config.logging.log_every == 0 or last:
                 self.log(result)
             bar.update(1)
             bar.set_postfix(loss=f"{result['loss']:.4f}", step=step + 1)
