@@ -77,28 +77,33 @@ def score_target(
     hidden = head.hidden.detach()[valid]
     ids = completion_ids_BT[valid]
     chunk = chunk_size or default_chunk_size(head.vocab_size)
-    token, ent, topk_values, topk_ids = [], [], [], []
-    for start in range(0, hidden.shape[0], chunk):
-        logprobs = torch.log_softmax(_logits(hidden[start : start + chunk], head.weight, head.bias, temperature), -1)
-        token.append(logprobs.gather(-1, ids[start : start + chunk, None]).squeeze(-1))
-        ent.append(losses.entropy(logprobs))
-        if top_k:
-            best = logprobs.topk(top_k, dim=-1)
-            topk_values.append(best.values)
-            topk_ids.append(best.indices)
     dtype = losses.accumulation_dtype(head.weight.dtype)
+    count = hidden.shape[0]
+    # Results go straight into preallocated outputs: small tensors kept alive between chunks would pin the heap
+    # that the large per-chunk temporaries are freed into, and the process would keep that memory.
+    token = torch.zeros(count, dtype=dtype, device=hidden.device)
+    ent = torch.zeros_like(token)
+    topk_values = torch.zeros(count, top_k or 0, dtype=dtype, device=hidden.device)
+    topk_ids = torch.zeros(count, top_k or 0, dtype=torch.long, device=hidden.device)
+    for start in range(0, count, chunk):
+        rows = slice(start, min(start + chunk, count))
+        logprobs = torch.log_softmax(_logits(hidden[rows], head.weight, head.bias, temperature), -1)
+        token[rows] = logprobs.gather(-1, ids[rows, None]).squeeze(-1)
+        ent[rows] = losses.entropy(logprobs)
+        if top_k:
+            torch.topk(logprobs, top_k, dim=-1, out=(topk_values[rows], topk_ids[rows]))
+        del logprobs
 
-    def scatter(parts: list[Tensor], tail: tuple[int, ...], fill_dtype) -> Tensor:
-        out = torch.zeros(*valid.shape, *tail, dtype=fill_dtype, device=hidden.device)
-        if parts:
-            out[valid] = torch.cat(parts)
+    def scatter(values: Tensor) -> Tensor:
+        out = torch.zeros(*valid.shape, *values.shape[1:], dtype=values.dtype, device=values.device)
+        out[valid] = values
         return out
 
     return TargetScores(
-        token_logprobs=scatter(token, (), dtype),
-        entropy=scatter(ent, (), dtype),
-        topk_logprobs=scatter(topk_values, (top_k,), dtype) if top_k else None,
-        topk_ids=scatter(topk_ids, (top_k,), torch.long) if top_k else None,
+        token_logprobs=scatter(token),
+        entropy=scatter(ent),
+        topk_logprobs=scatter(topk_values) if top_k else None,
+        topk_ids=scatter(topk_ids) if top_k else None,
     )
 
 
@@ -178,10 +183,16 @@ def chunked_objective(
         objective, mask_BT, scores.get("self"), scores.get("teacher"), thresholds, num_sequences, gather, generator
     )
     valid = mask_BT.bool()
-    ids_N = completion_ids_BT[valid]
     coefficients_JN = routed.coefficients[:, valid]
     flat_scores = {name: s.flat(valid) for name, s in scores.items()}
-    target_hidden = {name: h.hidden.detach()[valid] for name, h in heads.items() if h is not None}
+    # Tokens that need the same targets' full distributions are put next to each other, so the recomputed
+    # target logits come in full chunks (a few scattered HT tokens per chunk make slow matmuls); the loss is a
+    # sum over tokens, so their order does not change it.
+    order = _group_by_full_targets(objective, coefficients_JN, flat_scores)
+    coefficients_JN = coefficients_JN[:, order]
+    flat_scores = {name: s.rows(order) for name, s in flat_scores.items()}
+    ids_N = completion_ids_BT[valid][order]
+    target_hidden = {name: h.hidden.detach()[valid][order] for name, h in heads.items() if h is not None}
     num_tokens = ids_N.shape[0]
     dtype = losses.accumulation_dtype(student.weight.dtype)
     plain_N = torch.zeros(num_tokens, dtype=dtype, device=ids_N.device)
@@ -222,11 +233,14 @@ def chunked_objective(
             entropy_N[rows] = losses.entropy(logprobs)
         return total
 
-    student_hidden_N = student.hidden[valid]
+    student_hidden_N = student.hidden[valid][order]
     loss = _ChunkedLoss.apply(student_hidden_N, student.weight, student.bias, run)
+    inverse = torch.argsort(order)
 
     def unflatten(values_N: Tensor) -> Tensor:
-        return torch.zeros(mask_BT.shape, dtype=values_N.dtype, device=values_N.device).masked_scatter(valid, values_N)
+        return torch.zeros(mask_BT.shape, dtype=values_N.dtype, device=values_N.device).masked_scatter(
+            valid, values_N[inverse]
+        )
 
     token_loss_BT = unflatten(plain_N)
     entropies = {"student": unflatten(entropy_N)}
@@ -242,6 +256,16 @@ def chunked_objective(
         scores["teacher"].token_logprobs if "teacher" in scores else None,
     )
     return ObjectiveOutput(loss, metrics, token_loss_BT, routed.regime, routed.gap, routed.thresholds)
+
+
+def _group_by_full_targets(objective: Objective, coefficients_JN: Tensor, flat_scores) -> Tensor:
+    """A stable order of the tokens that groups them by which targets' full log-probs they need."""
+    key = torch.zeros(coefficients_JN.shape[-1], dtype=torch.long, device=coefficients_JN.device)
+    for term, coefficient in zip(objective.terms, coefficients_JN):
+        if _needs_full(objective, term, flat_scores[term.target]):
+            bit = 2 if term.target == "teacher" else 1
+            key = key | ((coefficient != 0).long() * bit)
+    return torch.argsort(-key, stable=True)
 
 
 def _full_targets(objective, coefficients_JC, flat_scores, target_hidden, heads, rows: slice, temperature):
