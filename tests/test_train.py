@@ -253,7 +253,8 @@ def test_cli_help_lists_every_key_and_errors_are_one_line(pair, tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_match_one(pair, tmp_path):
-    """`accelerate launch --num_processes 2 --cpu`: the first step's loss equals one process's, within 1e-5."""
+    """`accelerate launch --num_processes 2 --cpu`: the first step's loss equals one process's, within 1e-5, and
+    the learning-rate schedule is the same."""
     script = os.path.join(os.path.dirname(__file__), "two_process_step.py")
     losses = []
     for processes in (1, 2):
@@ -263,5 +264,60 @@ def test_two_processes_match_one(pair, tmp_path):
                    pair["student"], pair["teacher"], pair["data"], str(out)]
         run = subprocess.run(command, capture_output=True, text=True, timeout=600)
         assert run.returncode == 0, run.stderr[-3000:]
-        losses.append(json.loads(open(out / "metrics.jsonl").readline())["loss"])
-    assert losses[1] == pytest.approx(losses[0], rel=1e-5, abs=1e-7)
+        lines = [json.loads(line) for line in open(out / "metrics.jsonl")]
+        losses.append((lines[0]["loss"], [line["lr"] for line in lines]))
+    assert losses[1][0] == pytest.approx(losses[0][0], rel=1e-5, abs=1e-7)
+    assert losses[1][1] == pytest.approx(losses[0][1])  # the schedule advances once per step on every process
+
+
+def test_student_keeps_fp32_weights_and_teacher_takes_model_dtype(pair, tmp_path):
+    trainer = Trainer(make_config(pair, tmp_path / "run", "model.dtype=bfloat16"))
+    assert trainer.inner.dtype == torch.float32
+    assert trainer.teacher.dtype == torch.bfloat16
+    result = trainer.run()
+    assert torch.isfinite(torch.tensor(result.last_metrics["loss"]))
+
+
+def test_rollouts_ignore_the_checkpoint_generation_defaults(pair, tmp_path):
+    trainer = Trainer(make_config(pair, tmp_path / "run", "rollout.temperature=0", "rollout.max_new_tokens=12"))
+    prompts = [trainer.prompts.student_ids[i] for i in range(4)]
+    clean = trainer.engine.generate(prompts, 1).completion_ids
+    defaults = trainer.inner.generation_config
+    defaults.repetition_penalty, defaults.no_repeat_ngram_size, defaults.eos_token_id = 50.0, 1, [1, 7]
+    assert trainer.engine.generate(prompts, 1).completion_ids == clean
+    assert trainer.inner.generation_config is defaults  # restored after the rollout
+    assert trainer.engine.eos_ids == {1, 7}  # the model's end-of-sequence ids end completions too
+    assert not getattr(trainer.engine.generation_config(trainer.inner), "suppress_tokens", None)
+
+
+def test_ids_beyond_the_shared_vocabulary_are_never_sampled(pair, tmp_path):
+    """A student head larger than the teacher's: rows past the shared size are suppressed in rollouts."""
+    trainer = Trainer(make_config(pair, tmp_path / "run", f"model.student={pair['padded_teacher']}",
+                                  f"model.teacher={pair['student']}"))
+    config = trainer.engine.generation_config(trainer.inner)
+    assert config.suppress_tokens == list(range(trainer.vocab_size, trainer.vocab_size + 8))
+
+
+def test_learning_rate_schedule_steps_once_per_step(pair, tmp_path):
+    result = train(make_config(pair, tmp_path / "run", "train.steps=4", "optim.warmup_steps=2", "optim.lr=1.0",
+                               "logging.sample_every=0"))
+    lrs = [json.loads(line)["lr"] for line in open(tmp_path / "run" / "metrics.jsonl")]
+    expected = [0.0, 0.5, 1.0, 0.5]  # linear warm-up over steps 1-2, then cosine over the remaining two
+    assert lrs == pytest.approx(expected)
+    assert result.steps == 4
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("objective.trim=1.0", "objective.trim = 1.0 must be in"),
+        ("objective.beta_l=-0.6", "objective.beta_l = -0.6 must be >= 0"),
+        ("rollout.top_k=-3", "rollout.top_k = -3 must be >= 0"),
+        ("rollout.backend=vllm", "rollout.backend = 'vllm' is not available"),
+        ("checkpoint.save_every=-1", "checkpoint.save_every = -1 must be >= 0"),
+        ("train.mixed_precision=fp8", "train.mixed_precision = 'fp8' is unknown"),
+    ],
+)
+def test_settings_that_cannot_work_fail_at_load(pair, tmp_path, override, message):
+    with pytest.raises(ConfigError, match=message):
+        make_config(pair, tmp_path / "run", override)

@@ -25,7 +25,7 @@ class ModelConfig:
     student: str = ""  # student model: a local path or a hub name (required)
     teacher: str | None = None  # teacher model: a local path or a hub name (required unless the method has no teacher)
     tokenizer: str | None = None  # tokenizer path or hub name (default: the student's)
-    dtype: str = "float32"  # float32 | bfloat16 | float16: weights of both models (the loss accumulates in fp32)
+    dtype: str = "float32"  # float32 | bfloat16 | float16: the teacher's weights (the student keeps fp32 weights)
     trust_remote_code: bool = False  # passed to from_pretrained
     attn_implementation: str | None = None  # e.g. sdpa, flash_attention_2 (default: transformers' choice)
     gradient_checkpointing: bool = False  # recompute the student's activations in backward to save memory
@@ -50,7 +50,7 @@ class DataConfig:
 
 @dataclass
 class RolloutConfig:
-    backend: str = "hf"  # hf (transformers generate); vllm comes with the scale work
+    backend: str = "hf"  # hf (transformers generate); a vLLM backend is planned
     num_generations: int = 4  # completions sampled per prompt
     max_new_tokens: int = 256  # longest completion
     temperature: float = 1.0  # sampling temperature; 0 means greedy
@@ -78,6 +78,7 @@ class TrainConfig:
     seed: int = 0  # seeds data order, sampling and initialization
     chunk_size: int | None = None  # tokens per chunk of the chunked loss (null: automatic; 0: plain full logits)
     device: str | None = None  # force a device, e.g. cpu (default: accelerate's choice)
+    mixed_precision: str = "no"  # no | bf16 | fp16: autocast of the student's passes (weights and optimizer stay fp32)
 
 
 @dataclass
@@ -179,8 +180,12 @@ def validate(config: Config) -> Objective:
         except ValueError as error:
             raise ConfigError(str(error)) from None
     _positive(d.max_prompt_length, "data.max_prompt_length")
-    if r.backend not in ("hf", "vllm"):
-        raise ConfigError(f"rollout.backend = {r.backend!r} is unknown; use hf (or vllm on a GPU machine)")
+    if r.backend != "hf":
+        raise ConfigError(f"rollout.backend = {r.backend!r} is not available in this version; use hf")
+    if r.top_k < 0:
+        raise ConfigError(f"rollout.top_k = {r.top_k} must be >= 0 (0: off)")
+    if t.mixed_precision not in ("no", "bf16", "fp16"):
+        raise ConfigError(f"train.mixed_precision = {t.mixed_precision!r} is unknown; use no, bf16 or fp16")
     _positive(r.num_generations, "rollout.num_generations")
     _positive(r.max_new_tokens, "rollout.max_new_tokens")
     _positive(r.batch_size, "rollout.batch_size")
@@ -207,6 +212,10 @@ def validate(config: Config) -> Objective:
         if tracker not in ("tensorboard", "wandb"):
             raise ConfigError(f"logging.report_to has {tracker!r}; known: tensorboard, wandb")
     _positive(lg.log_every, "logging.log_every")
+    for key, value in (("logging.sample_every", lg.sample_every), ("logging.num_samples", lg.num_samples),
+                       ("checkpoint.save_every", ck.save_every)):
+        if value < 0:
+            raise ConfigError(f"{key} = {value} must be >= 0 (0: never)")
     if ck.resume and lg.overwrite:
         raise ConfigError("checkpoint.resume and logging.overwrite are both true; choose one")
     _positive(ck.keep_last, "checkpoint.keep_last")

@@ -114,6 +114,12 @@ class Objective:
             raise ValueError(f"objective.drop_fraction = {config.drop_fraction} must be in [0, 1)")
         if config.drop_fraction > 0 and config.drop_mode is None:
             raise ValueError("objective.drop_fraction > 0 needs objective.drop_mode (random, lowest_gap, highest_gap)")
+        if not 0.0 <= config.trim < 1.0:
+            raise ValueError(f"objective.trim = {config.trim} must be in [0, 1): the fraction of largest values dropped")
+        for key in ("beta_w", "beta_l", "ht_weight", "eopd_forward_weight"):
+            if getattr(config, key) < 0:
+                raise ValueError(f"objective.{key} = {getattr(config, key)} must be >= 0 (a negative weight maximizes "
+                                 "its divergence)")
         if config.top_k < 1:
             raise ValueError(f"objective.top_k = {config.top_k} must be at least 1")
         if config.temperature <= 0:

@@ -98,9 +98,14 @@ def frozen_pass(model: torch.nn.Module, inputs: PassInputs, vocab_size: int) -> 
     """A no-gradient pass (privileged student or teacher) through the model's decoder only."""
     device = next(model.parameters()).device
     decoder = model.get_decoder()
-    output = decoder(
-        input_ids=inputs.input_ids.to(device), attention_mask=inputs.attention_mask.to(device), use_cache=False
-    )
+    was_training = model.training
+    model.eval()  # a scorer without dropout noise (the privileged student shares the training module)
+    try:
+        output = decoder(
+            input_ids=inputs.input_ids.to(device), attention_mask=inputs.attention_mask.to(device), use_cache=False
+        )
+    finally:
+        model.train(was_training)
     hidden = _gather_positions(output.last_hidden_state, inputs.positions)
     weight, bias = output_head(model, vocab_size)
     return Head(hidden.detach(), weight.detach(), None if bias is None else bias.detach())

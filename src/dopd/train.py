@@ -87,9 +87,12 @@ def load_tokenizer(config: Config):
 
 
 def load_model(path: str, config: Config, role: str):
+    """The student always in fp32 (AdamW on half-precision weights rounds small updates away; mixed precision is
+    `train.mixed_precision`); the frozen teacher in `model.dtype`."""
     from transformers import AutoModelForCausalLM
 
-    kwargs = {"dtype": _DTYPES[config.model.dtype], "trust_remote_code": config.model.trust_remote_code}
+    dtype = _DTYPES[config.model.dtype] if role == "teacher" else torch.float32
+    kwargs = {"dtype": dtype, "trust_remote_code": config.model.trust_remote_code}
     if config.model.attn_implementation:
         kwargs["attn_implementation"] = config.model.attn_implementation
     try:
@@ -225,10 +228,14 @@ class Trainer:
         check_run_dir(config)
         trackers = list(config.logging.report_to) or None
         self.accelerator = accelerator or Accelerator(
-            cpu=config.train.device == "cpu", log_with=trackers, project_dir=config.logging.output_dir
+            cpu=config.train.device == "cpu",
+            log_with=trackers,
+            project_dir=config.logging.output_dir,
+            mixed_precision=config.train.mixed_precision,
         )
         self.run_dir = config.logging.output_dir
-        seed_everything(config.train.seed)
+        # Each process samples its own completions: its own random stream (process 0 keeps the plain seed).
+        seed_everything(config.train.seed + 1_000_003 * self.accelerator.process_index)
         self.tokenizer = load_tokenizer(config)
         self.prompts = self._load_prompts()
         check_teacher_tokenizer(config, self.tokenizer)
@@ -252,7 +259,10 @@ class Trainer:
             student.gradient_checkpointing_enable()
         student.train()
         optimizer, scheduler = build_optimizer(student, config)
-        self.student, self.optimizer, self.scheduler = self.accelerator.prepare(student, optimizer, scheduler)
+        # The schedule is stepped once per optimizer step by us: accelerate's prepared scheduler would step once per
+        # process, running the schedule num_processes times faster.
+        self.student, self.optimizer = self.accelerator.prepare(student, optimizer)
+        self.scheduler = scheduler
         if self.teacher is not None:
             self.teacher.to(self.accelerator.device).eval().requires_grad_(False)
         self.order = PromptOrder(len(self.prompts), config.train.seed, config.data.shuffle)
@@ -281,7 +291,9 @@ class Trainer:
         if self.config.rollout.backend == "hf":
             from .rollout.hf import HFRollout
 
-            return HFRollout(lambda: self.accelerator.unwrap_model(self.student), self.tokenizer, self.config.rollout)
+            return HFRollout(
+                lambda: self.accelerator.unwrap_model(self.student), self.tokenizer, self.config.rollout, self.vocab_size
+            )
         raise ConfigError("rollout.backend = vllm is not available yet in this version; use hf")
 
     @property
@@ -356,7 +368,8 @@ class Trainer:
         """Student passes with gradient, the objective and backward, micro-batch by micro-batch."""
         pad = self.tokenizer.pad_token_id
         total_sequences = sum(len(b.sequences) for b in batches)
-        generator = torch.Generator().manual_seed(self.config.train.seed * 1_000_003 + step)
+        rank = self.accelerator.process_index
+        generator = torch.Generator().manual_seed((self.config.train.seed * 1_000_003 + step) * 1009 + rank)
         gather = self.gather if self.config.objective.threshold_scope == "batch" else None
         outputs = []
         for number, batch in enumerate(batches):
@@ -401,7 +414,7 @@ class Trainer:
         scored = timer()
         metrics = StepMetrics()
         outputs = self.update(prompts, batches, thresholds, step, metrics)
-        grad_norm = None
+        grad_norm, lr = None, self.scheduler.get_last_lr()[0]  # the rate this step uses
         if self.config.optim.max_grad_norm is not None:
             grad_norm = self.accelerator.clip_grad_norm_(self.student.parameters(), self.config.optim.max_grad_norm)
         self.optimizer.step()
@@ -417,7 +430,7 @@ class Trainer:
         result.update(
             {
                 "step": step + 1,
-                "lr": self.scheduler.get_last_lr()[0],
+                "lr": lr,
                 "time/rollout": rolled - start,
                 "time/scoring": scored - rolled,
                 "time/update": done - scored,

@@ -1,7 +1,9 @@
 """Rollouts with transformers `generate` on the training model itself (the default backend).
 
 Prompts are left-padded and sampled in batches of `batch_size` prompts, `num_generations` completions each.
-The engine reads the live student module, so there are no weights to sync.
+Sampling uses a fresh `GenerationConfig` built from the rollout settings alone: a checkpoint's own defaults
+(repetition penalty, top-k, ...) would make the completions come from another distribution than the student's,
+which biases every on-policy estimate. The engine reads the live student module, so there are no weights to sync.
 """
 
 from __future__ import annotations
@@ -14,17 +16,47 @@ from ..config import RolloutConfig
 from . import Rollouts, trim_completion
 
 
+def _as_set(ids) -> set[int]:
+    if ids is None:
+        return set()
+    return set(ids) if isinstance(ids, (list, tuple)) else {int(ids)}
+
+
 class HFRollout:
-    def __init__(self, model_getter: Callable[[], torch.nn.Module], tokenizer, config: RolloutConfig):
+    def __init__(
+        self, model_getter: Callable[[], torch.nn.Module], tokenizer, config: RolloutConfig, vocab_size: int | None = None
+    ):
         self.model_getter = model_getter
         self.tokenizer = tokenizer
         self.config = config
-        eos = tokenizer.eos_token_id
-        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+        self.vocab_size = vocab_size  # ids at or above it are never sampled (the teacher has no scores for them)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     def sync_weights(self) -> None:
         return None
+
+    def generation_config(self, model):
+        from transformers import GenerationConfig
+
+        c = self.config
+        # The tokenizer's and the model's end-of-sequence ids: Qwen3 ends turns with <|im_end|> and texts with
+        # <|endoftext|>, and either one ends a completion.
+        model_eos = _as_set(getattr(getattr(model, "generation_config", None), "eos_token_id", None))
+        self.eos_ids = _as_set(self.tokenizer.eos_token_id) | model_eos
+        settings = dict(
+            max_new_tokens=c.max_new_tokens,
+            pad_token_id=self.pad_id,
+            eos_token_id=sorted(self.eos_ids) or None,
+            do_sample=c.temperature > 0,
+        )
+        if c.temperature > 0:
+            settings.update(temperature=c.temperature, top_p=c.top_p, top_k=c.top_k or None)
+        else:
+            settings.update(temperature=None, top_p=None, top_k=None)
+        head_rows = model.get_output_embeddings().weight.shape[0]
+        if self.vocab_size is not None and head_rows > self.vocab_size:
+            settings["suppress_tokens"] = list(range(self.vocab_size, head_rows))
+        return GenerationConfig(**settings)
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], num_generations: int) -> Rollouts:
@@ -32,7 +64,11 @@ class HFRollout:
         was_training = model.training
         model.eval()
         device = next(model.parameters()).device
+        generation_config = self.generation_config(model)
+        greedy = not generation_config.do_sample
         index, completions, finished = [], [], []
+        # transformers fills every unset field from the model's own generation_config: swap it out meanwhile.
+        saved_config, model.generation_config = model.generation_config, generation_config
         try:
             for start in range(0, len(prompt_ids), self.config.batch_size):
                 batch = prompt_ids[start : start + self.config.batch_size]
@@ -42,17 +78,14 @@ class HFRollout:
                 for row, ids in enumerate(batch):
                     input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
                     attention[row, width - len(ids) :] = 1
-                if self.config.temperature == 0:  # greedy decoding returns one sequence per input row
+                if greedy:  # greedy decoding returns one sequence per input row
                     input_ids = input_ids.repeat_interleave(num_generations, dim=0)
                     attention = attention.repeat_interleave(num_generations, dim=0)
                 output = model.generate(
                     input_ids=input_ids.to(device),
                     attention_mask=attention.to(device),
-                    num_return_sequences=1 if self.config.temperature == 0 else num_generations,
-                    max_new_tokens=self.config.max_new_tokens,
-                    pad_token_id=self.pad_id,
-                    eos_token_id=sorted(self.eos_ids) or None,
-                    **self._sampling(),
+                    generation_config=generation_config,
+                    num_return_sequences=1 if greedy else num_generations,
                 )
                 for row, generated in enumerate(output[:, width:].tolist()):
                     ids, done = trim_completion(generated, self.eos_ids)
@@ -60,11 +93,6 @@ class HFRollout:
                     completions.append(ids)
                     finished.append(done)
         finally:
+            model.generation_config = saved_config
             model.train(was_training)
         return Rollouts(index, completions, finished)
-
-    def _sampling(self) -> dict:
-        c = self.config
-        if c.temperature == 0:
-            return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-        return {"do_sample": True, "temperature": c.temperature, "top_p": c.top_p, "top_k": c.top_k or None}
