@@ -21,6 +21,57 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lab(args: argparse.Namespace) -> int:
+    import os
+    import time
+
+    from .lab.runner import LabConfig, results_table, run_lab
+
+    def listed(text, kind=str):
+        return None if text is None else [kind(item) for item in text.split(",") if item]
+
+    values = {
+        "task": args.task,
+        "privilege": listed(args.privilege),
+        "methods": listed(args.methods),
+        "seeds": listed(args.seeds, int),
+        "steps": args.steps,
+        "lr_grid": listed(args.lr_grid, float),
+        "n_test": args.n_test,
+        "cache_dir": args.cache_dir,
+        "out": args.out or os.path.join("runs", time.strftime("lab-%Y%m%d-%H%M%S")),
+    }
+    values = {k: v for k, v in values.items() if v is not None}
+    config = LabConfig.quick(**values) if args.quick else LabConfig(**values)
+    try:
+        results = run_lab(config)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    for kind in results["kinds"]:
+        print(f"\n{results_table(results, kind)}")
+    print(f"\nresults: {os.path.join(config.out, 'results.json')} and results.md; plots under {config.out}/<kind>/")
+    print(f"wall time: {results['wall_seconds']} s")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    import os
+
+    from .report import build_report
+
+    out = args.out or os.path.join(args.run_dirs[0], "report")
+    try:
+        report = build_report(args.run_dirs, out, args.token_steps, args.collapse_fraction, args.max_samples)
+    except (FileNotFoundError, ValueError) as error:
+        raise ConfigError(str(error)) from None
+    print(f"runs:   {', '.join(run.label for run in report.runs)}")
+    print(f"report: {report.html_path}")
+    print(f"plots:  {', '.join(report.plots.values()) or 'none (no metrics yet)'}")
+    for warning in report.warnings:
+        print(warning)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dopd", description="Dual On-policy Distillation and its baselines.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -35,6 +86,38 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", help="YAML file with the settings")
     train.add_argument("overrides", nargs="*", help="dotted key=value settings, applied after the file")
     train.set_defaults(handler=_train)
+
+    lab = commands.add_parser(
+        "lab",
+        help="compare methods on tiny models trained here (the privilege-illusion lab)",
+        description="Distil the lab's tiny student from its tiny teacher with each method, the same budget for "
+        "all, and report held-out accuracy, gap recovery, entropy and DOPD's regimes.",
+    )
+    lab.add_argument("--task", help="lab task: arith or lookup, or module:Class (default arith)")
+    lab.add_argument("--privilege", help="privileged kinds, comma-separated: hints, solution, answer (default hints)")
+    lab.add_argument("--methods", help="methods, comma-separated (default opd,opd-priv,opsd,dopd)")
+    lab.add_argument("--seeds", help="seeds, comma-separated (default 0,1,2)")
+    lab.add_argument("--steps", type=int, help="optimizer steps per run (default 60)")
+    lab.add_argument("--lr-grid", help="learning rates searched for every method, comma-separated")
+    lab.add_argument("--n-test", type=int, help="held-out test prompts")
+    lab.add_argument("--quick", action="store_true", help="the same pipeline at a size that takes a few minutes")
+    lab.add_argument("--out", help="output directory (default: a new directory under runs/)")
+    lab.add_argument("--cache-dir", help="where pretrained lab pairs are cached (default ~/.cache/dopd/lab)")
+    lab.set_defaults(handler=_lab)
+
+    report = commands.add_parser(
+        "report",
+        help="plots and a token-level HTML page of one or more runs",
+        description="Read run directories (or a lab output directory, which expands to its runs), write PNG plots "
+        "and one self-contained report.html. Works on runs in progress.",
+    )
+    report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories or lab output directories")
+    report.add_argument("--out", help="output directory (default: RUN_DIR/report for the first RUN_DIR)")
+    report.add_argument("--token-steps", type=int, default=2, help="latest sampled steps in the token view")
+    report.add_argument("--max-samples", type=int, help="completions shown per sampled step (default all saved)")
+    report.add_argument("--collapse-fraction", type=float, default=0.5,
+                        help="flag entropy collapse below this fraction of the first step's entropy")
+    report.set_defaults(handler=_report)
     return parser
 
 

@@ -1,0 +1,532 @@
+"""Reports on finished or running runs: PNG plots of the logged metrics and one self-contained HTML page.
+
+A report reads only what a run directory holds (`config.yaml`, `metrics.jsonl`, `samples.jsonl`), so it works on
+a run in progress and on a run killed mid-write: a file cut in the middle of its last line is read up to its last
+whole line. The plots follow the quantities of the paper's method (per-regime losses and fractions, the privilege
+advantage gap against its batch threshold: the paper's routing rule) and its failure mode (entropy collapse,
+the "privilege illusion" of their Figure 3); the token view shows each sampled completion token coloured by the
+regime it was routed to, with its gap, q_S, q_T and loss on hover. Several run directories share one page, and a
+lab output directory expands to its `<kind>/<method>/seed_<n>` runs.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import os
+from dataclasses import dataclass, field
+
+REGIMES = ("LH", "LL", "HT", "HS")
+REGIME_COLOURS = {"LH": "#7fc97f", "LL": "#fdd870", "HT": "#f08080", "HS": "#86b6f6"}
+NEUTRAL_COLOUR = "#dddddd"
+REGIME_MEANING = {
+    "LH": "small gap, high q_S+q_T: teacher target, reverse KL Top-K, weight β_l",
+    "LL": "small gap, low q_S+q_T: privileged-student target, reverse KL Top-K, weight β_w",
+    "HT": "large gap, q_T ≥ q_S: teacher target, JS full vocabulary, weight 1",
+    "HS": "large gap, q_T < q_S: privileged-student target, reverse KL Top-K, weight β_l",
+}
+RUN_FILES = ("config.yaml", "metrics.jsonl", "samples.jsonl")
+SKIPPED_DIRS = {"checkpoints", "final", "search"}  # never runs to report (a lab's search runs stay out)
+
+
+# ------------------------------------------------------------------------------------------------- reading
+
+
+def read_jsonl(path: str) -> list[dict]:
+    """The JSON objects of a JSONL file, up to its last whole line; [] when the file does not exist (yet).
+
+    A line the writer did not finish (no newline, or not parseable) is dropped, not an error."""
+    if not os.path.exists(path):
+        return []
+    with open(path, "rb") as handle:
+        text = handle.read().decode("utf-8", errors="replace")
+    lines = text.split("\n")
+    if not text.endswith("\n"):
+        lines = lines[:-1]  # the writer was stopped inside this line
+    records = []
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def _read_config(path: str) -> dict:
+    if not os.path.exists(path):
+        return {}
+    try:
+        import yaml
+
+        with open(path) as handle:
+            loaded = yaml.safe_load(handle)
+        return loaded if isinstance(loaded, dict) else {}
+    except Exception:  # a config being written is no reason to fail the report
+        return {}
+
+
+@dataclass
+class Run:
+    """One run directory as read now."""
+
+    label: str
+    path: str
+    config: dict = field(default_factory=dict)
+    metrics: list[dict] = field(default_factory=list)
+    samples: list[dict] = field(default_factory=list)
+
+    @property
+    def method(self) -> str | None:
+        return (self.config.get("objective") or {}).get("method")
+
+    @property
+    def planned_steps(self) -> int | None:
+        return (self.config.get("train") or {}).get("steps")
+
+    def series(self, key: str) -> tuple[list[int], list[float]]:
+        """(steps, values) of one metric, one value per step (the last logged, as after a resume)."""
+        by_step = {}
+        for line in self.metrics:
+            value = line.get(key)
+            if "step" in line and isinstance(value, (int, float)) and not isinstance(value, bool):
+                by_step[int(line["step"])] = float(value)
+        steps = sorted(by_step)
+        return steps, [by_step[s] for s in steps]
+
+    def has(self, key: str) -> bool:
+        return bool(self.series(key)[0])
+
+    def value_at(self, key: str, step: int) -> float | None:
+        steps, values = self.series(key)
+        return values[steps.index(step)] if step in steps else None
+
+    def sample_steps(self) -> list[int]:
+        return sorted({int(s["step"]) for s in self.samples if "step" in s})
+
+
+def load_run(path: str, label: str | None = None) -> Run:
+    return Run(
+        label=label or os.path.basename(os.path.normpath(path)),
+        path=path,
+        config=_read_config(os.path.join(path, "config.yaml")),
+        metrics=read_jsonl(os.path.join(path, "metrics.jsonl")),
+        samples=read_jsonl(os.path.join(path, "samples.jsonl")),
+    )
+
+
+def is_run_dir(path: str) -> bool:
+    return any(os.path.isfile(os.path.join(path, name)) for name in RUN_FILES)
+
+
+def find_runs(path: str) -> list[tuple[str, str]]:
+    """(label, directory) of the runs under `path`: the directory itself if it is a run, else every run below it
+    (a lab output: `<kind>/<method>/seed_<n>`, labelled so), leaving out checkpoints, final models and searches."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"not a directory: {path}")
+    if is_run_dir(path):
+        return [(os.path.basename(os.path.normpath(path)), path)]
+    found = []
+    for root, dirs, _ in os.walk(path):
+        dirs[:] = sorted(d for d in dirs if d not in SKIPPED_DIRS)
+        if root != path and is_run_dir(root):
+            found.append((os.path.relpath(root, path).replace(os.sep, "/"), root))
+            dirs[:] = []
+    if not found:
+        raise FileNotFoundError(f"no run directory (config.yaml, metrics.jsonl or samples.jsonl) in or under {path}")
+    return found
+
+
+def load_runs(paths: list[str]) -> list[Run]:
+    """Every run of every path; labels that collide get the name of the path they came from in front."""
+    entries = [(arg, label, directory) for arg in paths for label, directory in find_runs(arg)]
+    labels = [label for _, label, _ in entries]
+    runs = []
+    for arg, label, directory in entries:
+        if labels.count(label) > 1:
+            label = f"{os.path.normpath(arg)}/{label}" if directory != arg else os.path.normpath(arg)
+        runs.append(load_run(directory, label))
+    return runs
+
+
+# ------------------------------------------------------------------------------------------------- collapse
+
+
+@dataclass
+class Collapse:
+    """Student entropy fell below `fraction` of its first-step value."""
+
+    label: str
+    step: int
+    start: float
+    value: float
+    threshold: float
+    fraction: float
+
+    def message(self) -> str:
+        return (
+            f"warning: {self.label}: student entropy collapsed at step {self.step}: {self.value:.4g} < "
+            f"{self.fraction:g} x {self.start:.4g} (its value at the first logged step)"
+        )
+
+
+def find_collapse(run: Run, fraction: float = 0.5, key: str = "entropy/student") -> Collapse | None:
+    """The first step whose entropy is below `fraction` × the entropy at the first step that logged it."""
+    steps, values = run.series(key)
+    points = [(s, v) for s, v in zip(steps, values) if math.isfinite(v)]
+    if len(points) < 2 or points[0][1] <= 0:
+        return None
+    start = points[0][1]
+    threshold = fraction * start
+    for step, value in points[1:]:
+        if value < threshold:
+            return Collapse(run.label, step, start, value, threshold, fraction)
+    return None
+
+
+# ------------------------------------------------------------------------------------------------- plots
+
+
+def _figure(panels: int, columns: int = 2, height: float = 3.2):
+    from matplotlib.figure import Figure
+
+    columns = max(1, min(columns, panels))
+    rows = math.ceil(panels / columns)
+    figure = Figure(figsize=(5.2 * columns, height * rows), layout="constrained")
+    axes = [figure.add_subplot(rows, columns, i + 1) for i in range(panels)]
+    return figure, axes
+
+
+def _colour(index: int) -> str:
+    return f"C{index % 10}"
+
+
+def _save(figure, out: str, name: str) -> str:
+    path = os.path.join(out, f"{name}.png")
+    figure.savefig(path, dpi=100)
+    return path
+
+
+def _line_plot(runs: list[Run], out: str, name: str, title: str, panels: list[tuple[str, list[tuple[str, str]]]]):
+    """One figure of panels, each a list of (metric key, line style); one colour per run. Panels no run has are
+    left out; no figure when none is left. Returns the PNG path or None."""
+    panels = [(t, keys) for t, keys in panels if any(run.has(k) for run in runs for k, _ in keys)]
+    if not panels:
+        return None
+    figure, axes = _figure(len(panels))
+    for axis, (panel_title, keys) in zip(axes, panels):
+        for index, run in enumerate(runs):
+            for key, style in keys:
+                steps, values = run.series(key)
+                if steps:
+                    suffix = f" {key.split('/')[-1]}" if len(keys) > 1 else ""
+                    axis.plot(steps, values, style, color=_colour(index), label=f"{run.label}{suffix}", markersize=3)
+        axis.set_title(panel_title, fontsize=10)
+        axis.set_xlabel("step")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
+    figure.suptitle(title)
+    return _save(figure, out, name)
+
+
+def _entropy_plot(runs, out, collapses: dict[str, Collapse], fraction: float):
+    if not any(run.has(f"entropy/{who}") for run in runs for who in ("student", "self", "teacher")):
+        return None
+    figure, (axis,) = _figure(1, height=4.0)
+    for index, run in enumerate(runs):
+        colour = _colour(index)
+        for who, style in (("student", "-o"), ("self", ":"), ("teacher", "--")):
+            steps, values = run.series(f"entropy/{who}")
+            if steps:
+                axis.plot(steps, values, style, color=colour, label=f"{run.label} {who}", markersize=3)
+        steps, values = run.series("entropy/student")
+        finite = [v for v in values if math.isfinite(v)]
+        if finite and finite[0] > 0:
+            axis.axhline(fraction * finite[0], color=colour, linestyle="-.", linewidth=0.8, alpha=0.7)
+        collapse = collapses.get(run.label)
+        if collapse is not None:
+            axis.axvline(collapse.step, color="red", linewidth=1.2, alpha=0.8)
+            axis.plot([collapse.step], [collapse.value], "X", color="red", markersize=11,
+                      label=f"{run.label}: collapse at step {collapse.step}")
+    axis.set_title(f"entropy (dash-dot: {fraction:g} x the student's first value; red: collapse)", fontsize=10)
+    axis.set_xlabel("step")
+    axis.set_ylabel("nats / token")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7)
+    return _save(figure, out, "entropy")
+
+
+def _gap_histogram(runs, out):
+    """The gap of every saved token at the last sampled step of each run, stacked by regime, with the batch
+    threshold Ā of that step (the threshold is over the whole batch, the samples are a part of it)."""
+    panels = []
+    for run in runs:
+        steps = [s for s in run.sample_steps() if any("gap" in r and r.get("step") == s for r in run.samples)]
+        if steps:
+            panels.append((run, steps[-1]))
+    if not panels:
+        return None
+    figure, axes = _figure(len(panels), columns=3)
+    for axis, (run, step) in zip(axes, panels):
+        by_regime: dict[str, list[float]] = {r: [] for r in (*REGIMES, None)}
+        for record in run.samples:
+            if record.get("step") != step:
+                continue
+            regimes = record.get("regime") or [None] * len(record["gap"])
+            for gap, regime in zip(record["gap"], regimes):
+                if isinstance(gap, (int, float)) and math.isfinite(gap):
+                    by_regime[regime if regime in REGIMES else None].append(gap)
+        names = [r for r in by_regime if by_regime[r]]
+        axis.hist(
+            [by_regime[r] for r in names], bins=20, stacked=True,
+            color=[REGIME_COLOURS.get(r, NEUTRAL_COLOUR) for r in names], label=[r or "no regime" for r in names],
+        )
+        threshold = run.value_at("gap/threshold", step)
+        if threshold is not None:
+            axis.axvline(threshold, color="black", linestyle="--", label=f"threshold {threshold:.3g}")
+        axis.set_title(f"{run.label}: gap |log q_T - log q_S|, step {step}", fontsize=9)
+        axis.set_xlabel("gap")
+        axis.set_ylabel("tokens")
+        axis.legend(fontsize=7)
+    return _save(figure, out, "gap_histogram")
+
+
+def _time_plot(runs, out):
+    parts = ("rollout", "scoring", "update")
+    timed = [run for run in runs if any(run.has(f"time/{p}") for p in parts)]
+    if not timed:
+        return None
+    figure, (bars, lines) = _figure(2, height=max(3.2, 0.35 * len(timed) + 1.5))
+    left = [0.0] * len(timed)
+    for number, part in enumerate(parts):
+        means = []
+        for run in timed:
+            values = [v for v in run.series(f"time/{part}")[1] if math.isfinite(v)]
+            means.append(sum(values) / len(values) if values else 0.0)
+        bars.barh(range(len(timed)), means, left=left, color=f"C{number}", label=part)
+        left = [a + b for a, b in zip(left, means)]
+    bars.set_yticks(range(len(timed)), [run.label for run in timed], fontsize=7)
+    bars.invert_yaxis()
+    bars.set_xlabel("mean seconds per step")
+    bars.set_title("time split", fontsize=10)
+    bars.legend(fontsize=7)
+    for index, run in enumerate(runs):
+        steps, values = run.series("time/step")
+        if steps:
+            lines.plot(steps, values, "-o", color=_colour(index), label=run.label, markersize=3)
+    lines.set_title("seconds per step", fontsize=10)
+    lines.set_xlabel("step")
+    lines.grid(alpha=0.3)
+    lines.legend(fontsize=7)
+    return _save(figure, out, "time")
+
+
+def write_plots(runs: list[Run], out: str, collapses: dict[str, Collapse], fraction: float = 0.5) -> dict[str, str]:
+    """Every plot the runs have data for, as {name: PNG path}."""
+    regime_panels = lambda prefix: [(f"{prefix} {r}", [(f"{prefix}/{r}", "-o")]) for r in REGIMES]  # noqa: E731
+    plots = {
+        "loss": _line_plot(runs, out, "loss", "loss", [("loss", [("loss", "-o")])]),
+        "loss_regimes": _line_plot(runs, out, "loss_regimes", "loss per regime", regime_panels("loss")),
+        "regime_fractions": _line_plot(runs, out, "regime_fractions", "fraction of tokens per regime",
+                                       regime_panels("frac")),
+        "gap": _line_plot(runs, out, "gap", "privilege advantage gap", [
+            ("gap: mean (solid) and threshold Ā (dashed)", [("gap/mean", "-o"), ("gap/threshold", "--")]),
+            ("threshold of q_S + q_T", [("prob_sum/threshold", "-o")]),
+        ]),
+        "gap_histogram": _gap_histogram(runs, out),
+        "entropy": _entropy_plot(runs, out, collapses, fraction),
+        "completion_length": _line_plot(runs, out, "completion_length", "completion length (tokens)", [
+            ("mean", [("completion_length/mean", "-o")]), ("max", [("completion_length/max", "-o")]),
+        ]),
+        "eval": _line_plot(runs, out, "eval", "evaluation", [
+            ("answer accuracy", [("eval/answer_accuracy", "-o")]), ("full match", [("eval/full_match", "-o")]),
+        ]),
+        "time": _time_plot(runs, out),
+        "optimizer": _line_plot(runs, out, "optimizer", "optimizer", [
+            ("learning rate", [("lr", "-")]), ("gradient norm", [("grad_norm", "-o")]),
+        ]),
+    }
+    return {name: path for name, path in plots.items() if path is not None}
+
+
+# ------------------------------------------------------------------------------------------------- token view
+
+
+def _number(value) -> str:
+    return f"{value:.4g}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "–"
+
+
+def _pieces(completion: str, tokens: list[str]) -> list[tuple[str, int | None]]:
+    """The completion as (text, token index or None for text between tokens). Decoded tokens need not join to
+    the completion (word-level tokenizers drop the spaces between words): then the spaces the completion has
+    between them are put back, and when even that fails the tokens are shown one after another."""
+    if "".join(tokens) == completion:
+        return [(token, i) for i, token in enumerate(tokens)]
+    pieces, position = [], 0
+    for index, token in enumerate(tokens):
+        found = completion.find(token, position) if token else position
+        if found < 0 or completion[position:found].strip():
+            return [(token, i) for i, token in enumerate(tokens)]
+        if found > position:
+            pieces.append((completion[position:found], None))
+        pieces.append((token, index))
+        position = found + len(token)
+    if position < len(completion):
+        pieces.append((completion[position:], None))
+    return pieces
+
+
+def _token_title(record: dict, index: int) -> str:
+    regime = (record.get("regime") or [None] * (index + 1))[index]
+    parts = [f"regime {regime or 'none'}"]
+    for key, name in (("gap", "gap"), ("q_self", "q_S"), ("q_teacher", "q_T"), ("loss", "loss")):
+        values = record.get(key)
+        if values is not None and index < len(values):
+            parts.append(f"{name} {_number(values[index])}")
+    token_ids = record.get("token_ids") or []
+    if index < len(token_ids):
+        parts.append(f"id {token_ids[index]}")
+    return " | ".join(parts)
+
+
+def _sample_html(record: dict) -> str:
+    tokens = [str(t) for t in record.get("tokens") or []]
+    regimes = record.get("regime") or [None] * len(tokens)
+    spans = []
+    for text, index in _pieces(str(record.get("completion", "")), tokens):
+        if index is None:
+            spans.append(html.escape(text))
+            continue
+        regime = regimes[index] if index < len(regimes) and regimes[index] in REGIMES else None
+        colour = REGIME_COLOURS.get(regime, NEUTRAL_COLOUR)
+        spans.append(
+            f'<span class="tok regime-{regime or "none"}" style="background:{colour}" '
+            f'title="{html.escape(_token_title(record, index), quote=True)}">{html.escape(text)}</span>'
+        )
+    counts = {r: sum(1 for x in regimes if x == r) for r in REGIMES}
+    count_text = " ".join(f"{r} {n}" for r, n in counts.items() if n) or "no regimes"
+    meta = "".join(
+        f"<div><b>{name}</b> {html.escape(str(record.get(key)))}</div>"
+        for name, key in (("prompt", "prompt"), ("privileged", "privileged_context"), ("answer", "answer"))
+        if record.get(key) is not None
+    )
+    return (
+        f'<div class="sample">{meta}<div class="counts">{len(tokens)} tokens: {count_text}</div>'
+        f'<div class="completion">{"".join(spans)}</div></div>'
+    )
+
+
+def token_view_html(run: Run, token_steps: int = 2, max_samples: int | None = None) -> str:
+    """The saved samples of the latest `token_steps` sampled steps, newest first."""
+    steps = run.sample_steps()[-token_steps:] if token_steps > 0 else []
+    parts = [f'<section class="tokens" data-run="{html.escape(run.label, quote=True)}">',
+             f"<h3>{html.escape(run.label)}</h3>"]
+    if not steps:
+        parts.append("<p>no saved samples (yet).</p>")
+    for step in reversed(steps):
+        records = [r for r in run.samples if r.get("step") == step][:max_samples]
+        parts.append(f'<h4>step {step}</h4><div class="step" data-step="{step}">')
+        parts.extend(_sample_html(record) for record in records)
+        parts.append("</div>")
+    parts.append("</section>")
+    return "\n".join(parts)
+
+
+# ------------------------------------------------------------------------------------------------- page
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 1.5em; max-width: 1300px; }
+table { border-collapse: collapse; font-size: 0.9em; }
+td, th { border: 1px solid #ccc; padding: 0.2em 0.5em; text-align: left; }
+.warning { color: #a00000; font-weight: bold; }
+img { max-width: 100%; border: 1px solid #eee; margin: 0.5em 0; }
+.sample { border: 1px solid #ddd; border-radius: 4px; padding: 0.5em; margin: 0.5em 0; font-size: 0.9em; }
+.counts { color: #666; font-size: 0.85em; }
+.completion { font-family: ui-monospace, monospace; white-space: pre-wrap; margin-top: 0.3em; line-height: 1.7; }
+.tok { border-radius: 3px; padding: 0 1px; margin: 0 1px; }
+.tok:empty::after { content: "∅"; color: #888; }
+.legend span { display: inline-block; padding: 0.1em 0.5em; margin: 0.1em 0.3em; border-radius: 3px; }
+"""
+
+
+def _fmt(value) -> str:
+    return _number(value) if value is not None else "–"
+
+
+def _summary_row(run: Run, collapse: Collapse | None) -> str:
+    steps = [int(line["step"]) for line in run.metrics if "step" in line]
+    last = max(steps) if steps else None
+    _, loss = run.series("loss")
+    _, accuracy = run.series("eval/answer_accuracy")
+    _, entropy = run.series("entropy/student")
+    cells = [
+        run.label, run.method or "?", f"{last if last is not None else '–'} / {run.planned_steps or '?'}",
+        _fmt(loss[-1] if loss else None), _fmt(accuracy[-1] if accuracy else None),
+        f"{_fmt(entropy[0])} → {_fmt(entropy[-1])}" if entropy else "–",
+        f"step {collapse.step}" if collapse else "no", str(len(run.sample_steps())), run.path,
+    ]
+    return "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>"
+
+
+def render_html(runs, plots, collapses, token_steps=2, max_samples=None, fraction=0.5) -> str:
+    header = ["run", "method", "step / planned", "last loss", "last accuracy", "student entropy", "collapse",
+              "sampled steps", "directory"]
+    warnings = [collapses[run.label].message() for run in runs if run.label in collapses]
+    images = []
+    for name, path in plots.items():
+        with open(path, "rb") as handle:
+            data = base64.b64encode(handle.read()).decode("ascii")
+        images.append(f'<h3>{html.escape(name)}</h3><img alt="{html.escape(name)}" src="data:image/png;base64,{data}">')
+    legend = "".join(
+        f'<span style="background:{REGIME_COLOURS[r]}" title="{html.escape(REGIME_MEANING[r])}">{r}: '
+        f"{html.escape(REGIME_MEANING[r])}</span>"
+        for r in REGIMES
+    ) + f'<span style="background:{NEUTRAL_COLOUR}">no regime (method without routing, or token dropped)</span>'
+    return "\n".join([
+        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8"><title>dopd report</title>',
+        f"<style>{STYLE}</style></head><body>", "<h1>dopd report</h1>",
+        *(f'<p class="warning">{html.escape(w)}</p>' for w in warnings),
+        "<h2>runs</h2><table><tr>" + "".join(f"<th>{h}</th>" for h in header) + "</tr>",
+        *(_summary_row(run, collapses.get(run.label)) for run in runs), "</table>",
+        f"<p>collapse: student entropy below {fraction:g} × its value at the first logged step.</p>",
+        "<h2>plots</h2>", *(images or ["<p>no metrics yet.</p>"]),
+        "<h2>tokens</h2>",
+        f"<p>the saved completions of the latest {token_steps} sampled steps; hover a token for its regime, gap "
+        "|log q_T − log q_S|, q_S, q_T and loss.</p>",
+        f'<div class="legend">{legend}</div>',
+        *(token_view_html(run, token_steps, max_samples) for run in runs),
+        "</body></html>",
+    ])
+
+
+@dataclass
+class Report:
+    html_path: str
+    plots: dict[str, str]
+    runs: list[Run]
+    collapses: dict[str, Collapse]
+
+    @property
+    def warnings(self) -> list[str]:
+        return [self.collapses[run.label].message() for run in self.runs if run.label in self.collapses]
+
+
+def build_report(paths: list[str], out: str, token_steps: int = 2, collapse_fraction: float = 0.5,
+                 max_samples: int | None = None) -> Report:
+    """Read the runs under `paths`, write their plots and `report.html` into `out`."""
+    if not 0 < collapse_fraction < 1:
+        raise ValueError(f"collapse fraction must lie in (0, 1), got {collapse_fraction}")
+    runs = load_runs(paths)
+    os.makedirs(out, exist_ok=True)
+    collapses = {run.label: c for run in runs if (c := find_collapse(run, collapse_fraction)) is not None}
+    plots = write_plots(runs, out, collapses, collapse_fraction)
+    page = render_html(runs, plots, collapses, token_steps, max_samples, collapse_fraction)
+    html_path = os.path.join(out, "report.html")
+    with open(html_path, "w", encoding="utf-8") as handle:
+        handle.write(page)
+    return Report(html_path, plots, runs, collapses)
