@@ -66,6 +66,7 @@ class HFRollout:
         device = next(model.parameters()).device
         generation_config = self.generation_config(model)
         greedy = not generation_config.do_sample
+        generation_config.num_return_sequences = 1 if greedy else num_generations
         index, completions, finished = [], [], []
         # transformers fills every unset field from the model's own generation_config: swap it out meanwhile.
         saved_config, model.generation_config = model.generation_config, generation_config
@@ -85,7 +86,6 @@ class HFRollout:
                     input_ids=input_ids.to(device),
                     attention_mask=attention.to(device),
                     generation_config=generation_config,
-                    num_return_sequences=1 if greedy else num_generations,
                 )
                 for row, generated in enumerate(output[:, width:].tolist()):
                     ids, done = trim_completion(generated, self.eos_ids)

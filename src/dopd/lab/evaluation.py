@@ -1,0 +1,77 @@
+"""Accuracy of a lab model by greedy generation: final-answer accuracy and full-completion match.
+
+Both are reported because with the `answer` kind a model can copy the final answer after wrong steps
+(lab notes): final-answer accuracy alone would overstate it. Prompts are rendered exactly as in pretraining
+and training (`dopd.prompts.render_prompt`, privileged context inserted with `LAB_PRIVILEGED_TEMPLATE`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from dopd.lab.tasks import LAB_PRIVILEGED_TEMPLATE, Example, Task, get_task, privileged_context
+from dopd.prompts import render_prompt
+
+
+def render_lab_prompt(tokenizer: Any, example: Example, kind: str = "none") -> str:
+    """The text a lab model reads before its completion, without (kind "none") or with privileged input."""
+    return render_prompt(tokenizer, example.prompt, privileged_context(example, kind), template=LAB_PRIVILEGED_TEMPLATE)
+
+
+@torch.no_grad()
+def generate_completions(
+    model: Any, tokenizer: Any, prompts: Sequence[str], batch_size: int = 128, max_new_tokens: int = 64
+) -> list[str]:
+    """Greedy completions (special tokens removed) of already rendered prompts, left-padded in batches."""
+    if tokenizer.padding_side != "left":
+        raise ValueError("batched generation needs tokenizer.padding_side == 'left'")
+    was_training = model.training
+    model.eval()
+    completions: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        batch = tokenizer(
+            list(prompts[start : start + batch_size]), return_tensors="pt", padding=True, add_special_tokens=False
+        )
+        output = model.generate(
+            **batch,
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        new_tokens = output[:, batch["input_ids"].shape[1] :]
+        completions += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+    model.train(was_training)
+    return completions
+
+
+def evaluate(
+    model: Any,
+    tokenizer: Any,
+    task: Task | str,
+    examples: Sequence[Example],
+    kind: str = "none",
+    batch_size: int = 128,
+    max_new_tokens: int | None = None,
+    n_samples: int = 3,
+) -> dict[str, Any]:
+    """{"answer_accuracy", "full_match" (fractions), "n", "samples" (the first few prompt/completion pairs)}."""
+    task = get_task(task)
+    if not examples:
+        raise ValueError("evaluate() needs at least one example")
+    if max_new_tokens is None:
+        # Room for the longest reference plus eos and a little more, so that a rambling model is caught.
+        max_new_tokens = max(len(tokenizer(ex.completion, add_special_tokens=False)["input_ids"]) for ex in examples) + 8
+    prompts = [render_lab_prompt(tokenizer, ex, kind) for ex in examples]
+    completions = generate_completions(model, tokenizer, prompts, batch_size, max_new_tokens)
+    results = [task.check(ex, text) for ex, text in zip(examples, completions)]
+    n = len(results)
+    return {
+        "answer_accuracy": sum(r.answer_correct for r in results) / n,
+        "full_match": sum(r.full_match for r in results) / n,
+        "n": n,
+        "kind": kind,
+        "samples": [{"prompt": p, "completion": c} for p, c in zip(prompts[:n_samples], completions[:n_samples])],
+    }

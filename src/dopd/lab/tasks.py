@@ -1,0 +1,248 @@
+"""Tasks of the privilege-illusion lab: problems with a worked reference completion and privileged input.
+
+Each task samples an `Example`: a prompt, the reference completion (worked steps ending in `A:<answer>`), and
+three forms of privileged input (spec, "Privileged input"): the final answer, step-wise hints without execution
+(the plan: which operations in which order, never a computed value), and the full worked solution. Two families
+of different structure:
+
+- `arith`: nested +/- expressions such as `Q:50-(12+(9+4))=`. The plan (which subexpression first) depends on
+  the parenthesis structure, so hints (the operations in evaluation order, previous results written `_`) remove
+  the parsing and leave only the column arithmetic; the solution removes both.
+- `lookup`: multi-hop variable lookup (`Q:c=b,a=7,d=c,b=a,e=3,f=e;d?` -> `d=c;c=b;b=a;a=7;A:7`), with a
+  distractor chain. Its hints can only give the shape of the plan (the number of hops), not the variables met.
+
+The privileged context is inserted after the prompt with `LAB_PRIVILEGED_TEMPLATE`, for the teacher, the
+privileged student and the lab's pretraining alike.
+"""
+
+from __future__ import annotations
+
+import abc
+import importlib
+import random
+import re
+from dataclasses import dataclass, field
+
+PRIVILEGED_KINDS = ("none", "answer", "hints", "solution")
+# The privileged block sits on its own line right after the question, tagged so the model knows it is not
+# part of the problem. Contains both placeholders, as `dopd.prompts.check_template` requires.
+LAB_PRIVILEGED_TEMPLATE = "{prompt}\nH:{privileged_context}"
+
+
+@dataclass
+class Example:
+    prompt: str
+    answer: str
+    completion: str  # worked steps ending in "A:<answer>", without eos
+    privileged: dict[str, str] = field(default_factory=dict)  # keys "answer", "hints", "solution"
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    answer_correct: bool  # the final answer matches
+    full_match: bool  # the whole completion matches the reference steps
+
+
+_ANSWER = re.compile(r"A:([^;\s|]*)")
+
+
+def extract_answer(completion_text: str) -> str | None:
+    """The text after the first `A:` up to a separator, or None when the completion gives no answer."""
+    match = _ANSWER.search(completion_text)
+    return match.group(1) if match else None
+
+
+class Task(abc.ABC):
+    """A family of problems. Subclasses set `name` and implement `sample`."""
+
+    name: str = "task"
+
+    @abc.abstractmethod
+    def sample(self, rng: random.Random) -> Example:
+        """One example drawn with `rng` (all randomness must come from `rng`)."""
+
+    def check(self, example: Example, completion_text: str) -> CheckResult:
+        text = completion_text.strip()
+        return CheckResult(answer_correct=extract_answer(text) == example.answer, full_match=text == example.completion)
+
+    def examples(self, n: int, seed: int) -> list[Example]:
+        rng = random.Random(seed)
+        return [self.sample(rng) for _ in range(n)]
+
+    def rows(self, n: int, seed: int, kind: str = "none") -> list[dict[str, str]]:
+        """Dataset rows {"prompt", "privileged_context" ("" for kind "none"), "answer", "completion"}."""
+        check_kind(kind)
+        return [
+            {
+                "prompt": ex.prompt,
+                "privileged_context": privileged_context(ex, kind) or "",
+                "answer": ex.answer,
+                "completion": ex.completion,
+            }
+            for ex in self.examples(n, seed)
+        ]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"
+
+
+def check_kind(kind: str) -> None:
+    if kind not in PRIVILEGED_KINDS:
+        raise ValueError(f"privileged kind {kind!r} is unknown; choose one of {', '.join(PRIVILEGED_KINDS)}")
+
+
+def privileged_context(example: Example, kind: str) -> str | None:
+    """The privileged text for `kind`, or None for kind "none" (render_prompt then gives the plain prompt)."""
+    check_kind(kind)
+    return None if kind == "none" else example.privileged[kind]
+
+
+@dataclass(frozen=True)
+class ArithLevel:
+    """One difficulty level of `ArithmeticTask`: its share, number of operations, operand size, nesting."""
+
+    weight: float
+    min_ops: int
+    max_ops: int
+    max_operand: int
+    p_left: float
+
+
+# The default (and the shipped pair's) distribution: 2-6 operations on digits, half of the new literals on the
+# left, so that about half the problems need the parenthesis structure to be parsed (the plan).
+DEFAULT_ARITH_LEVELS = (ArithLevel(weight=1.0, min_ops=2, max_ops=6, max_operand=9, p_left=0.5),)
+# A mixture tried as an alternative (lab_design_notes.md, run r4): short problems on digits, short problems on
+# two-digit numbers (the column arithmetic is the hard part) and long, deeply nested problems on digits (the plan
+# is the hard part), so that each form of privileged input pays off on a part of the problems.
+MIXED_ARITH_LEVELS = (
+    ArithLevel(weight=0.4, min_ops=2, max_ops=4, max_operand=9, p_left=0.5),
+    ArithLevel(weight=0.3, min_ops=2, max_ops=3, max_operand=99, p_left=0.5),
+    ArithLevel(weight=0.3, min_ops=6, max_ops=9, max_operand=9, p_left=0.7),
+)
+
+
+class ArithmeticTask(Task):
+    """Nested +/- expressions evaluated innermost first; every intermediate result stays non-negative.
+
+    The expression is built from its evaluation order: a first operation on two literals, then operations that
+    each combine the running result with one new literal, written on the right (`X+7`, no parentheses needed,
+    left to right) or, with probability `p_left`, on the left (`7+(X)`, which forces the reader to find the
+    innermost parentheses first). A level with `p_left = 0` gives the plain chains of the lab notes.
+    """
+
+    name = "arith"
+
+    def __init__(self, levels: tuple[ArithLevel, ...] = DEFAULT_ARITH_LEVELS):
+        for level in levels:
+            if not 1 <= level.min_ops <= level.max_ops or level.max_operand < 1 or level.weight < 0:
+                raise ValueError(f"invalid arithmetic level {level}: need 1 <= min_ops <= max_ops, max_operand >= 1")
+        self.levels = tuple(levels)
+
+    @staticmethod
+    def _step(rng: random.Random, acc: int, literal_left: bool, max_operand: int) -> tuple[str, int, int]:
+        """An operator, a literal and the new running result, keeping the result non-negative."""
+        op = rng.choice("+-")
+        if op == "-":
+            if literal_left and acc <= max_operand:  # literal - acc
+                literal = rng.randint(max(acc, 1), max_operand)
+                return op, literal, literal - acc
+            if not literal_left and acc >= 1:  # acc - literal
+                literal = rng.randint(1, min(acc, max_operand))
+                return op, literal, acc - literal
+        literal = rng.randint(1, max_operand)
+        return "+", literal, acc + literal
+
+    def sample(self, rng: random.Random) -> Example:
+        # One level draws nothing, so that a one-level task samples the same stream as a plain sampler.
+        weights = [level.weight for level in self.levels]
+        level = self.levels[0] if len(self.levels) == 1 else rng.choices(self.levels, weights)[0]
+        n_ops = rng.randint(level.min_ops, level.max_ops)
+        a = rng.randint(1, level.max_operand)
+        op, b, acc = self._step(rng, a, False, level.max_operand)
+        expression = f"{a}{op}{b}"
+        hints = [f"{a}{op}{b}"]
+        steps = [f"{a}{op}{b}={acc}"]
+        for _ in range(n_ops - 1):
+            left = rng.random() < level.p_left
+            op, literal, new = self._step(rng, acc, left, level.max_operand)
+            if left:
+                expression = f"{literal}{op}({expression})"
+                hints.append(f"{literal}{op}_")
+                steps.append(f"{literal}{op}{acc}={new}")
+            else:
+                expression = f"{expression}{op}{literal}"
+                hints.append(f"_{op}{literal}")
+                steps.append(f"{acc}{op}{literal}={new}")
+            acc = new
+        answer = str(acc)
+        completion = ";".join(steps) + f";A:{answer}"
+        return Example(
+            prompt=f"Q:{expression}=",
+            answer=answer,
+            completion=completion,
+            privileged={"answer": answer, "hints": ";".join(hints), "solution": completion},
+        )
+
+
+class LookupTask(Task):
+    """Multi-hop variable lookup: follow `x=y` definitions from the queried variable to a digit.
+
+    The table holds the queried chain and `n_distractors` other chains (ending in other digits), shuffled, so
+    neither the first digit nor any position gives the answer away: each step is one content lookup.
+    """
+
+    name = "lookup"
+
+    def __init__(self, min_hops: int = 2, max_hops: int = 5, n_distractors: int = 1):
+        if not 1 <= min_hops <= max_hops or max_hops * (n_distractors + 1) > 26 or n_distractors > 9:
+            raise ValueError("need 1 <= min_hops <= max_hops and (n_distractors + 1) * max_hops <= 26 variables")
+        self.min_hops, self.max_hops, self.n_distractors = min_hops, max_hops, n_distractors
+
+    def sample(self, rng: random.Random) -> Example:
+        lengths = [rng.randint(self.min_hops, self.max_hops) for _ in range(self.n_distractors + 1)]
+        names = rng.sample("abcdefghijklmnopqrstuvwxyz", sum(lengths))
+        digits = rng.sample("0123456789", len(lengths))
+        chains, start = [], 0
+        for length, digit in zip(lengths, digits):
+            chains.append((names[start : start + length], digit))
+            start += length
+        definitions = []
+        for chain, digit in chains:
+            definitions += [f"{x}={y}" for x, y in zip(chain, chain[1:])] + [f"{chain[-1]}={digit}"]
+        rng.shuffle(definitions)
+        chain, digit = chains[0]
+        steps = [f"{x}={y}" for x, y in zip(chain, chain[1:])] + [f"{chain[-1]}={digit}"]
+        completion = ";".join(steps) + f";A:{digit}"
+        plan = [f"{chain[0]}=_"] + ["_=_"] * (len(chain) - 2) + ["_=#"] if len(chain) > 1 else [f"{chain[0]}=#"]
+        hints = ";".join(plan)
+        return Example(
+            prompt=f"Q:{','.join(definitions)};{chain[0]}?",
+            answer=digit,
+            completion=completion,
+            privileged={"answer": digit, "hints": hints, "solution": completion},
+        )
+
+
+TASKS: dict[str, type[Task]] = {ArithmeticTask.name: ArithmeticTask, LookupTask.name: LookupTask}
+
+
+def get_task(name_or_spec: str | Task) -> Task:
+    """A registered task by name (`arith`, `lookup`), or a user's Task subclass given as "module:Class"."""
+    if isinstance(name_or_spec, Task):
+        return name_or_spec
+    if name_or_spec in TASKS:
+        return TASKS[name_or_spec]()
+    if ":" in name_or_spec:
+        module_name, _, class_name = name_or_spec.partition(":")
+        try:
+            obj = getattr(importlib.import_module(module_name), class_name)
+        except (ImportError, AttributeError) as error:
+            raise ValueError(f"lab task {name_or_spec!r} could not be imported: {error}") from None
+        task = obj() if isinstance(obj, type) else obj
+        if not isinstance(task, Task):
+            raise ValueError(f"lab task {name_or_spec!r} is not a dopd.lab.tasks.Task subclass")
+        return task
+    raise ValueError(
+        f"lab task {name_or_spec!r} is unknown; known tasks: {', '.join(sorted(TASKS))}, "
+        "or give your own Task subclass as 'module:Class'"
+    )

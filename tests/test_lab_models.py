@@ -1,0 +1,191 @@
+"""Lab models: evaluation, the pretraining cache, and the shipped pair with its measured properties."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3ForCausalLM
+
+from dopd.lab import models
+from dopd.lab.evaluation import evaluate, render_lab_prompt
+from dopd.lab.models import (
+    PRETRAINED_DIR,
+    LabPairConfig,
+    ModelSize,
+    check_properties,
+    load_or_build_pair,
+    make_model,
+    shipped_config,
+    sft_batch,
+)
+from dopd.lab.tasks import PRIVILEGED_KINDS, Example, get_task
+from dopd.lab.tokenizer import build_tokenizer
+
+TINY = LabPairConfig(
+    teacher=ModelSize(layers=1, hidden=16, heads=2, kv_heads=1, intermediate=32),
+    student=ModelSize(layers=1, hidden=8, heads=2, kv_heads=1, intermediate=16),
+    teacher_steps=3,
+    student_steps=2,
+    batch_size=4,
+    warmup_steps=1,
+)
+
+
+class AnswerBook(torch.nn.Module):
+    """A stand-in model that answers each rendered prompt from a dict, to check evaluate() end to end."""
+
+    def __init__(self, tokenizer, answers):
+        super().__init__()
+        self.tokenizer, self.answers, self.seen = tokenizer, answers, []
+
+    def generate(self, input_ids, attention_mask, max_new_tokens, **kwargs):
+        assert kwargs["do_sample"] is False
+        rows = []
+        for ids, mask in zip(input_ids.tolist(), attention_mask.tolist()):
+            assert mask == sorted(mask)  # left padding: zeros first
+            prompt = self.tokenizer.decode([i for i, m in zip(ids, mask) if m])
+            self.seen.append(prompt)
+            new = self.tokenizer(self.answers[prompt], add_special_tokens=False)["input_ids"]
+            new = (new + [self.tokenizer.eos_token_id])[:max_new_tokens]
+            new += [self.tokenizer.pad_token_id] * (max_new_tokens - len(new))
+            rows.append(ids + new)
+        return torch.tensor(rows)
+
+
+def test_evaluate_on_a_hand_made_case():
+    tok = build_tokenizer()
+    task = get_task("arith")
+    examples = task.examples(4, seed=0)
+    replies = [
+        examples[0].completion,  # right
+        examples[1].completion.replace("A:", "A:9"),  # wrong answer
+        "1+1=2;A:" + examples[2].answer,  # right answer after wrong steps
+        examples[3].completion,  # right
+    ]
+    answers = {render_lab_prompt(tok, ex, "hints"): reply for ex, reply in zip(examples, replies)}
+    model = AnswerBook(tok, answers)
+    result = evaluate(model, tok, task, examples, kind="hints", batch_size=3)
+    assert result["n"] == 4
+    assert result["answer_accuracy"] == pytest.approx(3 / 4)
+    assert result["full_match"] == pytest.approx(2 / 4)
+    assert sorted(model.seen) == sorted(answers)  # prompts rendered with the privileged template
+    assert all("\nH:" in p and p.endswith("|") for p in model.seen)
+
+
+def test_evaluate_a_real_untrained_model():
+    tok = build_tokenizer()
+    model = make_model(TINY.student, tok, seed=0)
+    result = evaluate(model, tok, "lookup", get_task("lookup").examples(5, seed=0), max_new_tokens=6)
+    assert result["n"] == 5 and result["answer_accuracy"] == 0.0 and result["full_match"] == 0.0
+    assert all(len(s["completion"]) <= 6 for s in result["samples"])
+
+
+def test_sft_batch_puts_the_loss_on_the_completion_only():
+    tok = build_tokenizer()
+    ex = Example("Q:1+2=", "3", "1+2=3;A:3", {"answer": "3", "hints": "1+2", "solution": "1+2=3;A:3"})
+    batch = sft_batch(tok, [ex, ex], ["none", "solution"])
+    prompt_len = [len("Q:1+2=|"), len("Q:1+2=\nH:1+2=3;A:3|")]
+    for row, plen in enumerate(prompt_len):
+        labels = batch["labels"][row]
+        assert (labels[:plen] == -100).all()
+        target = labels[plen : plen + len(ex.completion) + 1].tolist()
+        assert tok.decode(target[:-1]) == ex.completion and target[-1] == tok.eos_token_id
+        assert (labels[plen + len(ex.completion) + 1 :] == -100).all()
+    assert batch["attention_mask"][0].sum() == prompt_len[0] + len(ex.completion) + 1
+
+
+def test_config_hash_is_stable_and_sensitive():
+    assert LabPairConfig().config_hash() == LabPairConfig().config_hash()
+    assert LabPairConfig.from_dict(json.loads(json.dumps(TINY.to_dict()))) == TINY
+    assert dataclasses.replace(TINY, seed=1).config_hash() != TINY.config_hash()
+    assert dataclasses.replace(TINY, kind_mix=(("none", 1.0),)).config_hash() != TINY.config_hash()
+
+
+def test_cache_builds_once_and_rebuilds_on_a_changed_config(tmp_path, monkeypatch):
+    first = load_or_build_pair(TINY, cache_dir=tmp_path, log=None)
+    assert first.built and first.path == tmp_path / TINY.config_hash()
+    assert isinstance(AutoModelForCausalLM.from_pretrained(first.path / "teacher"), Qwen3ForCausalLM)
+    assert first.teacher.num_parameters() > first.student.num_parameters()
+    assert first.teacher.config.vocab_size == first.student.config.vocab_size == len(first.tokenizer)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the cached pair should have been loaded, not trained")
+
+    monkeypatch.setattr(models, "pretrain", no_training)
+    second = load_or_build_pair(TINY, cache_dir=tmp_path, log=None)
+    assert not second.built and second.path == first.path and second.config == TINY
+    for a, b in zip(first.student.parameters(), second.student.parameters()):
+        assert torch.equal(a, b)
+    monkeypatch.undo()
+
+    changed = dataclasses.replace(TINY, student_steps=3)
+    third = load_or_build_pair(changed, cache_dir=tmp_path, log=None)
+    assert third.built and third.path != first.path and third.path.name == changed.config_hash()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([first.path.name, third.path.name])  # no leftovers
+
+
+def test_cache_root_from_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("DOPD_CACHE", str(tmp_path))
+    pair = load_or_build_pair(TINY, log=None)
+    assert pair.path == tmp_path / "lab" / TINY.config_hash()
+
+
+def test_check_properties_can_fail():
+    def table(teacher, student):
+        return {
+            role: {kind: {"answer_accuracy": v[i], "full_match": v[i]} for i, kind in enumerate(PRIVILEGED_KINDS)}
+            for role, v in (("teacher", teacher), ("student", student))
+        }
+
+    good = check_properties(table([0.6, 0.9, 0.8, 0.95], [0.2, 0.8, 0.5, 0.9]))
+    assert good["a_teacher_gap"] and good["b_privilege_helps"]
+    small_gap = check_properties(table([0.4, 0.9, 0.8, 0.95], [0.2, 0.8, 0.5, 0.9]))
+    assert not small_gap["a_teacher_gap"]
+    student_ignores_hints = check_properties(table([0.6, 0.9, 0.8, 0.95], [0.2, 0.8, 0.22, 0.9]))
+    assert not student_ignores_hints["b_privilege_helps"]
+
+
+SHIPPED = shipped_config("arith")
+
+
+def shipped_accuracy(pair):
+    return {r: {k: v["answer_accuracy"] for k, v in pair.properties["accuracy"][r].items()} for r in ("teacher", "student")}
+
+
+@pytest.mark.skipif(SHIPPED is None, reason="no shipped pair for arith")
+def test_shipped_pair_loads_and_has_the_properties():
+    assert SHIPPED == LabPairConfig()  # the default config is the shipped one: no user retrains
+    pair = load_or_build_pair(LabPairConfig(), cache_dir="/nonexistent", log=None)
+    assert not pair.built and pair.path == PRETRAINED_DIR / "arith"
+    assert isinstance(pair.teacher, Qwen3ForCausalLM) and isinstance(pair.student, Qwen3ForCausalLM)
+    assert pair.teacher.num_parameters() > pair.student.num_parameters()
+    for role in ("teacher", "student"):
+        assert (pair.path / role / "model.safetensors").stat().st_size < 1_000_000
+        assert AutoTokenizer.from_pretrained(pair.path / role).chat_template == pair.tokenizer.chat_template
+    assert pair.properties["n_eval"] >= 300
+    acc = shipped_accuracy(pair)
+    assert acc["teacher"]["none"] - acc["student"]["none"] >= 0.25  # (a)
+    assert pair.properties["checks"]["a_teacher_gap"]
+    for kind in ("hints", "solution"):  # (b) for the student: it reads the privileged block
+        assert acc["student"][kind] - acc["student"]["none"] >= 0.10, kind
+
+
+@pytest.mark.skipif(SHIPPED is None, reason="no shipped pair for arith")
+@pytest.mark.xfail(strict=True, reason="known gap: the shipped teacher is at the ceiling (99.7% without privileged "
+                   "input), so privileged input cannot raise it; see lab_design_notes.md")
+def test_shipped_teacher_gains_from_privileged_input():
+    acc = shipped_accuracy(load_or_build_pair(LabPairConfig(), log=None))
+    for kind in ("hints", "solution"):
+        assert acc["teacher"][kind] - acc["teacher"]["none"] >= 0.10, kind
+
+
+@pytest.mark.skipif(SHIPPED is None, reason="no shipped pair for arith")
+def test_shipped_pair_reproduces_its_stored_accuracy():
+    pair = load_or_build_pair(LabPairConfig(), log=None)
+    task = get_task("arith")
+    examples = task.examples(pair.properties["n_eval"], pair.properties["eval_seed"])
+    stored = shipped_accuracy(pair)["student"]
+    for kind in ("none", "hints"):
+        result = evaluate(pair.student, pair.tokenizer, task, examples, kind=kind, batch_size=150)
+        assert abs(result["answer_accuracy"] - stored[kind]) <= 0.01, kind

@@ -1,0 +1,203 @@
+"""Lab tasks, tokenizer and prompt rendering: determinism, checkers, hints without values, round trips."""
+
+import random
+import re
+
+import pytest
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from dopd.lab.tasks import (
+    LAB_PRIVILEGED_TEMPLATE,
+    PRIVILEGED_KINDS,
+    TASKS,
+    ArithLevel,
+    ArithmeticTask,
+    Example,
+    MIXED_ARITH_LEVELS,
+    LookupTask,
+    Task,
+    extract_answer,
+    get_task,
+)
+from dopd.lab.tokenizer import build_tokenizer
+from dopd.prompts import check_template, render_prompt
+
+
+def numbers(text):
+    return sorted(int(n) for n in re.findall(r"\d+", text))
+
+
+def evaluate_steps(completion):
+    """Recompute every `x op y=z` step of an arithmetic completion; return the final value."""
+    steps = completion.split(";")
+    assert steps[-1].startswith("A:")
+    value = None
+    for step in steps[:-1]:
+        lhs, rhs = step.split("=")
+        assert eval(lhs) == int(rhs) >= 0, step
+        value = int(rhs)
+    assert steps[-1] == f"A:{value}"
+    return value
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_sampler_deterministic_per_seed(name):
+    task = get_task(name)
+    assert task.examples(50, seed=3) == task.examples(50, seed=3)
+    assert task.examples(50, seed=3) != task.examples(50, seed=4)
+    assert task.sample(random.Random(7)) == task.sample(random.Random(7))
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_examples_are_consistent(name):
+    task = get_task(name)
+    for ex in task.examples(200, seed=0):
+        assert set(ex.privileged) == {"answer", "hints", "solution"}
+        assert ex.privileged["answer"] == ex.answer
+        assert ex.privileged["solution"] == ex.completion
+        assert ex.completion.endswith(f"A:{ex.answer}")
+        assert task.check(ex, ex.completion).answer_correct and task.check(ex, ex.completion).full_match
+
+
+def test_arithmetic_completion_is_the_value_of_the_prompt():
+    for ex in ArithmeticTask().examples(300, seed=1):
+        expression = ex.prompt[len("Q:") : -1]
+        assert eval(expression) == int(ex.answer) == evaluate_steps(ex.completion)
+
+
+def test_default_arithmetic_is_digits_with_two_to_six_operations():
+    for ex in ArithmeticTask().examples(300, seed=0):
+        assert max(numbers(ex.prompt)) <= 9 and 2 <= ex.completion.count("=") <= 6
+
+
+def test_arithmetic_nesting_gives_both_shapes():
+    prompts = [ex.prompt for ex in ArithmeticTask().examples(300, seed=0)]
+    nested = sum("(" in p for p in prompts)
+    assert 100 < nested < 300  # chains (no parentheses) and nested expressions both occur
+    chains = ArithmeticTask(levels=(ArithLevel(weight=1.0, min_ops=2, max_ops=4, max_operand=99, p_left=0.0),))
+    assert all("(" not in ex.prompt for ex in chains.examples(50, seed=0))
+
+
+def test_arithmetic_mixed_levels_cover_the_three_difficulties():
+    examples = ArithmeticTask(MIXED_ARITH_LEVELS).examples(600, seed=0)
+    long_ones = [ex for ex in examples if ex.completion.count("=") >= 6]
+    two_digit = [ex for ex in examples if max(numbers(ex.prompt)) >= 10]
+    assert 120 < len(long_ones) < 240 and 120 < len(two_digit) < 240  # 30% each
+    assert all(max(numbers(ex.prompt)) <= 9 for ex in long_ones)
+
+
+def test_arithmetic_hints_hold_no_computed_value():
+    for ex in ArithmeticTask().examples(300, seed=2):
+        hints = ex.privileged["hints"]
+        # Exactly the operands of the prompt, in evaluation order; results are written "_".
+        assert numbers(hints) == numbers(ex.prompt)
+        assert "=" not in hints and "A:" not in hints
+        assert len(hints.split(";")) == ex.completion.count("=")
+
+
+def test_arithmetic_hints_example():
+    task = ArithmeticTask()
+    ex = next(e for e in task.examples(500, seed=0) if e.prompt.count("(") == 2)
+    first, second, third = ex.privileged["hints"].split(";")[:3]
+    assert "_" not in first and first in ex.prompt  # the innermost operation, on two literals
+    assert "_" in second and "_" in third
+
+
+def test_lookup_follows_the_table_and_hints_hold_no_variable_met():
+    for ex in LookupTask().examples(300, seed=5):
+        table = dict(item.split("=") for item in ex.prompt[2:].split(";")[0].split(","))
+        start = ex.prompt.split(";")[-1].rstrip("?")
+        node, visited = start, []
+        while not node.isdigit():
+            visited.append(node)
+            node = table[node]
+        assert node == ex.answer
+        assert ex.completion.count("=") == len(visited)
+        hints = ex.privileged["hints"]
+        assert ex.answer not in hints
+        assert set(re.findall("[a-z]", hints)) == {start}  # only the queried variable, never one met on the way
+        # The distractor chain ends in another digit, so the table holds at least two digits.
+        assert len(set(re.findall(r"\d", ex.prompt))) >= 2
+
+
+def test_checker_on_hand_made_completions():
+    task = ArithmeticTask()
+    ex = Example(
+        prompt="Q:50-(12+(9+4))=",
+        answer="25",
+        completion="9+4=13;12+13=25;50-25=25;A:25",
+        privileged={"answer": "25", "hints": "9+4;12+_;50-_", "solution": "9+4=13;12+13=25;50-25=25;A:25"},
+    )
+    correct = task.check(ex, "9+4=13;12+13=25;50-25=25;A:25")
+    assert correct.answer_correct and correct.full_match
+    wrong = task.check(ex, "9+4=13;12+13=25;50-25=26;A:26")
+    assert not wrong.answer_correct and not wrong.full_match
+    lucky = task.check(ex, "9+4=13;12+13=24;50-24=25;A:25")  # right answer after a wrong step
+    assert lucky.answer_correct and not lucky.full_match
+    assert not task.check(ex, "9+4=13;12+13=25").answer_correct  # no answer given
+    assert not task.check(ex, "A:250").answer_correct
+    assert extract_answer("x;A:7;A:8") == "7"  # the first answer counts
+
+
+def test_rows_per_kind():
+    task = get_task("arith")
+    examples = task.examples(5, seed=9)
+    for kind in PRIVILEGED_KINDS:
+        rows = task.rows(5, seed=9, kind=kind)
+        assert [r["prompt"] for r in rows] == [e.prompt for e in examples]
+        assert [r["completion"] for r in rows] == [e.completion for e in examples]
+        expected = [("" if kind == "none" else e.privileged[kind]) for e in examples]
+        assert [r["privileged_context"] for r in rows] == expected
+    with pytest.raises(ValueError, match="privileged kind"):
+        task.rows(2, seed=0, kind="hint")
+
+
+class _ConstantTask(Task):
+    name = "constant"
+
+    def sample(self, rng):
+        return Example("Q:1+1=", "2", "1+1=2;A:2", {"answer": "2", "hints": "1+1", "solution": "1+1=2;A:2"})
+
+
+def test_get_task_by_name_spec_and_error():
+    assert isinstance(get_task("arith"), ArithmeticTask)
+    assert isinstance(get_task("lookup"), LookupTask)
+    assert isinstance(get_task(f"{__name__}:_ConstantTask"), _ConstantTask)
+    with pytest.raises(ValueError, match="arith, lookup"):
+        get_task("arithmetic")
+    with pytest.raises(ValueError, match="could not be imported"):
+        get_task("no_such_module_xyz:Task")
+
+
+def test_tokenizer_round_trips_text_and_save_load(tmp_path):
+    tok = build_tokenizer()
+    assert isinstance(tok, PreTrainedTokenizerFast) and tok.padding_side == "left"
+    text = "Q:50-(12+(9+4))=\nH:9+4;12+_;50-_|9+4=13;A:25"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) == len(text) and tok.unk_token_id not in ids
+    assert tok.decode(ids) == text
+    tok.save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    assert loaded(text, add_special_tokens=False)["input_ids"] == ids
+    assert loaded.decode(ids + [loaded.eos_token_id], skip_special_tokens=True) == text
+    assert (loaded.pad_token_id, loaded.eos_token_id, loaded.padding_side) == (tok.pad_token_id, tok.eos_token_id, "left")
+    assert loaded.chat_template == tok.chat_template
+    batch = loaded(["Q:1=", "Q:12+3="], padding=True, add_special_tokens=False)["input_ids"]
+    assert batch[0][:3] == [loaded.pad_token_id] * 3  # left padding
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_every_task_character_is_in_the_vocabulary(name):
+    tok = build_tokenizer()
+    for ex in get_task(name).examples(100, seed=0):
+        text = render_prompt(tok, ex.prompt, ex.privileged["hints"], template=LAB_PRIVILEGED_TEMPLATE) + ex.completion
+        assert tok.unk_token_id not in tok(text, add_special_tokens=False)["input_ids"]
+
+
+def test_render_prompt_with_lab_template():
+    check_template(LAB_PRIVILEGED_TEMPLATE, "LAB_PRIVILEGED_TEMPLATE")
+    tok = build_tokenizer()
+    assert render_prompt(tok, "Q:1+2=") == "Q:1+2=|"
+    privileged = render_prompt(tok, "Q:1+2=", "1+2", template=LAB_PRIVILEGED_TEMPLATE)
+    assert privileged == "Q:1+2=\nH:1+2|"
+    assert render_prompt(tok, "Q:1+2=", None, template=LAB_PRIVILEGED_TEMPLATE) == "Q:1+2=|"
