@@ -2,7 +2,7 @@
 
     python scripts/pretrain_lab.py --task arith --out src/dopd/lab/pretrained/arith --n-eval 300
 
-is the command that made the shipped pair (same as `python -m dopd.lab.models ...`); see lab_design_notes.md.
+is the command that made the shipped pair (same as `python -m dopd.lab.models ...`); see docs/lab_design.md.
 """
 
 from dopd.lab.models import main

@@ -173,7 +173,7 @@ def test_shipped_pair_loads_and_has_the_properties():
 
 @pytest.mark.skipif(SHIPPED is None, reason="no shipped pair for arith")
 @pytest.mark.xfail(strict=True, reason="known gap: the shipped teacher is at the ceiling (99.7% without privileged "
-                   "input), so privileged input cannot raise it; see lab_design_notes.md")
+                   "input), so privileged input cannot raise it; see docs/lab_design.md")
 def test_shipped_teacher_gains_from_privileged_input():
     acc = shipped_accuracy(load_or_build_pair(LabPairConfig(), log=None))
     for kind in ("hints", "solution"):

@@ -111,7 +111,7 @@ class ArithLevel:
 # The default (and the shipped pair's) distribution: 2-6 operations on digits, half of the new literals on the
 # left, so that about half the problems need the parenthesis structure to be parsed (the plan).
 DEFAULT_ARITH_LEVELS = (ArithLevel(weight=1.0, min_ops=2, max_ops=6, max_operand=9, p_left=0.5),)
-# A mixture tried as an alternative (lab_design_notes.md, run r4): short problems on digits, short problems on
+# A mixture tried as an alternative (docs/lab_design.md, run r4): short problems on digits, short problems on
 # two-digit numbers (the column arithmetic is the hard part) and long, deeply nested problems on digits (the plan
 # is the hard part), so that each form of privileged input pays off on a part of the problems.
 MIXED_ARITH_LEVELS = (
