@@ -13,16 +13,6 @@ from dopd.kernels.chunked import Head, chunked_objective, score_target
 from dopd.objectives import TargetScores, build_objective, compute_batch_thresholds, compute_objective
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread. On a busy 2-core machine OpenMP's barrier makes a [2, 4] log_softmax
-    take milliseconds instead of microseconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 V, K = 11, 3
 
 

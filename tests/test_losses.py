@@ -11,16 +11,6 @@ import torch
 from dopd import losses
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread. On a busy 2-core machine OpenMP's barrier makes a [2, 4] log_softmax
-    take milliseconds instead of microseconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 LOG2 = math.log(2.0)
 
 

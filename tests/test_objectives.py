@@ -14,16 +14,6 @@ from dopd.objectives import build_objective, compute_objective
 from dopd.routing import HS, HT, INVALID, LH, LL
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread. On a busy 2-core machine OpenMP's barrier makes a [2, 4] log_softmax
-    take milliseconds instead of microseconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 V, K = 4, 2
 
 # ------------------------------------------------------------------------------------- plain references

@@ -12,16 +12,6 @@ from dopd import objectives, routing
 from dopd.routing import HS, HT, INVALID, LH, LL
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread. On a busy 2-core machine OpenMP's barrier makes a [2, 4] log_softmax
-    take milliseconds instead of microseconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # (q_S, q_T) of 20 valid tokens. Token 0 is an outlier (gap ln(0.9e6) ≈ 13.7) that the 5% trim drops from Ā;
 # with it, Ā would be 1.53 and the ln 4 / ln 3 tokens would be low-gap. Token 6 (sum 0.75) lies between the
 # trimmed (0.742) and the untrimmed (0.795) probability thresholds.

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from . import losses, routing
-from .routing import HS, HT, INVALID, LH, LL, REGIMES, Thresholds
+from .routing import HS, HT, LH, LL, REGIMES, Thresholds
 
 METHODS: tuple[str, ...] = ("dopd", "opd", "opd-priv", "opsd", "gkd", "eopd")
 GRANULARITIES: tuple[str, ...] = ("sampled", "topk", "full")
@@ -253,13 +253,6 @@ class TargetScores:
             None if self.topk_logprobs is None else self.topk_logprobs[index],
             None if self.topk_ids is None else self.topk_ids[index],
         )
-
-
-def concat_scores(parts: list[TargetScores], masks: list[Tensor]) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Valid-token log-probs, entropies and the mask of several micro-batches, flattened, for batch thresholds."""
-    token = torch.cat([p.token_logprobs[m.bool()] for p, m in zip(parts, masks)])
-    ent = torch.cat([p.entropy[m.bool()] for p, m in zip(parts, masks)])
-    return token, ent, torch.ones_like(token, dtype=torch.bool)
 
 
 def compute_batch_thresholds(
