@@ -176,7 +176,6 @@ class Probes:
 def run_method(trainer, prompts, rollouts, step: int, probes: Probes) -> dict[str, float]:
     from dopd.train import StepMetrics
 
-    trainer.rollouts = rollouts  # `update` reads the step's rollouts from the trainer
     trainer.optimizer.zero_grad(set_to_none=True)
     probes.take()
     cpu_start = time.process_time()
@@ -185,7 +184,7 @@ def run_method(trainer, prompts, rollouts, step: int, probes: Probes) -> dict[st
     scored = time.perf_counter()
     thresholds = trainer.batch_thresholds(batches)
     routed = time.perf_counter()
-    trainer.update(prompts, batches, thresholds, step, StepMetrics())
+    trainer.update(batches, thresholds, step, StepMetrics())
     done = time.perf_counter()
     cpu = time.process_time() - cpu_start
     out = {"score": scored - start, "thresholds": routed - scored, "update_only": done - routed, "update": done - start,

@@ -84,8 +84,7 @@ def test_teacher_untouched_in_memory(pair, tmp_path):
 
 def _step_routing(trainer):
     prompts = trainer.local_prompts()
-    trainer.rollouts = trainer.engine.generate([trainer.prompts.student_ids[p] for p in prompts], 2)
-    return prompts, trainer.rollouts
+    return prompts, trainer.engine.generate([trainer.prompts.student_ids[p] for p in prompts], 2)
 
 
 def test_privileged_passes_read_the_context(pair, tmp_path):
@@ -126,7 +125,7 @@ def test_gradient_accumulation_and_plain_form_match(pair, tmp_path):
         from dopd.train import StepMetrics
 
         metrics = StepMetrics()
-        trainer.update(prompts, batches, trainer.batch_thresholds(batches), 0, metrics)
+        trainer.update(batches, trainer.batch_thresholds(batches), 0, metrics)
         grads = torch.cat([p.grad.flatten() for p in trainer.student.parameters() if p.grad is not None])
         results.append((metrics.reduce(trainer.accelerator)["loss"], grads))
     for loss, grads in results[1:]:

@@ -209,7 +209,7 @@ class StepMetrics:
 
 @dataclass
 class MicroBatch:
-    sequences: list[int]  # indices into the step's rollouts
+    owners: list[int]  # the data set row of each sequence's prompt
     completions: Completions
     self_head: Head | None
     teacher_head: Head | None
@@ -313,9 +313,8 @@ class Trainer:
         """The no-gradient passes of every micro-batch: privileged student and teacher."""
         pad = self.tokenizer.pad_token_id
         size = self.config.train.micro_batch_size
-        # No top-K here: routing reads only the sampled token, and the loss computes a target's top-K for just the
-        # tokens whose Top-K term applies (LH: teacher; LL, HS: self), from the heads kept in the micro-batch.
-        top_k = {"self": None, "teacher": None}
+        # No top-K here (top_k=None): routing reads only the sampled token, and the loss computes a target's top-K
+        # for just the tokens whose Top-K term applies (LH: teacher; LL, HS: self), from the heads kept here.
         temperature = self.config.objective.temperature
         batches = []
         for start in range(0, len(rollouts), size):
@@ -327,15 +326,15 @@ class Trainer:
                 inputs = pass_inputs([self.prompts.self_ids[p] for p in owners], completions, pad)
                 self_head = frozen_pass(self.inner, inputs, self.vocab_size)
                 self_scores = score_target(
-                    self_head, completions.ids, completions.mask, top_k["self"], temperature, self.chunk_size
+                    self_head, completions.ids, completions.mask, None, temperature, self.chunk_size
                 )
             if self.objective.needs_teacher:
                 inputs = pass_inputs([self.prompts.teacher_ids[p] for p in owners], completions, pad)
                 teacher_head = frozen_pass(self.teacher, inputs, self.vocab_size)
                 teacher_scores = score_target(
-                    teacher_head, completions.ids, completions.mask, top_k["teacher"], temperature, self.chunk_size
+                    teacher_head, completions.ids, completions.mask, None, temperature, self.chunk_size
                 )
-            batches.append(MicroBatch(sequences, completions, self_head, teacher_head, self_scores, teacher_scores))
+            batches.append(MicroBatch(owners, completions, self_head, teacher_head, self_scores, teacher_scores))
         return batches
 
     @property
@@ -364,17 +363,16 @@ class Trainer:
         mask = torch.ones_like(reference.token_logprobs, dtype=torch.bool)
         return compute_batch_thresholds(self.objective, self_flat, teacher_flat, mask, self.gather)
 
-    def update(self, prompts: list[int], batches: list[MicroBatch], thresholds, step: int, metrics: StepMetrics):
+    def update(self, batches: list[MicroBatch], thresholds, step: int, metrics: StepMetrics):
         """Student passes with gradient, the objective and backward, micro-batch by micro-batch."""
         pad = self.tokenizer.pad_token_id
-        total_sequences = sum(len(b.sequences) for b in batches)
+        total_sequences = sum(len(b.owners) for b in batches)
         rank = self.accelerator.process_index
         generator = torch.Generator().manual_seed((self.config.train.seed * 1_000_003 + step) * 1009 + rank)
         gather = self.gather if self.config.objective.threshold_scope == "batch" else None
         outputs = []
         for number, batch in enumerate(batches):
-            owners = [prompts[self.rollouts.prompt_index[i]] for i in batch.sequences]
-            inputs = pass_inputs([self.prompts.student_ids[p] for p in owners], batch.completions, pad)
+            inputs = pass_inputs([self.prompts.student_ids[p] for p in batch.owners], batch.completions, pad)
             last = number == len(batches) - 1
             with nullcontext() if last else self.accelerator.no_sync(self.student):
                 student = trainable_pass(self.student, self.inner, inputs, self.vocab_size)
@@ -405,15 +403,15 @@ class Trainer:
         timer = time.perf_counter
         start = timer()
         prompts = self.local_prompts()
-        self.rollouts = self.engine.generate(
+        rollouts = self.engine.generate(
             [self.prompts.student_ids[p] for p in prompts], self.config.rollout.num_generations
         )
         rolled = timer()
-        batches = self.score(prompts, self.rollouts)
+        batches = self.score(prompts, rollouts)
         thresholds = self.batch_thresholds(batches)
         scored = timer()
         metrics = StepMetrics()
-        outputs = self.update(prompts, batches, thresholds, step, metrics)
+        outputs = self.update(batches, thresholds, step, metrics)
         grad_norm, lr = None, self.scheduler.get_last_lr()[0]  # the rate this step uses
         if self.config.optim.max_grad_norm is not None:
             grad_norm = self.accelerator.clip_grad_norm_(self.student.parameters(), self.config.optim.max_grad_norm)
@@ -422,11 +420,11 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.engine.sync_weights()
         done = timer()
-        lengths = [len(c) for c in self.rollouts.completion_ids]
+        lengths = [len(c) for c in rollouts.completion_ids]
         result = metrics.reduce(self.accelerator)
         result["completion_length/mean"] = _reduce(self.accelerator, float(np.mean(lengths)), "mean")
         result["completion_length/max"] = _reduce(self.accelerator, float(np.max(lengths)), "max")
-        result["completion/finished"] = _reduce(self.accelerator, float(np.mean(self.rollouts.finished)), "mean")
+        result["completion/finished"] = _reduce(self.accelerator, float(np.mean(rollouts.finished)), "mean")
         result.update(
             {
                 "step": step + 1,
@@ -441,20 +439,19 @@ class Trainer:
         if grad_norm is not None:
             result["grad_norm"] = float(grad_norm)
         if self.config.logging.sample_every and (step + 1) % self.config.logging.sample_every == 0:
-            self.save_samples(step + 1, prompts, batches, outputs)
+            self.save_samples(step + 1, batches, outputs)
         return result
 
     # --------------------------------------------------------------------------------------------- outputs
 
-    def save_samples(self, step: int, prompts: list[int], batches: list[MicroBatch], outputs) -> None:
+    def save_samples(self, step: int, batches: list[MicroBatch], outputs) -> None:
         """A few completions with each token's regime, gap, q_S, q_T and loss, for token-level reports."""
         if not self.accelerator.is_main_process or not batches:
             return
         batch, output = batches[0], outputs[0]
         lines = []
-        for row, sequence in enumerate(batch.sequences[: self.config.logging.num_samples]):
+        for row, prompt in enumerate(batch.owners[: self.config.logging.num_samples]):
             n = int(batch.completions.mask[row].sum())
-            prompt = prompts[self.rollouts.prompt_index[sequence]]
             ids = batch.completions.ids[row, :n].tolist()
             record = {
                 "step": step,
