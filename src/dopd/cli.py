@@ -1,4 +1,5 @@
-"""The `dopd` command: thin wrappers that parse arguments, call one function and say where results went."""
+"""The `dopd` command (train, lab, report, hints): thin wrappers that parse arguments, call one function and
+say where results went."""
 
 from __future__ import annotations
 
@@ -72,6 +73,20 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _hints(args: argparse.Namespace) -> int:
+    from .hints import HintsSpec, describe, run_hints
+
+    values = {key: value for key, value in vars(args).items() if key in HintsSpec.__dataclass_fields__}
+    spec = HintsSpec(**{key: value for key, value in values.items() if value is not None})
+    try:
+        summary = run_hints(spec)
+    except ValueError as error:  # ConfigError included: one line, non-zero exit
+        raise ConfigError(str(error)) from None
+    for line in describe(summary, spec.output_column):
+        print(line)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dopd", description="Dual On-policy Distillation and its baselines.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -118,7 +133,57 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--collapse-fraction", type=float, default=0.5,
                         help="flag entropy collapse below this fraction of the first step's entropy")
     report.set_defaults(handler=_report)
+    _add_hints_parser(commands)
     return parser
+
+
+def _add_hints_parser(commands) -> None:
+    hints = commands.add_parser(
+        "hints",
+        help="add a privileged_context column to a data set (rule-based forms or a served model)",
+        description="Read a data set with a question, a reference solution and an answer, and write it back with "
+        "a privileged_context column in one form. Rule-based: answer, solution, stepwise (the plan, computed values "
+        "and final answer hidden), stepwise-executed, summary, boxes (box annotations for VLMs). generated: a model "
+        "served over the OpenAI-compatible chat API writes hints without execution; each is checked by a rule and "
+        "a second request. Generated rows are saved as they come in OUT.partial; a rerun continues from it.",
+    )
+    hints.add_argument("--input", required=True, help="JSONL/JSON/Parquet/CSV file, save_to_disk directory or hub name")
+    hints.add_argument("--form", required=True, help="answer | solution | stepwise | stepwise-executed | summary | "
+                       "boxes | generated")
+    hints.add_argument("--out", required=True, help="output: .jsonl, .parquet, or a directory (save_to_disk)")
+    hints.add_argument("--split", help="split of a hub data set or a saved DatasetDict (default train)")
+    hints.add_argument("--name", help="hub data set configuration name")
+    hints.add_argument("--max-rows", type=int, help="use only the first N rows")
+    hints.add_argument("--question-column", help="default question")
+    hints.add_argument("--solution-column", help="default solution")
+    hints.add_argument("--answer-column", help="default answer")
+    hints.add_argument("--output-column", help="default privileged_context")
+    hints.add_argument("--prefix", help="text before the hints (default: a short label per form; '' for none)")
+    hints.add_argument("--on-empty", help="drop (default) or keep rows whose privileged context comes out empty")
+    hints.add_argument("--summary-words", type=int, help="summary: words kept per step (default 10)")
+    hints.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    hints.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
+    served = hints.add_argument_group("generated form (OpenAI-compatible chat API)")
+    served.add_argument("--base-url", help="e.g. http://localhost:8000/v1 (default: $OPENAI_BASE_URL)")
+    served.add_argument("--model", help="served model name (default: $OPENAI_MODEL)")
+    served.add_argument("--api-key", help="bearer key (default: $OPENAI_API_KEY; vllm serve needs none)")
+    served.add_argument("--concurrency", type=int, help="requests in flight (default 8)")
+    served.add_argument("--retries", type=int, help="retries of a failed request (default 5)")
+    served.add_argument("--retry-wait", type=float, help="first backoff in seconds, doubled each retry (default 1)")
+    served.add_argument("--timeout", type=float, help="seconds per request (default 120)")
+    served.add_argument("--temperature", type=float, help="sampling temperature (default 0)")
+    served.add_argument("--max-tokens", type=int, help="longest reply in tokens (default 1024)")
+    served.add_argument("--max-hints", type=int, help="hints asked for per row (default 8)")
+    served.add_argument("--no-verify", dest="verify", action="store_false", default=None,
+                        help="skip the second request that checks the hints (the answer rule still applies)")
+    boxes = hints.add_argument_group("boxes form (VLM)")
+    boxes.add_argument("--boxes-column", help="[x1, y1, x2, y2] in pixels, or a list of them (default boxes)")
+    boxes.add_argument("--labels-column", help="a label or a list of labels, one per box (default labels)")
+    boxes.add_argument("--coords", help="pixel (Qwen2.5-VL, default) | norm1000 (Qwen3-VL) | norm1")
+    boxes.add_argument("--image-column", help="images, for their size (default image)")
+    boxes.add_argument("--width-column", help="image width in pixels, when there is no image column (default width)")
+    boxes.add_argument("--height-column", help="image height in pixels (default height)")
+    hints.set_defaults(handler=_hints)
 
 
 def main(argv: list[str] | None = None) -> int:
