@@ -1,4 +1,4 @@
-"""The `dopd` command (train, lab, report, hints): thin wrappers that parse arguments, call one function and
+"""The `dopd` command (train, lab, report, hints, eval): thin wrappers that parse arguments, call one function and
 say where results went."""
 
 from __future__ import annotations
@@ -87,6 +87,39 @@ def _hints(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    import json
+    import os
+    import time
+
+    from .evaluate import EvalSpec, evaluate, results_table, table_path
+
+    values = {key: value for key, value in vars(args).items() if key in EvalSpec.__dataclass_fields__}
+    values["out"] = args.out or os.path.join("runs", time.strftime("eval-%Y%m%d-%H%M%S.json"))
+    if args.pass_k:
+        try:
+            values["pass_k"] = [int(k) for k in args.pass_k.split(",") if k]
+        except ValueError:
+            raise ConfigError(f"--pass-k {args.pass_k!r} must be comma-separated integers, e.g. 1,4,8") from None
+    if args.chat_template_kwargs:
+        try:
+            values["chat_template_kwargs"] = json.loads(args.chat_template_kwargs)
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"--chat-template-kwargs is not JSON ({error}); e.g. '{{\"enable_thinking\": false}}'")
+    spec = EvalSpec(**{key: value for key, value in values.items() if value is not None})
+    try:
+        report = evaluate(spec)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    print(results_table(report))
+    if report["completions_at_token_limit"]:
+        print(f"note: {report['completions_at_token_limit']} completions stopped at --max-new-tokens "
+              f"{spec.max_new_tokens} without an end-of-sequence token")
+    print(f"report: {spec.out} and {table_path(spec.out)}")
+    print(f"wall time: {report['wall_seconds']} s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dopd", description="Dual On-policy Distillation and its baselines.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -134,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="flag entropy collapse below this fraction of the first step's entropy")
     report.set_defaults(handler=_report)
     _add_hints_parser(commands)
+    _add_eval_parser(commands)
     return parser
 
 
@@ -184,6 +218,47 @@ def _add_hints_parser(commands) -> None:
     boxes.add_argument("--width-column", help="image width in pixels, when there is no image column (default width)")
     boxes.add_argument("--height-column", help="image height in pixels (default height)")
     hints.set_defaults(handler=_hints)
+
+
+def _add_eval_parser(commands) -> None:
+    evaluation = commands.add_parser(
+        "eval",
+        help="sample answers from a model on a data set and score them (accuracy, pass@k, gap recovery)",
+        description="Sample --samples completions per prompt, check them against the reference answers (math: "
+        "equivalence by math-verify; exact: normalized final answer; lab:TASK: a lab task's checker) and write a "
+        "JSON report and a markdown table. --teacher-result and --student-result (an accuracy or an earlier report "
+        "on the same data) add the gap recovery (model - student) / (teacher - student).",
+    )
+    evaluation.add_argument("--model", required=True, help="model path or hub name")
+    evaluation.add_argument("--data", required=True, help="JSONL/JSON/Parquet/CSV file, save_to_disk directory or hub name")
+    evaluation.add_argument("--out", help="report .json; the table goes beside it as .md (default runs/eval-TIME.json)")
+    evaluation.add_argument("--split", help="split of a hub data set or a saved DatasetDict (default test)")
+    evaluation.add_argument("--name", help="hub data set configuration name")
+    evaluation.add_argument("--max-rows", type=int, help="use only the first N rows")
+    evaluation.add_argument("--prompt-column", help="default prompt (a string or chat messages)")
+    evaluation.add_argument("--answer-column", help="default answer")
+    evaluation.add_argument("--checker", help="math (default) | exact | lab:TASK (e.g. lab:arith)")
+    evaluation.add_argument("--samples", type=int, help="completions per prompt (default 1)")
+    evaluation.add_argument("--temperature", type=float, help="0 = greedy (default 0)")
+    evaluation.add_argument("--top-p", type=float, help="nucleus sampling (default 1)")
+    evaluation.add_argument("--top-k", type=int, help="top-k sampling (default 0: off)")
+    evaluation.add_argument("--max-new-tokens", type=int, help="longest completion (default 1024)")
+    evaluation.add_argument("--batch-size", type=int, help="prompts per generate call (default 16)")
+    evaluation.add_argument("--pass-k", help="k values, comma-separated (default 1, powers of 2, --samples)")
+    evaluation.add_argument("--seed", type=int, help="sampling seed (default 0)")
+    evaluation.add_argument("--privileged", action="store_true", default=None,
+                            help="insert the privileged context into the prompt (to measure a model reading it)")
+    evaluation.add_argument("--privileged-column", help="default privileged_context")
+    evaluation.add_argument("--template", help="how --privileged inserts it (default '{prompt}\\n\\n{privileged_context}')")
+    evaluation.add_argument("--chat-template-kwargs", help="JSON for the chat template, e.g. '{\"enable_thinking\": false}'")
+    evaluation.add_argument("--tokenizer", help="tokenizer path or hub name (default: the model's)")
+    evaluation.add_argument("--dtype", help="auto (default: bfloat16 on GPU, float32 on CPU) | float32 | bfloat16 | float16")
+    evaluation.add_argument("--device", help="e.g. cpu, cuda:0 (default: cuda if available)")
+    evaluation.add_argument("--trust-remote-code", action="store_true", default=None, help="passed to from_pretrained")
+    evaluation.add_argument("--teacher-result", help="the teacher's accuracy in [0, 1] or its report .json")
+    evaluation.add_argument("--student-result", help="the base student's accuracy in [0, 1] or its report .json")
+    evaluation.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
+    evaluation.set_defaults(handler=_eval)
 
 
 def main(argv: list[str] | None = None) -> int:

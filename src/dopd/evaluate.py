@@ -1,0 +1,508 @@
+"""Measuring a model before and after distillation (spec, "Paper setup and results"): sample answers on a data set,
+check them, and report mean accuracy, pass@k and the gap recovery `(method - student) / (teacher - student)`.
+
+`dopd eval` samples `samples` completions per prompt with the trainer's own rollout engine (`rollout/hf.py`),
+checks each against the reference answer (`math`: equivalence by math-verify, so `\\boxed{1/2}` matches `0.5`;
+`exact`: normalized string match of the final answer; `lab:TASK`: the lab task's checker), and writes a JSON
+report (atomically) and a markdown table. Given the teacher's and the base student's results (numbers or earlier
+reports on the same prompts), it adds the gap recovery the paper reports. Everything that can be checked before a
+model loads is: columns, answers the checker cannot read, the results to compare with.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import ConfigError, DataConfig
+from .prompts import DEFAULT_PRIVILEGED_TEMPLATE
+
+CHECKERS = ("math", "exact", "lab:<task>")
+
+# ------------------------------------------------------------------------------------------- answer checking
+
+_THINK = re.compile(r"<think>.*?(?:</think>|$)", re.DOTALL)
+
+
+def strip_thinking(text: str) -> str:
+    """The completion without a `<think>...</think>` block (Qwen3's thinking mode)."""
+    return _THINK.sub("", text).strip()
+
+
+def _boxed(text: str) -> str | None:
+    r"""The content of the last `\boxed{...}` (nested braces allowed), or None."""
+    start = text.rfind("\\boxed{")
+    if start == -1:
+        return None
+    depth = 0
+    for i in range(start + len("\\boxed"), len(text)):
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        if depth == 0:
+            return text[start + len("\\boxed{") : i]
+    return None
+
+
+_ANSWER_MARK = re.compile(r"(?i)(?:final\s+)?answer\s*(?:is\s*:?|:)\s*")
+
+
+def final_answer_text(completion: str) -> str:
+    """What a completion gives as its final answer: the last `\\boxed{}`, else the text after the last "answer
+    is" / "answer:" on its line, else the last non-empty line."""
+    text = strip_thinking(completion)
+    boxed = _boxed(text)
+    if boxed is not None:
+        return boxed
+    marks = list(_ANSWER_MARK.finditer(text))
+    if marks:
+        rest = text[marks[-1].end() :].strip()
+        return rest.splitlines()[0] if rest else ""
+    lines = [line for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def normalize_exact(text: str) -> str:
+    """Case-folded, spaces collapsed, surrounding `$`, quotes and a trailing period removed."""
+    text = re.sub(r"\s+", " ", str(text)).strip().strip("$").strip().strip("\"'").rstrip(".").strip()
+    return text.casefold()
+
+
+class ExactChecker:
+    """Normalized string equality of the completion's final answer (`final_answer_text`) and the reference."""
+
+    name = "exact"
+
+    def prepare(self, answers: list[Any], prompts: list[Any], rows: list[dict]) -> None:
+        self.golds = [normalize_exact(_boxed(str(a)) or str(a)) for a in answers]
+
+    def score(self, index: int, completion: str) -> bool:
+        return normalize_exact(final_answer_text(completion)) == self.golds[index]
+
+
+_LATEX_COMMAND = re.compile(r"\\text\{[^{}]*\}|\\[A-Za-z]+")
+_WORD = re.compile(r"[A-Za-z]{4,}")
+
+
+class MathChecker:
+    """Mathematical equivalence by math-verify: the reference is parsed once (as written, else as LaTeX inside
+    `$...$`), the completion's last `\\boxed{}` or last expression is parsed and compared with sympy, so `1/2`,
+    `0.5`, `\\frac{1}{2}` and `50\\%`-style forms match their equals. A reference that math-verify cannot read
+    stops the run before any model loads."""
+
+    name = "math"
+
+    def __init__(self):
+        try:
+            import math_verify
+        except ImportError:
+            raise ConfigError("--checker math needs the math-verify package: pip install 'math-verify>=0.7' (or use "
+                              "--checker exact)") from None
+        self._parse, self._verify = math_verify.parse, math_verify.verify
+
+    def parse_reference(self, answer: Any) -> list:
+        text = str(answer).strip()
+        parsed = self._parse(text) if text else []
+        if parsed or not text:
+            return parsed
+        if _WORD.search(_LATEX_COMMAND.sub("", text)):  # words, not mathematics ("hello world" is not h*e*l*l*o)
+            return []
+        return self._parse(f"${text}$")
+
+    def prepare(self, answers: list[Any], prompts: list[Any], rows: list[dict]) -> None:
+        self.golds = [self.parse_reference(answer) for answer in answers]
+        bad = [i for i, gold in enumerate(self.golds) if not gold]
+        if bad:
+            raise ConfigError(
+                f"{len(bad)} of {len(answers)} reference answers cannot be read as mathematics by math-verify (row "
+                f"{bad[0]}: {str(answers[bad[0]])[:60]!r}); fix or drop those rows, or use --checker exact"
+            )
+
+    def score(self, index: int, completion: str) -> bool:
+        try:
+            predicted = self._parse(strip_thinking(completion))
+            return bool(predicted) and bool(self._verify(self.golds[index], predicted))
+        except Exception:  # sympy can fail on odd expressions: a completion that cannot be compared is wrong
+            return False
+
+
+class LabChecker:
+    """A lab task's own checker (`dopd.lab.tasks`): the text after `A:` equals the reference answer."""
+
+    def __init__(self, task_name: str):
+        from .lab.tasks import get_task
+
+        try:
+            self.task = get_task(task_name)
+        except ValueError as error:
+            raise ConfigError(f"--checker lab:{task_name}: {error}") from None
+        self.name = f"lab:{self.task.name}"
+
+    def prepare(self, answers: list[Any], prompts: list[Any], rows: list[dict]) -> None:
+        from .lab.tasks import Example
+
+        self.examples = [Example(prompt=str(p), answer=str(a), completion=str(r.get("completion") or ""))
+                         for p, a, r in zip(prompts, answers, rows)]
+
+    def score(self, index: int, completion: str) -> bool:
+        return self.task.check(self.examples[index], completion).answer_correct
+
+
+def make_checker(name: str):
+    if name == "math":
+        return MathChecker()
+    if name == "exact":
+        return ExactChecker()
+    if name.startswith("lab:") and len(name) > 4:
+        return LabChecker(name[4:])
+    raise ConfigError(f"--checker {name!r} is unknown; use math, exact or lab:TASK (e.g. lab:arith)")
+
+
+# ----------------------------------------------------------------------------------------------- metrics
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The unbiased pass@k estimator of Chen et al. (2021) from n samples with c correct:
+    1 - C(n-c, k) / C(n, k), computed as a product to stay exact for large n."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n (n={n}, c={c}, k={k})")
+    if n - c < k:
+        return 1.0
+    product = 1.0
+    for i in range(n - c + 1, n + 1):
+        product *= 1.0 - k / i
+    return 1.0 - product
+
+
+def default_ks(samples: int) -> list[int]:
+    """1, the powers of two below `samples`, and `samples`."""
+    ks, k = [], 1
+    while k < samples:
+        ks.append(k)
+        k *= 2
+    return ks + [samples]
+
+
+def summarize(correct: list[list[bool]], ks: list[int]) -> dict[str, Any]:
+    """Mean accuracy over all samples (each prompt weighted equally) and the mean pass@k over prompts."""
+    if not correct:
+        raise ValueError("no prompts to summarize")
+    accuracy = sum(sum(row) / len(row) for row in correct) / len(correct)
+    pass_k = {str(k): sum(pass_at_k(len(row), sum(row), k) for row in correct) / len(correct) for k in ks}
+    return {"accuracy": accuracy, "pass_at_k": pass_k}
+
+
+def gap_recovery(method: float, student: float, teacher: float) -> float | None:
+    """(method - student) / (teacher - student); None when teacher and student score the same."""
+    if teacher == student:
+        return None
+    return (method - student) / (teacher - student)
+
+
+# ------------------------------------------------------------------------------------------------ results
+
+
+def write_json_atomic(path: str, payload: dict) -> None:
+    """Write to a temporary file beside `path`, then rename over it: a reader sees the old file or the new."""
+    temporary = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(temporary, "w", encoding="utf-8") as handle:
+            json.dump(payload, handle, indent=1, ensure_ascii=False)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    temporary = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(temporary, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def read_result(value: str, option: str) -> dict[str, Any]:
+    """A result to compare with: an accuracy in [0, 1], or the JSON report of an earlier `dopd eval`."""
+    try:
+        accuracy = float(value)
+    except ValueError:
+        accuracy = None
+    if accuracy is not None:
+        if not 0 <= accuracy <= 1:
+            raise ConfigError(f"{option} = {value} must be an accuracy in [0, 1] (0.528, not 52.8) or a report file")
+        return {"accuracy": accuracy, "source": "given"}
+    if not os.path.isfile(value):
+        raise ConfigError(f"{option} = {value} is neither an accuracy in [0, 1] nor an existing `dopd eval` report")
+    try:
+        with open(value, encoding="utf-8") as handle:
+            report = json.load(handle)
+        accuracy = float(report["accuracy"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ConfigError(f"{option} = {value} is not a `dopd eval` report ({type(error).__name__}: {error})") from None
+    return {"accuracy": accuracy, "source": value, "model": report.get("model"),
+            "fingerprint": (report.get("data") or {}).get("fingerprint"), "checker": report.get("checker"),
+            "pass_at_k": report.get("pass_at_k")}
+
+
+def check_comparable(result: dict, option: str, fingerprint: str, checker: str) -> None:
+    """A report to compare with must come from the same prompts and answers and the same checker."""
+    if result["source"] == "given":
+        return
+    if result.get("fingerprint") != fingerprint:
+        raise ConfigError(f"{option} = {result['source']} was measured on other prompts or answers; evaluate that "
+                          "model on the same data (same --data, --max-rows, columns), or give its accuracy as a number")
+    if result.get("checker") != checker:
+        raise ConfigError(f"{option} = {result['source']} used --checker {result.get('checker')}, this run {checker}; "
+                          "use the same checker")
+
+
+def data_fingerprint(prompts: list[Any], answers: list[Any]) -> str:
+    payload = json.dumps([[p, a] for p, a in zip(prompts, answers)], default=str, ensure_ascii=False)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+def results_table(report: dict) -> str:
+    """A markdown table: the teacher and base student when given, then the evaluated model."""
+    ks = list(report["pass_at_k"])
+    header = "| model | prompts | samples | accuracy | " + " | ".join(f"pass@{k}" for k in ks) + " | gap recovery |"
+    lines = [header, "|" + "---|" * (5 + len(ks))]
+
+    def row(label, accuracy, pass_k, recovery, prompts="", samples=""):
+        cells = [f"{pass_k[k]:.3f}" if pass_k and k in pass_k else "—" for k in ks]
+        gap = "—" if recovery is None else f"{100 * recovery:.1f}%"
+        lines.append(f"| {label} | {prompts} | {samples} | {accuracy:.3f} | " + " | ".join(cells) + f" | {gap} |")
+
+    compare = report.get("compare") or {}
+    if "teacher" in compare:
+        row(f"teacher ({compare['teacher'].get('model') or compare['teacher']['source']})",
+            compare["teacher"]["accuracy"], compare["teacher"].get("pass_at_k"), 1.0 if "student" in compare else None)
+    if "student" in compare:
+        row(f"student before ({compare['student'].get('model') or compare['student']['source']})",
+            compare["student"]["accuracy"], compare["student"].get("pass_at_k"), 0.0 if "teacher" in compare else None)
+    row(f"**{report['model']}**", report["accuracy"], report["pass_at_k"], report.get("gap_recovery"),
+        report["data"]["rows"], report["sampling"]["samples"])
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ the run
+
+
+@dataclass
+class EvalSpec:
+    """Every setting of `dopd eval` (the command line's options, one field each)."""
+
+    model: str
+    data: str
+    out: str
+    split: str = "test"
+    name: str | None = None
+    max_rows: int | None = None
+    prompt_column: str = "prompt"
+    answer_column: str = "answer"
+    privileged: bool = False
+    privileged_column: str = "privileged_context"
+    template: str = DEFAULT_PRIVILEGED_TEMPLATE
+    checker: str = "math"
+    samples: int = 1
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 1024
+    batch_size: int = 16
+    pass_k: list[int] | None = None
+    seed: int = 0
+    tokenizer: str | None = None
+    dtype: str = "auto"
+    device: str | None = None
+    trust_remote_code: bool = False
+    use_chat_template: bool | None = None
+    chat_template_kwargs: dict = field(default_factory=dict)
+    teacher_result: str | None = None
+    student_result: str | None = None
+    progress: bool = True
+
+
+def check_spec(spec: EvalSpec) -> None:
+    """The settings alone, before the data set is read."""
+    from .prompts import check_template
+
+    for option, value in (("--samples", spec.samples), ("--max-new-tokens", spec.max_new_tokens),
+                          ("--batch-size", spec.batch_size)):
+        if value <= 0:
+            raise ConfigError(f"{option} = {value} must be positive")
+    if spec.temperature < 0 or not 0 < spec.top_p <= 1 or spec.top_k < 0:
+        raise ConfigError("--temperature must be >= 0, --top-p in (0, 1] and --top-k >= 0")
+    if spec.temperature == 0 and spec.samples > 1:
+        raise ConfigError(f"--samples {spec.samples} with --temperature 0 gives {spec.samples} identical greedy "
+                          "answers; set --temperature (e.g. 0.6) or --samples 1")
+    for k in spec.pass_k or []:
+        if not 1 <= k <= spec.samples:
+            raise ConfigError(f"--pass-k {k} must be between 1 and --samples = {spec.samples}")
+    if spec.max_rows is not None and spec.max_rows <= 0:
+        raise ConfigError(f"--max-rows = {spec.max_rows} must be positive")
+    if spec.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise ConfigError(f"--dtype {spec.dtype!r} is unknown; use auto, float32, bfloat16 or float16")
+    if not spec.out.endswith(".json"):
+        raise ConfigError(f"--out {spec.out} must end in .json (the table goes beside it as .md)")
+    if os.path.isdir(spec.out):
+        raise ConfigError(f"--out {spec.out} is a directory; give a file name ending in .json")
+    if spec.privileged:
+        try:
+            check_template(spec.template, "--template")
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+
+
+def load_eval_rows(spec: EvalSpec) -> tuple[list, list, list[str | None], list[dict]]:
+    """(prompts, answers, privileged contexts or Nones, rows) of the data set, columns checked."""
+    from .data import check_columns, load_rows
+
+    config = DataConfig(path=spec.data, name=spec.name, split=spec.split, prompt_column=spec.prompt_column,
+                        privileged_column=spec.privileged_column, answer_column=spec.answer_column,
+                        max_samples=spec.max_rows)
+    try:
+        dataset = load_rows(config)
+        check_columns(dataset, config, needs_privileged=spec.privileged)
+    except ConfigError as error:
+        raise ConfigError(str(error).replace("data.prompt_column", "--prompt-column").replace(
+            "data.privileged_column", "--privileged-column").replace("data.path", "--data")) from None
+    if spec.answer_column not in dataset.column_names:
+        raise ConfigError(f"--answer-column = {spec.answer_column!r} is not a column of {spec.data}; its columns are "
+                          f"{', '.join(dataset.column_names)} (set --answer-column)")
+    answers = list(dataset[spec.answer_column])
+    empty = [i for i, a in enumerate(answers) if a is None or not str(a).strip()]
+    if empty:
+        raise ConfigError(f"{len(empty)} of {len(answers)} rows have an empty {spec.answer_column!r} "
+                          f"(--answer-column), the first at row {empty[0]}; fill or drop them")
+    privileged = list(dataset[spec.privileged_column]) if spec.privileged else [None] * len(answers)
+    return list(dataset[spec.prompt_column]), answers, privileged, [dict(row) for row in dataset]
+
+
+def _load_tokenizer(spec: EvalSpec):
+    from transformers import AutoTokenizer
+
+    name = spec.tokenizer or spec.model
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=spec.trust_remote_code)
+    except Exception as error:
+        raise ConfigError(f"the tokenizer {name} could not be loaded (--tokenizer / --model): {error}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _load_model(spec: EvalSpec):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    device = spec.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    dtype = dtypes.get(spec.dtype) or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(spec.model, dtype=dtype, trust_remote_code=spec.trust_remote_code)
+    except Exception as error:
+        raise ConfigError(f"the model {spec.model} could not be loaded (--model): {error}") from None
+    return model.to(device).eval()
+
+
+def sample_completions(model, tokenizer, prompt_ids: list[list[int]], spec: EvalSpec) -> tuple[list[list[str]], int]:
+    """`spec.samples` completions per prompt (decoded, special tokens removed) and how many hit the token limit."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from .config import RolloutConfig
+    from .rollout.hf import HFRollout
+
+    settings = RolloutConfig(num_generations=spec.samples, max_new_tokens=spec.max_new_tokens,
+                             temperature=spec.temperature, top_p=spec.top_p, top_k=spec.top_k,
+                             batch_size=spec.batch_size)
+    engine = HFRollout(lambda: model, tokenizer, settings)
+    torch.manual_seed(spec.seed)
+    completions: list[list[str]] = [[] for _ in prompt_ids]
+    unfinished = 0
+    with tqdm(total=len(prompt_ids), disable=not spec.progress, desc="eval", unit="prompt") as bar:
+        for start in range(0, len(prompt_ids), spec.batch_size):
+            rollouts = engine.generate(prompt_ids[start : start + spec.batch_size], spec.samples)
+            for index, ids, done in zip(rollouts.prompt_index, rollouts.completion_ids, rollouts.finished):
+                completions[start + index].append(tokenizer.decode(ids, skip_special_tokens=True))
+                unfinished += not done
+            bar.update(min(spec.batch_size, len(prompt_ids) - start))
+    return completions, unfinished
+
+
+def evaluate(spec: EvalSpec) -> dict[str, Any]:
+    """Check everything, sample, score; write the report and the table; return the report."""
+    from .hints import datasets_progress
+
+    with datasets_progress(spec.progress):
+        return _evaluate(spec)
+
+
+def _evaluate(spec: EvalSpec) -> dict[str, Any]:
+    from . import __version__
+    from .prompts import render_prompt
+
+    start = time.time()
+    check_spec(spec)
+    prompts, answers, privileged, rows = load_eval_rows(spec)
+    checker = make_checker(spec.checker)
+    checker.prepare(answers, prompts, rows)
+    fingerprint = data_fingerprint(prompts, answers)
+    compare = {}
+    for role, value in (("teacher", spec.teacher_result), ("student", spec.student_result)):
+        if value is not None:
+            compare[role] = read_result(value, f"--{role}-result")
+            check_comparable(compare[role], f"--{role}-result", fingerprint, checker.name)
+    tokenizer = _load_tokenizer(spec)
+    try:
+        texts = [render_prompt(tokenizer, p, c, spec.template, spec.use_chat_template, spec.chat_template_kwargs)
+                 for p, c in zip(prompts, privileged)]
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    prompt_ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    model = _load_model(spec)
+    completions, unfinished = sample_completions(model, tokenizer, prompt_ids, spec)
+    correct = [[checker.score(i, text) for text in row] for i, row in enumerate(completions)]
+    ks = sorted(set(spec.pass_k)) if spec.pass_k else default_ks(spec.samples)
+    report = {
+        "model": spec.model,
+        "data": {"path": spec.data, "split": spec.split, "name": spec.name, "rows": len(prompts),
+                 "prompt_column": spec.prompt_column, "answer_column": spec.answer_column,
+                 "privileged": spec.privileged, "fingerprint": fingerprint},
+        "checker": checker.name,
+        "sampling": {"samples": spec.samples, "temperature": spec.temperature, "top_p": spec.top_p,
+                     "top_k": spec.top_k, "max_new_tokens": spec.max_new_tokens, "seed": spec.seed},
+        **summarize(correct, ks),
+        "completions_at_token_limit": unfinished,
+        "compare": compare,
+        "gap_recovery": None,
+        "rows": [{"index": i, "answer": answers[i], "correct": correct[i], "completions": completions[i]}
+                 for i in range(len(prompts))],
+        "wall_seconds": round(time.time() - start, 2),
+        "dopd_version": __version__,
+    }
+    if "teacher" in compare and "student" in compare:
+        report["gap_recovery"] = gap_recovery(report["accuracy"], compare["student"]["accuracy"],
+                                              compare["teacher"]["accuracy"])
+    os.makedirs(os.path.dirname(os.path.abspath(spec.out)), exist_ok=True)
+    write_json_atomic(spec.out, report)
+    write_text_atomic(table_path(spec.out), results_table(report) + "\n")
+    return report
+
+
+def table_path(out: str) -> str:
+    return out[: -len(".json")] + ".md"
+
+
+__all__ = [
+    "CHECKERS", "EvalSpec", "ExactChecker", "LabChecker", "MathChecker", "data_fingerprint", "default_ks",
+    "evaluate", "final_answer_text", "gap_recovery", "make_checker", "normalize_exact", "pass_at_k", "read_result",
+    "results_table", "summarize", "write_json_atomic",
+]
