@@ -363,25 +363,50 @@ def term_values(
     `student_logprobs_MV` and `completion_ids_M` cover the whole block (rows are picked here, so a Top-K term
     copies [R, K] student entries, not [R, V]); `target` holds the R tokens' scores; `full_target(name, rows)`
     gives the target's full log-probs [R, V] (only called when the term needs them). Returns [R]."""
-    c = objective.config
     if term.granularity == "sampled":
         student_token = student_logprobs_MV[rows, completion_ids_M[rows]]
-        return losses.sampled_token_divergence(term.divergence, student_token, target.token_logprobs, c.jsd_beta)
+        return sampled_values(objective, term, student_token, target)
     if term.granularity == "full":
         student = student_logprobs_MV[rows]
-        return losses.divergence(term.divergence, student, full_target(term.target, rows), c.jsd_beta)
+        return losses.divergence(term.divergence, student, full_target(term.target, rows), objective.config.jsd_beta)
+    ids, support_mask, target_support = topk_inputs(
+        objective, target, lambda: full_target(term.target, rows), lambda: student_logprobs_MV[rows]
+    )
+    return topk_values(objective, term, student_logprobs_MV[rows.unsqueeze(-1), ids], target_support, support_mask)
+
+
+def sampled_values(objective: Objective, term: Term, student_token_logprobs_R: Tensor, target: TargetScores) -> Tensor:
+    """A sampled-token term from the student's log-probs of the R sampled tokens [R]. Returns [R]."""
+    return losses.sampled_token_divergence(
+        term.divergence, student_token_logprobs_R, target.token_logprobs, objective.config.jsd_beta
+    )
+
+
+def topk_inputs(
+    objective: Objective, target: TargetScores, full_target_RV: Callable[[], Tensor], student_RV: Callable[[], Tensor]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The Top-K support of R tokens: (ids [R, K'], mask [R, K'], the target's log-probs there [R, K']).
+
+    It comes from the target's kept top-K when the support is the target's and the scores hold it; otherwise
+    from the full log-probs `full_target_RV()` (and the student's `student_RV()`, read only to pick its top-K)."""
+    c = objective.config
     if c.topk_support == "target" and target.topk_logprobs is not None:
         ids = target.topk_ids[..., : c.top_k]
-        support_mask = torch.ones_like(ids, dtype=torch.bool)
-        target_support = target.topk_logprobs[..., : c.top_k]
-    else:
-        full = full_target(term.target, rows)
-        student_rows = full if c.topk_support == "target" else student_logprobs_MV[rows]  # read only for its top-K
-        ids, support_mask = losses.topk_support(student_rows, full, c.top_k, c.topk_support)
-        target_support = full.gather(-1, ids)
-    student_support = student_logprobs_MV[rows.unsqueeze(-1), ids]
+        return ids, torch.ones_like(ids, dtype=torch.bool), target.topk_logprobs[..., : c.top_k]
+    full = full_target_RV()
+    student_rows = full if c.topk_support == "target" else student_RV()  # read only for its top-K
+    ids, support_mask = losses.topk_support(student_rows, full, c.top_k, c.topk_support)
+    return ids, support_mask, full.gather(-1, ids)
+
+
+def topk_values(
+    objective: Objective, term: Term, student_support_RK: Tensor, target_support_RK: Tensor, support_mask_RK: Tensor
+) -> Tensor:
+    """A Top-K term from both distributions' log-probs on the support [R, K'] (renormalized or with a tail
+    bucket here). Gradient flows through `student_support_RK` only. Returns [R]."""
+    c = objective.config
     student_sub, target_sub, support_mask = losses.restrict_gathered(
-        student_support, target_support, support_mask, c.topk_tail
+        student_support_RK, target_support_RK, support_mask_RK, c.topk_tail
     )
     return losses.divergence(term.divergence, student_sub, target_sub, c.jsd_beta, support_mask)
 

@@ -1,24 +1,28 @@
 """The objective from hidden states and output heads, a bounded number of tokens at a time (design, "kernels/").
 
 At Qwen3 scale (vocabulary 151,936) the full logits of three passes over a thousand completion tokens take
-gigabytes. This form never holds more than one chunk of full-vocabulary rows:
+gigabytes. This form never holds more than a few chunks' worth of full-vocabulary rows, in buffers allocated once
+per call and reused by every chunk (`Workspace`):
 
 1. scores (no gradient): for the privileged student and the teacher, chunk by chunk, the sampled token's
    log-prob, the entropy and the top-K (what routing and the Top-K terms read). The trainer may compute these per
    micro-batch and route the whole batch at once (`TargetScores`, `compute_batch_thresholds`).
 2. routing, exactly as the plain form (`objectives.route`).
-3. loss and gradients: chunk by chunk, the student's log-probs with gradient, the per-token terms, and the
-   gradient with respect to the chunk's logits, folded at once into the gradients of the hidden states and the
-   head (`grad_W += G^T h`), so no graph outlives its chunk. A target's full log-probs are recomputed only for the
-   tokens whose term needs them (the HT tokens in DOPD: the Top-K terms read the kept top-K).
+3. loss and gradients: chunk by chunk, the student's log-probs, the per-token terms and the gradient with respect
+   to the chunk's logits, folded at once into the gradients of the hidden states and the head (`grad_W += G^T h`).
+   The gradient is assembled without autograd over [chunk, V]: a sampled-token or Top-K term reads a few entries
+   of the student's log-probs, so autograd runs on those [R, K] entries only and the softmax's chain rule puts
+   them back (`∂/∂z = scatter(g) − (Σ g) s`); a full-vocabulary term has its gradient in closed form
+   (`logit_grads.py`). A target's full log-probs are recomputed only for the tokens whose term needs them (the
+   HT tokens in DOPD: the Top-K terms read the kept top-K), a few rows at a time.
 
 The result equals `objectives.compute_objective` on the full logits, value and gradient (tested in fp32 within
-1e-5 relative for every method).
+1e-5 relative for every method and option).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -30,13 +34,20 @@ from ..objectives import (
     TargetScores,
     check_top_k,
     route,
+    sampled_values,
     summarize,
-    weighted_token_loss,
+    topk_inputs,
+    topk_values,
 )
 from ..routing import Gather, Thresholds
+from .logit_grads import full_divergence_, log_softmax_, rowdot
 
-# Elements of one [chunk, V] float32 tensor in the default chunk (16 MiB); about a dozen such tensors are alive.
-_DEFAULT_CHUNK_ELEMENTS = 1 << 22
+# Elements of one [chunk, V] buffer in the default chunk (64 MiB in float32: 110 tokens at V = 151,936). The loss
+# keeps two such buffers and four of a quarter chunk's rows, so about three chunks' worth in all.
+_DEFAULT_CHUNK_ELEMENTS = 1 << 24
+# Target rows per sub-block (the tokens whose term reads a target's full distribution): chunk // this.
+_TARGET_ROWS_DIVISOR = 4
+_SCRATCH_ROWS = 8
 
 
 @dataclass
@@ -57,10 +68,46 @@ def default_chunk_size(vocab_size: int) -> int:
     return max(1, _DEFAULT_CHUNK_ELEMENTS // vocab_size)
 
 
-def _logits(hidden_NH: Tensor, weight_VH: Tensor, bias_V: Tensor | None, temperature: float) -> Tensor:
-    logits = hidden_NH @ weight_VH.T if bias_V is None else torch.addmm(bias_V, hidden_NH, weight_VH.T)
-    logits = logits.to(losses.accumulation_dtype(logits.dtype))
-    return logits / temperature if temperature != 1.0 else logits
+class Workspace:
+    """The [rows, V] buffers of one call, reused by every chunk.
+
+    Allocating them per chunk would free and reallocate tens of megabytes many times: glibc keeps such blocks on
+    its heap (below its mmap threshold) and the process's memory grows well past what is alive. The student's
+    log-probs and probs (the probs become the logit gradient) take `rows` rows; the four target buffers (target
+    log-probs, two scratch, the gradient accumulator) take `target_rows` and are allocated on first use; a few
+    rows of scratch serve the student's entropy.
+    """
+
+    def __init__(self, rows: int, vocab_size: int, dtype: torch.dtype, device, target_rows: int | None = None):
+        self.logprobs = torch.empty(rows, vocab_size, dtype=dtype, device=device)
+        self.probs = torch.empty_like(self.logprobs)
+        self.row_scratch = self.logprobs.new_empty(min(rows, _SCRATCH_ROWS), vocab_size)
+        self.target_rows = max(1, target_rows or rows // _TARGET_ROWS_DIVISOR)
+        self._target: list[Tensor] = []
+
+    def target(self) -> list[Tensor]:
+        if not self._target:
+            self._target = [self.logprobs.new_empty(self.target_rows, self.logprobs.shape[1]) for _ in range(4)]
+        return self._target
+
+
+def _logits_into(out_RV: Tensor, hidden_RH: Tensor, weight_VH: Tensor, bias_V: Tensor | None, temperature: float):
+    """`out_RV = (hidden @ weight.T + bias) / temperature`, written into the buffer."""
+    if hidden_RH.dtype == weight_VH.dtype == out_RV.dtype and (bias_V is None or bias_V.dtype == out_RV.dtype):
+        if bias_V is None:
+            torch.matmul(hidden_RH, weight_VH.T, out=out_RV)
+        else:
+            torch.addmm(bias_V, hidden_RH, weight_VH.T, out=out_RV)
+    else:  # a half-precision head: its matmul in its own dtype, then upcast into the buffer
+        logits = hidden_RH @ weight_VH.T
+        out_RV.copy_(logits if bias_V is None else logits + bias_V)
+    if temperature != 1.0:
+        out_RV.div_(temperature)
+
+
+def _workspace_for(count: int, chunk: int, head: Head) -> Workspace:
+    dtype = losses.accumulation_dtype(head.weight.dtype)
+    return Workspace(max(1, min(chunk, count)), head.vocab_size, dtype, head.weight.device)
 
 
 @torch.no_grad()
@@ -71,28 +118,31 @@ def score_target(
     top_k: int | None = None,
     temperature: float = 1.0,
     chunk_size: int | None = None,
+    workspace: Workspace | None = None,
 ) -> TargetScores:
     """A no-gradient pass's `TargetScores` ([B, T], zeros at padding), computed chunk by chunk."""
     valid = mask_BT.bool()
     hidden = head.hidden.detach()[valid]
     ids = completion_ids_BT[valid]
     chunk = chunk_size or default_chunk_size(head.vocab_size)
-    dtype = losses.accumulation_dtype(head.weight.dtype)
     count = hidden.shape[0]
-    # Results go straight into preallocated outputs: small tensors kept alive between chunks would pin the heap
-    # that the large per-chunk temporaries are freed into, and the process would keep that memory.
+    workspace = workspace or _workspace_for(count, chunk, head)
+    chunk = min(chunk, workspace.logprobs.shape[0])
+    dtype = workspace.logprobs.dtype
     token = torch.zeros(count, dtype=dtype, device=hidden.device)
     ent = torch.zeros_like(token)
-    topk_values = torch.zeros(count, top_k or 0, dtype=dtype, device=hidden.device)
+    topk_values_ = torch.zeros(count, top_k or 0, dtype=dtype, device=hidden.device)
     topk_ids = torch.zeros(count, top_k or 0, dtype=torch.long, device=hidden.device)
     for start in range(0, count, chunk):
         rows = slice(start, min(start + chunk, count))
-        logprobs = torch.log_softmax(_logits(hidden[rows], head.weight, head.bias, temperature), -1)
+        logprobs = workspace.logprobs[: rows.stop - start]
+        probs = workspace.probs[: rows.stop - start]
+        _logits_into(logprobs, hidden[rows], head.weight.detach(), _detach(head.bias), temperature)
+        log_softmax_(logprobs, probs)
         token[rows] = logprobs.gather(-1, ids[rows, None]).squeeze(-1)
-        ent[rows] = losses.entropy(logprobs)
+        ent[rows] = -probs.mul_(logprobs).sum(-1)  # the probs are not needed after this
         if top_k:
-            torch.topk(logprobs, top_k, dim=-1, out=(topk_values[rows], topk_ids[rows]))
-        del logprobs
+            torch.topk(logprobs, top_k, dim=-1, out=(topk_values_[rows], topk_ids[rows]))
 
     def scatter(values: Tensor) -> Tensor:
         out = torch.zeros(*valid.shape, *values.shape[1:], dtype=values.dtype, device=values.device)
@@ -102,7 +152,7 @@ def score_target(
     return TargetScores(
         token_logprobs=scatter(token),
         entropy=scatter(ent),
-        topk_logprobs=scatter(topk_values) if top_k else None,
+        topk_logprobs=scatter(topk_values_) if top_k else None,
         topk_ids=scatter(topk_ids) if top_k else None,
     )
 
@@ -121,11 +171,12 @@ class _ChunkedLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden_NH, weight_VH, bias_V, run):
-        grad_hidden = torch.zeros_like(hidden_NH)
-        grad_weight = torch.zeros_like(weight_VH) if ctx.needs_input_grad[1] else None
-        grad_bias = torch.zeros_like(bias_V) if bias_V is not None and ctx.needs_input_grad[2] else None
+        wanted = run.grad_enabled
+        grad_hidden = torch.zeros_like(hidden_NH) if wanted and ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight_VH) if wanted and ctx.needs_input_grad[1] else None
+        grad_bias = torch.zeros_like(bias_V) if wanted and bias_V is not None and ctx.needs_input_grad[2] else None
         loss = run(hidden_NH.detach(), weight_VH.detach(), None if bias_V is None else bias_V.detach(),
-                   grad_hidden, grad_weight, grad_bias)
+                   grad_hidden, grad_weight, grad_bias)  # fmt: skip
         ctx.grads = [grad_hidden, grad_weight, grad_bias]
         return loss
 
@@ -172,69 +223,33 @@ def chunked_objective(
     _check_heads(student, completion_ids_BT, mask_BT, heads)
     check_top_k(objective, student.vocab_size)
     c = objective.config
+    valid = mask_BT.bool()
     chunk = chunk_size or default_chunk_size(student.vocab_size)
+    workspace = _workspace_for(int(valid.sum()), chunk, student)
     scores: dict[str, TargetScores] = {}
     for name, head in heads.items():
         if head is not None:
             scores[name] = given[name] or score_target(
-                head, completion_ids_BT, mask_BT, objective.top_k_for(name), c.temperature, chunk
+                head, completion_ids_BT, mask_BT, objective.top_k_for(name), c.temperature, chunk, workspace
             )
     routed = route(
         objective, mask_BT, scores.get("self"), scores.get("teacher"), thresholds, num_sequences, gather, generator
     )
-    valid = mask_BT.bool()
     coefficients_JN = routed.coefficients[:, valid]
     flat_scores = {name: s.flat(valid) for name, s in scores.items()}
     # Tokens that need the same targets' full distributions are put next to each other, so the recomputed
-    # target logits come in full chunks (a few scattered HT tokens per chunk make slow matmuls); the loss is a
+    # target logits come in full blocks (a few scattered HT tokens per chunk make slow matmuls); the loss is a
     # sum over tokens, so their order does not change it.
     order = _group_by_full_targets(objective, coefficients_JN, flat_scores)
-    coefficients_JN = coefficients_JN[:, order]
-    flat_scores = {name: s.rows(order) for name, s in flat_scores.items()}
-    ids_N = completion_ids_BT[valid][order]
-    target_hidden = {name: h.hidden.detach()[valid][order] for name, h in heads.items() if h is not None}
-    num_tokens = ids_N.shape[0]
-    dtype = losses.accumulation_dtype(student.weight.dtype)
-    plain_N = torch.zeros(num_tokens, dtype=dtype, device=ids_N.device)
-    token_lp_N = torch.zeros_like(plain_N)
-    entropy_N = torch.zeros_like(plain_N)
-
-    def run(hidden_NH, weight_VH, bias_V, grad_hidden, grad_weight, grad_bias) -> Tensor:
-        total = torch.zeros((), dtype=dtype, device=hidden_NH.device)
-        for start in range(0, num_tokens, chunk):
-            rows = slice(start, min(start + chunk, num_tokens))
-            coefficients = coefficients_JN[:, rows]
-            full = _full_targets(objective, coefficients, flat_scores, target_hidden, heads, rows, c.temperature)
-            h = hidden_NH[rows]
-            with torch.enable_grad():
-                logits = _logits(h, weight_VH, bias_V, 1.0).requires_grad_()
-                logprobs = torch.log_softmax(logits / c.temperature, dim=-1)
-                contribution, plain = weighted_token_loss(
-                    objective,
-                    coefficients,
-                    logprobs,
-                    ids_N[rows],
-                    {name: s.rows(rows) for name, s in flat_scores.items()},
-                    lambda name, sub: full[name][0][full[name][1][sub]],
-                )
-                chunk_loss = contribution.sum()
-                if chunk_loss.requires_grad:
-                    (grad_logits,) = torch.autograd.grad(chunk_loss, logits)
-                    grad_logits = grad_logits.to(weight_VH.dtype)
-                    grad_hidden[rows] = grad_logits @ weight_VH
-                    if grad_weight is not None:
-                        grad_weight.addmm_(grad_logits.T, h)
-                    if grad_bias is not None:
-                        grad_bias.add_(grad_logits.sum(0))
-            total = total + chunk_loss.detach()
-            logprobs = logprobs.detach()
-            plain_N[rows] = plain
-            token_lp_N[rows] = logprobs.gather(-1, ids_N[rows, None]).squeeze(-1)
-            entropy_N[rows] = losses.entropy(logprobs)
-        return total
-
-    student_hidden_N = student.hidden[valid][order]
-    loss = _ChunkedLoss.apply(student_hidden_N, student.weight, student.bias, run)
+    run = _LossRun(
+        objective,
+        coefficients_JN[:, order],
+        {name: s.rows(order) for name, s in flat_scores.items()},
+        completion_ids_BT[valid][order],
+        {name: (h.hidden.detach()[valid][order], h) for name, h in heads.items() if h is not None},
+        workspace,
+    )
+    loss = _ChunkedLoss.apply(student.hidden[valid][order], student.weight, student.bias, run)
     inverse = torch.argsort(order)
 
     def unflatten(values_N: Tensor) -> Tensor:
@@ -242,8 +257,8 @@ def chunked_objective(
             valid, values_N[inverse]
         )
 
-    token_loss_BT = unflatten(plain_N)
-    entropies = {"student": unflatten(entropy_N)}
+    token_loss_BT = unflatten(run.plain_N)
+    entropies = {"student": unflatten(run.entropy_N)}
     entropies.update({name: s.entropy for name, s in scores.items()})
     metrics = summarize(
         objective,
@@ -252,10 +267,169 @@ def chunked_objective(
         routed,
         mask_BT,
         entropies,
-        unflatten(token_lp_N),
+        unflatten(run.token_logprobs_N),
         scores["teacher"].token_logprobs if "teacher" in scores else None,
     )
     return ObjectiveOutput(loss, metrics, token_loss_BT, routed.regime, routed.gap, routed.thresholds)
+
+
+class _LossRun:
+    """The loss over N ordered tokens, chunk by chunk: its value, the per-token views and, into the given
+    buffers, the gradients of the student's hidden states, head weight and bias.
+
+    In each chunk the student's probs buffer becomes the gradient with respect to the logits,
+    `G = q − scale ⊙ s` plus the sparse entries of the Top-K and sampled-token terms; then `grad_h = G W` and
+    `grad_W += Gᵀ h` (divided by the temperature, which divided the logits)."""
+
+    def __init__(self, objective, coefficients_JN, scores, ids_N, targets, workspace: Workspace):
+        self.objective, self.coefficients_JN, self.scores, self.ids_N = objective, coefficients_JN, scores, ids_N
+        self.targets = targets  # name: (hidden states of the ordered tokens [N, H_target], Head)
+        self.workspace = workspace
+        self.temperature = objective.config.temperature
+        self.full = [_needs_full(objective, term, scores[term.target]) for term in objective.terms]
+        self.grad_enabled = torch.is_grad_enabled()
+        dtype = workspace.logprobs.dtype
+        self.plain_N = torch.zeros(ids_N.shape[0], dtype=dtype, device=ids_N.device)
+        self.token_logprobs_N = torch.zeros_like(self.plain_N)
+        self.entropy_N = torch.zeros_like(self.plain_N)
+
+    def __call__(self, hidden_NH, weight_VH, bias_V, grad_hidden, grad_weight, grad_bias) -> Tensor:
+        total = torch.zeros((), dtype=self.plain_N.dtype, device=hidden_NH.device)
+        count, chunk = hidden_NH.shape[0], self.workspace.logprobs.shape[0]
+        scale = 1.0 / self.temperature
+        for start in range(0, count, chunk):
+            rows = slice(start, min(start + chunk, count))
+            loss, grad_logits = self.chunk(rows, hidden_NH[rows], weight_VH, bias_V)
+            total = total + loss
+            if grad_logits is None:
+                continue
+            grad_logits = grad_logits.to(weight_VH.dtype)
+            if grad_hidden is not None:
+                grad_hidden[rows] = (grad_logits @ weight_VH).mul_(scale)
+            if grad_weight is not None:
+                grad_weight.addmm_(grad_logits.T, hidden_NH[rows], alpha=scale)
+            if grad_bias is not None:
+                grad_bias.add_(grad_logits.sum(0).to(grad_bias.dtype), alpha=scale)
+        return total
+
+    def chunk(self, rows: slice, hidden_CH: Tensor, weight_VH: Tensor, bias_V: Tensor | None):
+        """The chunk's loss and its gradient with respect to the chunk's logits [C, V] (None when no term
+        applies to any of its tokens); fills the per-token views."""
+        n = rows.stop - rows.start
+        logprobs, probs = self.workspace.logprobs[:n], self.workspace.probs[:n]
+        _logits_into(logprobs, hidden_CH, weight_VH, bias_V, self.temperature)
+        log_softmax_(logprobs, probs)
+        ids = self.ids_N[rows]
+        self.token_logprobs_N[rows] = logprobs.gather(-1, ids[:, None]).squeeze(-1)
+        self.entropy_N[rows] = -rowdot(probs, logprobs, self.workspace.row_scratch)
+        coefficients_JC = self.coefficients_JN[:, rows].to(probs.dtype)
+        state = _ChunkState(self.plain_N[rows], torch.zeros(n, dtype=probs.dtype, device=probs.device))
+        if not bool((coefficients_JC != 0).any()):
+            return state.loss, None
+        scores = {name: s.rows(rows) for name, s in self.scores.items()}
+        for term, full, coefficient in zip(self.objective.terms, self.full, coefficients_JC):
+            if not full:
+                self._sparse_term(term, coefficient, logprobs, ids, scores[term.target], state)
+        first, last = n, n
+        span = self._full_span(coefficients_JC)
+        if span is not None:
+            first, last = span
+            self._full_terms(span, rows, coefficients_JC, logprobs, probs, ids, scores, state)
+        for part in (slice(0, first), slice(last, n)):  # the span's rows were finished by _full_terms
+            probs[part].mul_(-state.scale_C[part, None])
+        for token_rows, entry_ids, grad in state.sparse:
+            probs.index_put_((token_rows, entry_ids), grad, accumulate=True)
+        return state.loss, probs
+
+    def _sparse_term(self, term, coefficient_R, logprobs_RV, ids_R, target, state, offset=0, full_RV=None):
+        """A sampled-token or Top-K term on R rows: autograd on the student's log-probs at the entries it reads
+        only. `offset` is the first row's place in the chunk; `full_RV`, the target's full log-probs if needed."""
+        applies = coefficient_R.nonzero().squeeze(-1)
+        if applies.numel() == 0:
+            return
+        target = target.rows(applies)
+        with torch.enable_grad():
+            if term.granularity == "sampled":
+                entry_ids = ids_R[applies, None]
+                student = logprobs_RV[applies[:, None], entry_ids].requires_grad_()
+                values = sampled_values(self.objective, term, student.squeeze(-1), target)
+            else:
+                entry_ids, support_mask, target_support = topk_inputs(
+                    self.objective, target, lambda: full_RV[applies], lambda: logprobs_RV[applies]
+                )
+                student = logprobs_RV[applies[:, None], entry_ids].requires_grad_()
+                values = topk_values(self.objective, term, student, target_support, support_mask)
+            weighted = values * coefficient_R[applies]
+            (grad,) = torch.autograd.grad(weighted.sum(), student, allow_unused=True)
+        if grad is None:  # no entry the term reads carries mass (e.g. all masked)
+            grad = torch.zeros_like(student)
+        index = applies + offset
+        state.add(term, index, values.detach(), weighted.detach())
+        state.scale_C.index_add_(0, index, grad.sum(-1))
+        state.sparse.append((index[:, None], entry_ids, grad))
+
+    def _full_span(self, coefficients_JC: Tensor) -> tuple[int, int] | None:
+        """First and last + 1 of the chunk's rows with a term that reads a full target (they are grouped)."""
+        needs = torch.zeros(coefficients_JC.shape[1], dtype=torch.bool, device=coefficients_JC.device)
+        for full, coefficient in zip(self.full, coefficients_JC):
+            if full:
+                needs |= coefficient != 0
+        where = needs.nonzero().squeeze(-1)
+        return None if where.numel() == 0 else (int(where[0]), int(where[-1]) + 1)
+
+    def _full_terms(self, span, rows, coefficients_JC, logprobs_CV, probs_CV, ids_C, scores, state):
+        """The terms that read a target's full log-probs, on the span's rows a sub-block at a time; each
+        sub-block's gradient rows are finished here (`q − scale ⊙ s`, into the probs buffer)."""
+        target_lp_buffer, scratch_a, scratch_b, accumulator_buffer = self.workspace.target()
+        beta = self.objective.config.jsd_beta
+        step = target_lp_buffer.shape[0]
+        for start in range(span[0], span[1], step):
+            sub = slice(start, min(start + step, span[1]))
+            m = sub.stop - start
+            accumulator = accumulator_buffer[:m].zero_()
+            for name in ("teacher", "self"):
+                terms = [
+                    (term, coefficient[sub])
+                    for term, full, coefficient in zip(self.objective.terms, self.full, coefficients_JC)
+                    if full and term.target == name and bool((coefficient[sub] != 0).any())
+                ]
+                if not terms:
+                    continue
+                hidden, head = self.targets[name]
+                target_lp = target_lp_buffer[:m]
+                _logits_into(target_lp, hidden[rows][sub], head.weight.detach(), _detach(head.bias), self.temperature)
+                log_softmax_(target_lp, scratch_a[:m])
+                for term, coefficient in terms:
+                    if term.granularity != "full":  # a Top-K term whose support needs the full distribution
+                        self._sparse_term(term, coefficient, logprobs_CV[sub], ids_C[sub], scores[name].rows(sub),
+                                          state, offset=start, full_RV=target_lp)  # fmt: skip
+                        continue
+                    values, scale = full_divergence_(
+                        term.divergence, beta, coefficient, logprobs_CV[sub], probs_CV[sub], target_lp,
+                        (scratch_a[:m], scratch_b[:m]), accumulator,
+                    )  # fmt: skip
+                    applies = coefficient.nonzero().squeeze(-1)
+                    state.add(term, applies + start, values[applies], (coefficient * values)[applies])
+                    state.scale_C[sub] += scale
+            probs_CV[sub].mul_(-state.scale_C[sub, None]).add_(accumulator)
+
+
+@dataclass
+class _ChunkState:
+    """What the terms of one chunk add up: the loss, the token views, and the logit gradient's parts: a per-row
+    scale of `s` and sparse entries (rows [R, 1], ids [R, K], values [R, K])."""
+
+    plain_C: Tensor  # a view into the run's per-token values
+    scale_C: Tensor
+    sparse: list[tuple[Tensor, Tensor, Tensor]] = field(default_factory=list)
+    loss: Tensor | None = None
+
+    def __post_init__(self):
+        self.loss = self.scale_C.new_zeros(())
+
+    def add(self, term, index_R: Tensor, values_R: Tensor, weighted_R: Tensor) -> None:
+        self.loss = self.loss + weighted_R.sum()
+        self.plain_C.index_add_(0, index_R, values_R * term.weight)
 
 
 def _group_by_full_targets(objective: Objective, coefficients_JN: Tensor, flat_scores) -> Tensor:
@@ -266,28 +440,6 @@ def _group_by_full_targets(objective: Objective, coefficients_JN: Tensor, flat_s
             bit = 2 if term.target == "teacher" else 1
             key = key | ((coefficient != 0).long() * bit)
     return torch.argsort(-key, stable=True)
-
-
-def _full_targets(objective, coefficients_JC, flat_scores, target_hidden, heads, rows: slice, temperature):
-    """Full log-probs of each target for the chunk's tokens whose terms need them, computed once per chunk.
-
-    Returns {target: (logprobs [R, V], position of each chunk row in it [C])}."""
-    needed: dict[str, Tensor] = {}
-    for term, coefficient in zip(objective.terms, coefficients_JC):
-        if _needs_full(objective, term, flat_scores[term.target]):
-            rows_needing = coefficient != 0
-            needed[term.target] = needed.get(term.target, torch.zeros_like(rows_needing)) | rows_needing
-    full = {}
-    for name, need in needed.items():
-        picked = need.nonzero().squeeze(-1)
-        head = heads[name]
-        hidden = target_hidden[name][rows][picked]
-        with torch.no_grad():
-            logprobs = torch.log_softmax(_logits(hidden, head.weight.detach(), _detach(head.bias), temperature), -1)
-        position = torch.full_like(need, -1, dtype=torch.long)
-        position[picked] = torch.arange(picked.numel(), device=picked.device)
-        full[name] = (logprobs, position)
-    return full
 
 
 def _detach(tensor: Tensor | None) -> Tensor | None:

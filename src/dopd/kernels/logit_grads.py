@@ -1,0 +1,109 @@
+"""Full-vocabulary divergences with their gradient with respect to the student's logits in closed form, computed
+in place on buffers the caller owns (design, "kernels/"; spec, "Divergences").
+
+Running autograd through a divergence over [rows, V] keeps a dozen [rows, V] intermediates alive (masks, `where`
+copies, the mixture, saved tensors of every step), which at V = 151,936 is what the chunked loss's memory and time
+went to. The gradients are short in closed form. With `s = softmax(z)` the student, `t` the target, both over
+the vocabulary:
+
+    reverse KL   D = Σ s (log s − log t)                  ∂D/∂z = s ⊙ (d − D),            d = log s − log t
+    forward KL   D = Σ t (log t − log s)                  ∂D/∂z = s Σt − t
+    JSD(β)       D = β KL(t‖m) + (1−β) KL(s‖m),           ∂D/∂z = (1−β) s ⊙ (r − Σ s r),  r = log s − log m
+                 m = β t + (1−β) s
+
+(JSD: ∂D/∂s_k = (1−β)(log s_k − log m_k), since the terms from ∂m/∂s add up to (1−β)(1 − m_k/m_k) = 0; then the
+softmax Jacobian.) Each gradient is written as `q − scale · s` with `q` added into an accumulator and `scale` one
+number per row, so that several terms on the same rows, and the sparse Top-K and sampled-token terms, add up in
+one buffer. `tests/test_logit_grads.py` checks every form against autograd of `losses.divergence` and by
+`gradcheck`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+# A mixture below the smallest normal float32 would make log m = -inf and 0·inf = NaN; such entries carry
+# (numerically) no mass in s or t, so flooring m changes nothing that is summed.
+_TINY = torch.finfo(torch.float32).tiny
+
+
+def rowdot(a_RV: Tensor, b_RV: Tensor, scratch_KV: Tensor) -> Tensor:
+    """Σ_v a b per row [R], a few rows at a time through `scratch_KV` [K, V] (K ≥ 1 rows).
+
+    `torch.bmm` would need no scratch, but it accumulates a row of 151,936 products in float32 with a relative
+    error of about 3e-4; a product then `sum` (pairwise) stays near 1e-7."""
+    out = a_RV.new_empty(a_RV.shape[0])
+    step = scratch_KV.shape[0]
+    for start in range(0, a_RV.shape[0], step):
+        rows = slice(start, min(start + step, a_RV.shape[0]))
+        out[rows] = torch.mul(a_RV[rows], b_RV[rows], out=scratch_KV[: rows.stop - start]).sum(-1)
+    return out
+
+
+def log_softmax_(logits_RV: Tensor, probs_RV: Tensor) -> None:
+    """`logits_RV` becomes log-softmax in place and `probs_RV` its softmax (no other [R, V] memory)."""
+    # Shift by the maximum first, then subtract log Σ exp: adding the two first would round at the logits' scale.
+    shifted = logits_RV.sub_(logits_RV.amax(-1, keepdim=True))
+    total = torch.exp(shifted, out=probs_RV).sum(-1, keepdim=True)
+    probs_RV.div_(total)
+    shifted.sub_(total.log_())
+
+
+def jsd_beta(name: str, beta: float) -> float:
+    """The mixing β of a divergence name as `losses.divergence` reads it: reverse KL is β = 1, forward KL β = 0."""
+    return {"reverse_kl": 1.0, "forward_kl": 0.0, "js": 0.5}.get(name, beta)
+
+
+def full_divergence_(
+    name: str,
+    beta: float,
+    coefficient_R: Tensor,
+    student_logprobs_RV: Tensor,
+    student_probs_RV: Tensor,
+    target_logprobs_RV: Tensor,
+    scratch_RV: tuple[Tensor, Tensor],
+    accumulator_RV: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """`losses.divergence(name, student, target, beta)` per row, and its gradient with respect to the student's
+    logits, weighted by `coefficient_R`: `accumulator_RV += q`; returns (values [R], scale [R]) with the gradient
+    of Σ coefficient·value being `q − scale ⊙ student_probs`.
+
+    The student's and target's log-probs and the probs are read only; the two scratch buffers are overwritten.
+    """
+    beta = jsd_beta(name, beta)
+    coefficient = coefficient_R.to(accumulator_RV.dtype).unsqueeze(-1)
+    if beta == 1.0:
+        return _reverse_kl_(coefficient, student_logprobs_RV, student_probs_RV, target_logprobs_RV, scratch_RV[0],
+                            accumulator_RV)  # fmt: skip
+    if beta == 0.0:
+        return _forward_kl_(coefficient, student_logprobs_RV, target_logprobs_RV, scratch_RV, accumulator_RV)
+    return _jsd_(beta, coefficient, student_logprobs_RV, student_probs_RV, target_logprobs_RV, scratch_RV,
+                 accumulator_RV)  # fmt: skip
+
+
+def _reverse_kl_(coefficient, student_lp, student_p, target_lp, scratch, accumulator):
+    weighted_difference = torch.sub(student_lp, target_lp, out=scratch).mul_(student_p)  # s (log s − log t)
+    values = weighted_difference.sum(-1)
+    accumulator.addcmul_(weighted_difference, coefficient)
+    return values, coefficient.squeeze(-1) * values
+
+
+def _forward_kl_(coefficient, student_lp, target_lp, scratch, accumulator):
+    target_p = torch.exp(target_lp, out=scratch[0])
+    values = torch.sub(target_lp, student_lp, out=scratch[1]).mul_(target_p).sum(-1)
+    accumulator.addcmul_(target_p, coefficient, value=-1.0)
+    return values, -coefficient.squeeze(-1) * target_p.sum(-1)
+
+
+def _jsd_(beta, coefficient, student_lp, student_p, target_lp, scratch, accumulator):
+    work, log_t_over_m = scratch
+    # log m from the probabilities, floored (see _TINY): no [R, V] temporary, unlike logaddexp of shifted inputs.
+    log_m = torch.exp(target_lp, out=work).mul_(beta).add_(student_p, alpha=1.0 - beta).clamp_(min=_TINY).log_()
+    torch.sub(target_lp, log_m, out=log_t_over_m)
+    student_terms = torch.sub(student_lp, log_m, out=work).mul_(student_p)  # s log s/m; log m is not needed after
+    student_part = student_terms.sum(-1)
+    accumulator.addcmul_(student_terms, coefficient, value=1.0 - beta)
+    target_part = torch.exp(target_lp, out=work).mul_(log_t_over_m).sum(-1)  # Σ t log t/m
+    values = beta * target_part + (1.0 - beta) * student_part
+    return values, coefficient.squeeze(-1) * ((1.0 - beta) * student_part)
