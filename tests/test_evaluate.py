@@ -196,6 +196,7 @@ def test_sampling_several_answers_and_the_gap_recovery(answering_model, tmp_path
                     teacher_result="0.95", student_result=str(base))
     report = evaluate(spec)
     correct = [row["correct"] for row in report["rows"]]
+    assert report["pass_at_k"]["4"] > report["pass_at_k"]["1"]  # at this temperature the samples differ
     assert all(len(row) == 4 and len(r["completions"]) == 4 for row, r in zip(correct, report["rows"]))
     assert report["accuracy"] == pytest.approx(sum(map(sum, correct)) / 16)
     for k in (1, 2, 4):
@@ -207,6 +208,12 @@ def test_sampling_several_answers_and_the_gap_recovery(answering_model, tmp_path
     assert correct == [[checker.score(i, text) for text in row["completions"]] for i, row in enumerate(report["rows"])]
     assert report["compare"]["student"]["accuracy"] == 0.75
     assert report["gap_recovery"] == pytest.approx((report["accuracy"] - 0.75) / (0.95 - 0.75))
+    table = (tmp_path / "sampled.md").read_text().splitlines()
+    assert table[0] == "| model | prompts | samples | accuracy | pass@1 | pass@2 | pass@4 | gap recovery |"
+    assert table[2] == "| teacher (given) | — | — | 0.950 | — | — | — | 100.0% |"
+    assert table[3] == f"| student before ({answering_model}) | 4 | 1 | 0.750 | 0.750 | — | — | 0.0% |"
+    assert table[4].startswith(f"| **{answering_model}** | 4 | 4 | {report['accuracy']:.3f} | ")
+    assert table[4].endswith(f" | {100 * report['gap_recovery']:.1f}% |")
     seeded = evaluate(EvalSpec(**{**spec.__dict__, "out": str(tmp_path / "again.json")}))
     assert [r["completions"] for r in seeded["rows"]] == [r["completions"] for r in report["rows"]]  # seeded
 
@@ -241,6 +248,7 @@ def test_lab_checker_agrees_with_the_labs_own_evaluation(tmp_path):
     (["--teacher-result", "52.8"], "must be an accuracy in [0, 1] (0.528, not 52.8)"),
     (["--checker", "lab:nope"], "--checker lab:nope"),
     (["--out", "report.txt"], "must end in .json"),
+    (["--data", "missing.parquet"], "--data missing.parquet does not exist"),
     (["--privileged"], "--privileged-column = 'privileged_context' is not a column"),
     (["--privileged", "--template", "{prompt} only"], "--template = '{prompt} only' lacks {privileged_context}"),
 ])

@@ -206,6 +206,7 @@ def test_rule_forms_through_the_command(tmp_path, capsys):
     (["--form", "generated", "--model", "m"], "--form generated needs the server: --base-url"),
     (["--form", "boxes"], "--boxes-column = 'boxes' is not a column"),
     (["--form", "answer", "--out", "x.csv"], "has extension '.csv'"),
+    (["--form", "answer", "--input", "missing.jsonl"], "--input missing.jsonl does not exist"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch, args, message):
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)

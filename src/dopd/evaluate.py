@@ -246,9 +246,10 @@ def read_result(value: str, option: str) -> dict[str, Any]:
         accuracy = float(report["accuracy"])
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise ConfigError(f"{option} = {value} is not a `dopd eval` report ({type(error).__name__}: {error})") from None
-    return {"accuracy": accuracy, "source": value, "model": report.get("model"),
-            "fingerprint": (report.get("data") or {}).get("fingerprint"), "checker": report.get("checker"),
-            "pass_at_k": report.get("pass_at_k")}
+    data, sampling = report.get("data") or {}, report.get("sampling") or {}
+    return {"accuracy": accuracy, "source": value, "model": report.get("model"), "fingerprint": data.get("fingerprint"),
+            "checker": report.get("checker"), "pass_at_k": report.get("pass_at_k"), "rows": data.get("rows"),
+            "samples": sampling.get("samples")}
 
 
 def check_comparable(result: dict, option: str, fingerprint: str, checker: str) -> None:
@@ -274,20 +275,23 @@ def results_table(report: dict) -> str:
     header = "| model | prompts | samples | accuracy | " + " | ".join(f"pass@{k}" for k in ks) + " | gap recovery |"
     lines = [header, "|" + "---|" * (5 + len(ks))]
 
-    def row(label, accuracy, pass_k, recovery, prompts="", samples=""):
-        cells = [f"{pass_k[k]:.3f}" if pass_k and k in pass_k else "—" for k in ks]
+    def row(label, result, recovery):
+        pass_k = result.get("pass_at_k") or {}
+        cells = [f"{pass_k[k]:.3f}" if k in pass_k else "—" for k in ks]
         gap = "—" if recovery is None else f"{100 * recovery:.1f}%"
-        lines.append(f"| {label} | {prompts} | {samples} | {accuracy:.3f} | " + " | ".join(cells) + f" | {gap} |")
+        prompts, samples = result.get("rows") or "—", result.get("samples") or "—"
+        lines.append(f"| {label} | {prompts} | {samples} | {result['accuracy']:.3f} | " + " | ".join(cells)
+                     + f" | {gap} |")
 
     compare = report.get("compare") or {}
-    if "teacher" in compare:
-        row(f"teacher ({compare['teacher'].get('model') or compare['teacher']['source']})",
-            compare["teacher"]["accuracy"], compare["teacher"].get("pass_at_k"), 1.0 if "student" in compare else None)
-    if "student" in compare:
-        row(f"student before ({compare['student'].get('model') or compare['student']['source']})",
-            compare["student"]["accuracy"], compare["student"].get("pass_at_k"), 0.0 if "teacher" in compare else None)
-    row(f"**{report['model']}**", report["accuracy"], report["pass_at_k"], report.get("gap_recovery"),
-        report["data"]["rows"], report["sampling"]["samples"])
+    both = "teacher" in compare and "student" in compare
+    for role, label, recovery in (("teacher", "teacher", 1.0), ("student", "student before", 0.0)):
+        if role in compare:
+            result = compare[role]
+            row(f"{label} ({result.get('model') or result['source']})", result, recovery if both else None)
+    this = {"accuracy": report["accuracy"], "pass_at_k": report["pass_at_k"], "rows": report["data"]["rows"],
+            "samples": report["sampling"]["samples"]}
+    row(f"**{report['model']}**", this, report.get("gap_recovery"))
     return "\n".join(lines)
 
 
@@ -363,7 +367,9 @@ def check_spec(spec: EvalSpec) -> None:
 def load_eval_rows(spec: EvalSpec) -> tuple[list, list, list[str | None], list[dict]]:
     """(prompts, answers, privileged contexts or Nones, rows) of the data set, columns checked."""
     from .data import check_columns, load_rows
+    from .hints import check_local_path
 
+    check_local_path(spec.data, "--data")
     config = DataConfig(path=spec.data, name=spec.name, split=spec.split, prompt_column=spec.prompt_column,
                         privileged_column=spec.privileged_column, answer_column=spec.answer_column,
                         max_samples=spec.max_rows)
@@ -372,7 +378,8 @@ def load_eval_rows(spec: EvalSpec) -> tuple[list, list, list[str | None], list[d
         check_columns(dataset, config, needs_privileged=spec.privileged)
     except ConfigError as error:
         raise ConfigError(str(error).replace("data.prompt_column", "--prompt-column").replace(
-            "data.privileged_column", "--privileged-column").replace("data.path", "--data")) from None
+            "data.privileged_column", "--privileged-column").replace("data.path", "--data").replace(
+            "data.split", "--split")) from None
     if spec.answer_column not in dataset.column_names:
         raise ConfigError(f"--answer-column = {spec.answer_column!r} is not a column of {spec.data}; its columns are "
                           f"{', '.join(dataset.column_names)} (set --answer-column)")
@@ -439,10 +446,19 @@ def sample_completions(model, tokenizer, prompt_ids: list[list[int]], spec: Eval
 
 def evaluate(spec: EvalSpec) -> dict[str, Any]:
     """Check everything, sample, score; write the report and the table; return the report."""
+    from transformers.utils import logging as transformers_logging
+
     from .hints import datasets_progress
 
-    with datasets_progress(spec.progress):
-        return _evaluate(spec)
+    was_enabled = transformers_logging.is_progress_bar_enabled()
+    if not spec.progress:
+        transformers_logging.disable_progress_bar()
+    try:
+        with datasets_progress(spec.progress):
+            return _evaluate(spec)
+    finally:
+        if was_enabled and not spec.progress:
+            transformers_logging.enable_progress_bar()
 
 
 def _evaluate(spec: EvalSpec) -> dict[str, Any]:

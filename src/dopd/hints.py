@@ -627,6 +627,15 @@ def check_spec(spec: HintsSpec) -> None:
             raise ConfigError(f"--base-url {spec.base_url} must start with http:// or https://")
 
 
+def check_local_path(path: str, option: str) -> None:
+    """A path that names a file (a data extension) or starts with `.`, `/` or `~` must exist: otherwise `datasets`
+    would take it for a hub name and spend half a minute retrying the network before failing."""
+    looks_local = os.path.splitext(path)[1].lower() in (".jsonl", ".json", ".parquet", ".csv") or path.startswith(
+        (".", "/", "~"))
+    if looks_local and not os.path.exists(os.path.expanduser(path)):
+        raise ConfigError(f"{option} {path} does not exist (a local file or directory, or a hub name such as org/name)")
+
+
 def output_kind(out: str) -> str:
     """jsonl | parquet | disk (a `save_to_disk` directory: a path without an extension)."""
     extension = os.path.splitext(out.rstrip("/"))[1].lower()
@@ -897,7 +906,11 @@ def _run_hints(spec: HintsSpec) -> HintsSummary:
     if spec.form == "generated":
         resolve_server(spec)
     check_spec(spec)
-    dataset = load_rows(DataConfig(path=spec.input, name=spec.name, split=spec.split, max_samples=spec.max_rows))
+    check_local_path(spec.input, "--input")
+    try:
+        dataset = load_rows(DataConfig(path=spec.input, name=spec.name, split=spec.split, max_samples=spec.max_rows))
+    except ConfigError as error:  # data.py names its config keys; here they are options
+        raise ConfigError(str(error).replace("data.path", "--input").replace("data.split", "--split")) from None
     check_columns(dataset, spec)
     check_writable(dataset, spec)
     prefix = DEFAULT_PREFIXES[spec.form] if spec.prefix is None else spec.prefix
@@ -1038,11 +1051,6 @@ def describe(summary: HintsSummary, output_column: str) -> list[str]:
     lines += [f"note:      {note}" for note in summary.notes]
     lines.append(f"wall time: {summary.seconds:.1f} s")
     return lines
-
-
-def spec_from_dict(values: dict) -> HintsSpec:
-    known = {f for f in HintsSpec.__dataclass_fields__}
-    return HintsSpec(**{k: v for k, v in values.items() if k in known and v is not None})
 
 
 __all__ = [
