@@ -435,6 +435,12 @@ def test_a_run_that_dies_resumes_without_repeating_finished_rows(tmp_path, serve
     server.fail_after = None
     with pytest.raises(ConfigError, match="other settings .*max_hints: 8 then, 3 now"):
         run_hints(served_spec(source, tmp_path / "o2.jsonl", server.url, concurrency=1, max_hints=3))
+    damaged = str(tmp_path / "o2.jsonl") + ".partial"
+    header_line = open(damaged).read().splitlines()[0]
+    with open(damaged, "w") as handle:
+        handle.write(header_line + "\n{not json\n")
+    with pytest.raises(ConfigError, match="o2.jsonl.partial is damaged .*delete it to start over"):
+        run_hints(served_spec(source, tmp_path / "o2.jsonl", server.url, concurrency=1))
 
 
 def test_a_killed_process_resumes_without_repeating_finished_rows(tmp_path):

@@ -776,15 +776,16 @@ class PartialLog:
             os.remove(self.path)
             self.open_new()
             return
-        header = json.loads(lines[0])
+        try:
+            header, records = json.loads(lines[0]), [json.loads(line) for line in lines[1:]]
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"{self.path} is damaged ({error}); delete it to start over") from None
         if header.get("settings") != self.settings:
             raise ConfigError(
                 f"{self.path} holds rows made with other settings or another input ({_difference(header, self.settings)}); "
                 "rerun with the same options to continue it, or delete it to start over"
             )
-        for line in lines[1:]:
-            record = json.loads(line)
-            self.done[record["index"]] = record
+        self.done = {record["index"]: record for record in records}
 
     def append(self, index: int, result: HintResult, context: str) -> None:
         record = {"index": index, "context": context, "kept": result.kept, "rejected": result.rejected}
@@ -887,6 +888,11 @@ def _served_results(dataset, build, log: PartialLog, concurrency: int, prefix: s
                     continue
                 log.append(index, future.result(), _with_prefix(future.result(), prefix))
                 progress.update(1)
+    except BaseException:  # Ctrl-C: keep the rows that have returned, leave the rest for the rerun
+        for future, index in running.items():
+            if future.done() and not future.cancelled() and future.exception() is None:
+                log.append(index, future.result(), _with_prefix(future.result(), prefix))
+        raise
     finally:
         pool.shutdown(wait=failure is not None, cancel_futures=True)
     if failure is not None:
