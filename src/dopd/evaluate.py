@@ -389,7 +389,10 @@ def load_eval_rows(spec: EvalSpec) -> tuple[list, list, list[str | None], list[d
         raise ConfigError(f"{len(empty)} of {len(answers)} rows have an empty {spec.answer_column!r} "
                           f"(--answer-column), the first at row {empty[0]}; fill or drop them")
     privileged = list(dataset[spec.privileged_column]) if spec.privileged else [None] * len(answers)
-    return list(dataset[spec.prompt_column]), answers, privileged, [dict(row) for row in dataset]
+    # Only the text columns a checker may read (the lab's reference completion), never an image column.
+    extra = {column: list(dataset[column]) for column in ("completion",) if column in dataset.column_names}
+    rows = [{column: values[i] for column, values in extra.items()} for i in range(len(answers))]
+    return list(dataset[spec.prompt_column]), answers, privileged, rows
 
 
 def _load_tokenizer(spec: EvalSpec):
