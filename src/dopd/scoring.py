@@ -45,6 +45,20 @@ class Completions:
         return Completions(ids, mask)
 
 
+def pack_by_tokens(lengths: list[int], budget: int) -> list[list[int]]:
+    """Indices of sequences grouped into micro-batches whose padded size (rows × longest row) stays within
+    `budget` tokens; longest first, so rows of one micro-batch have similar lengths. A sequence longer than the
+    budget gets a micro-batch of its own. Every index appears exactly once."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    for index in order:
+        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= budget:
+            batches[-1].append(index)
+        else:
+            batches.append([index])
+    return batches
+
+
 def pass_inputs(prompts: list[list[int]], completions: Completions, pad_id: int) -> PassInputs:
     """`prompt + completion` per row, right-padded, with the scoring positions of the completion tokens."""
     lengths = completions.mask.sum(-1).tolist()
@@ -63,10 +77,15 @@ def pass_inputs(prompts: list[list[int]], completions: Completions, pad_id: int)
 
 def output_head(model: torch.nn.Module, vocab_size: int) -> tuple[Tensor, Tensor | None]:
     """The output head's weight [V, H] and bias, cut to `vocab_size` rows (embeddings padded beyond the tokenizer
-    are dropped so that both models score the same vocabulary)."""
+    are dropped so that both models score the same vocabulary). Read after the model's forward: FSDP2 leaves the
+    head's unit whole then; a head still sharded (a DTensor) is gathered."""
     head = model.get_output_embeddings()
-    bias = getattr(head, "bias", None)
-    return head.weight[:vocab_size], None if bias is None else bias[:vocab_size]
+    weight, bias = _whole(head.weight), _whole(getattr(head, "bias", None))
+    return weight[:vocab_size], None if bias is None else bias[:vocab_size]
+
+
+def _whole(tensor: Tensor | None) -> Tensor | None:
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
 def _gather_positions(hidden_BLH: Tensor, positions_BT: Tensor) -> Tensor:
@@ -74,9 +93,16 @@ def _gather_positions(hidden_BLH: Tensor, positions_BT: Tensor) -> Tensor:
     return hidden_BLH.gather(1, index)
 
 
-def trainable_pass(model: torch.nn.Module, inner: torch.nn.Module, inputs: PassInputs, vocab_size: int) -> Head:
+def trainable_pass(
+    model: torch.nn.Module,
+    inner: torch.nn.Module,
+    inputs: PassInputs,
+    vocab_size: int,
+    head: tuple[Tensor, Tensor | None] | None = None,
+) -> Head:
     """The deployed student's pass, with gradient, through the (possibly distributed) wrapper `model` so that
-    data-parallel engines see the forward; `inner` is the unwrapped module that owns the head."""
+    data-parallel engines see the forward; `inner` is the unwrapped module that owns the head. `head`: a whole
+    frozen (weight, bias) to use instead (LoRA under ZeRO-3)."""
     device = next(inner.parameters()).device
     kwargs = dict(
         input_ids=inputs.input_ids.to(device),
@@ -89,23 +115,38 @@ def trainable_pass(model: torch.nn.Module, inner: torch.nn.Module, inputs: PassI
     except TypeError:
         output = model(**kwargs)
     hidden = _gather_positions(output.hidden_states[-1], inputs.positions)
-    weight, bias = output_head(inner, vocab_size)
-    return Head(hidden, weight, bias)
+    weight, bias = head if head is not None else output_head(inner, vocab_size)
+    # Under autocast the hidden states may be half precision and the head fp32: the loss works in the head's dtype
+    # and accumulates in fp32 (kernels.chunked).
+    return Head(hidden.to(weight.dtype), weight, bias)
 
 
 @torch.no_grad()
-def frozen_pass(model: torch.nn.Module, inputs: PassInputs, vocab_size: int) -> Head:
-    """A no-gradient pass (privileged student or teacher) through the model's decoder only."""
+def frozen_pass(
+    model: torch.nn.Module, inputs: PassInputs, vocab_size: int, head: tuple[Tensor, Tensor | None] | None = None
+) -> Head:
+    """A no-gradient pass (privileged student or teacher). The model's own forward runs, so that a sharding engine
+    gathers its weights and autocast applies, with logits for one position only; a hook on the decoder keeps its
+    final hidden states. `head`: a whole (weight, bias) to use instead of the model's (a ZeRO-3 teacher)."""
     device = next(model.parameters()).device
-    decoder = model.get_decoder()
+    captured = {}
+
+    def keep(module, args, output):
+        captured["hidden"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
+
+    hook = model.get_decoder().register_forward_hook(keep)
     was_training = model.training
     model.eval()  # a scorer without dropout noise (the privileged student shares the training module)
     try:
-        output = decoder(
-            input_ids=inputs.input_ids.to(device), attention_mask=inputs.attention_mask.to(device), use_cache=False
+        model(
+            input_ids=inputs.input_ids.to(device),
+            attention_mask=inputs.attention_mask.to(device),
+            use_cache=False,
+            logits_to_keep=1,
         )
     finally:
+        hook.remove()
         model.train(was_training)
-    hidden = _gather_positions(output.last_hidden_state, inputs.positions)
-    weight, bias = output_head(model, vocab_size)
+    weight, bias = head if head is not None else output_head(model, vocab_size)
+    hidden = _gather_positions(captured["hidden"], inputs.positions).to(weight.dtype)
     return Head(hidden.detach(), weight.detach(), None if bias is None else bias.detach())

@@ -2,7 +2,8 @@
 
 A backend implements one narrow interface, `RolloutEngine.generate(prompt_ids, num_generations)`, and returns
 completion token ids without padding (ending with the end-of-sequence token when the model produced one). The
-trainer never needs to know which engine sampled: transformers `generate` (`hf.py`, the default) or vLLM (later).
+trainer never needs to know which engine sampled: transformers `generate` (`hf.py`, the default) or vLLM
+(`vllm.py`, imported only when `rollout.backend=vllm`).
 """
 
 from __future__ import annotations
@@ -41,3 +42,16 @@ def trim_completion(token_ids: list[int], eos_ids: set[int]) -> tuple[list[int],
         if token in eos_ids:
             return token_ids[: position + 1], True
     return token_ids, False
+
+
+def end_of_sequence_ids(tokenizer, model) -> set[int]:
+    """The tokenizer's and the model's end-of-sequence ids: Qwen3 ends turns with <|im_end|> and texts with
+    <|endoftext|>, and either one ends a completion, whichever engine samples it."""
+    generation_config = getattr(model, "generation_config", None)
+    return _as_set(tokenizer.eos_token_id) | _as_set(getattr(generation_config, "eos_token_id", None))
+
+
+def _as_set(ids) -> set[int]:
+    if ids is None:
+        return set()
+    return {int(i) for i in ids} if isinstance(ids, (list, tuple, set)) else {int(ids)}

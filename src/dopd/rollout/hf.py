@@ -13,13 +13,7 @@ from typing import Callable
 import torch
 
 from ..config import RolloutConfig
-from . import Rollouts, trim_completion
-
-
-def _as_set(ids) -> set[int]:
-    if ids is None:
-        return set()
-    return set(ids) if isinstance(ids, (list, tuple)) else {int(ids)}
+from . import Rollouts, end_of_sequence_ids, trim_completion
 
 
 class HFRollout:
@@ -39,10 +33,7 @@ class HFRollout:
         from transformers import GenerationConfig
 
         c = self.config
-        # The tokenizer's and the model's end-of-sequence ids: Qwen3 ends turns with <|im_end|> and texts with
-        # <|endoftext|>, and either one ends a completion.
-        model_eos = _as_set(getattr(getattr(model, "generation_config", None), "eos_token_id", None))
-        self.eos_ids = _as_set(self.tokenizer.eos_token_id) | model_eos
+        self.eos_ids = end_of_sequence_ids(self.tokenizer, model)
         settings = dict(
             max_new_tokens=c.max_new_tokens,
             pad_token_id=self.pad_id,
@@ -68,8 +59,10 @@ class HFRollout:
         greedy = not generation_config.do_sample
         generation_config.num_return_sequences = 1 if greedy else num_generations
         index, completions, finished = [], [], []
-        # transformers fills every unset field from the model's own generation_config: swap it out meanwhile.
-        saved_config, model.generation_config = model.generation_config, generation_config
+        # transformers fills every unset field from the model's own generation_config: swap it out meanwhile (on
+        # the transformers model itself, under a PEFT wrapper).
+        owner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        saved_config, owner.generation_config = owner.generation_config, generation_config
         try:
             for start in range(0, len(prompt_ids), self.config.batch_size):
                 batch = prompt_ids[start : start + self.config.batch_size]
@@ -93,6 +86,6 @@ class HFRollout:
                     completions.append(ids)
                     finished.append(done)
         finally:
-            model.generation_config = saved_config
+            owner.generation_config = saved_config
             model.train(was_training)
         return Rollouts(index, completions, finished)
