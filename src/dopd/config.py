@@ -20,6 +20,20 @@ from .objectives import Objective, ObjectiveConfig
 from .prompts import DEFAULT_PRIVILEGED_TEMPLATE, check_template
 
 
+# Every linear layer of a Qwen3 (and Llama-style) decoder block.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False  # train PEFT LoRA adapters instead of every student weight (the privileged pass uses them)
+    r: int = 16  # adapter rank
+    alpha: int = 32  # scaling numerator (the update is scaled by alpha / r)
+    dropout: float = 0.0  # dropout on the adapter input (the no-gradient scoring passes run without it)
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))  # module names that get adapters
+    save_merged: bool = False  # also write the base with the adapter merged (merged/) beside each saved adapter
+
+
 @dataclass
 class ModelConfig:
     student: str = ""  # student model: a local path or a hub name (required)
@@ -29,6 +43,7 @@ class ModelConfig:
     trust_remote_code: bool = False  # passed to from_pretrained
     attn_implementation: str | None = None  # e.g. sdpa, flash_attention_2 (default: transformers' choice)
     gradient_checkpointing: bool = False  # recompute the student's activations in backward to save memory
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
@@ -49,14 +64,29 @@ class DataConfig:
 
 
 @dataclass
+class VLLMConfig:
+    mode: str = "colocate"  # colocate (vLLM inside each training process, sharing its GPU) | server (`vllm serve`)
+    server_base_url: str | None = None  # server mode: e.g. http://10.0.0.2:8000 (overrides host and port)
+    server_host: str = "0.0.0.0"  # server mode: the server's host
+    server_port: int = 8000  # server mode: the server's port
+    server_timeout: float = 240.0  # server mode: seconds to wait for the server to come up
+    group_port: int = 51216  # server mode: port of the NCCL group that streams the student's weights
+    gpu_memory_utilization: float = 0.3  # colocate: share of each GPU vLLM may take (the rest is for training)
+    tensor_parallel_size: int = 1  # colocate: GPUs per vLLM engine (must divide the number of processes)
+    enable_sleep_mode: bool = True  # colocate: free vLLM's weights and KV cache between rollouts
+    max_model_len: int | None = None  # longest prompt + completion in vLLM (null: max_prompt_length + max_new_tokens)
+
+
+@dataclass
 class RolloutConfig:
-    backend: str = "hf"  # hf (transformers generate); a vLLM backend is planned
+    backend: str = "hf"  # hf (transformers generate on the training model) | vllm (needs `pip install "dopd[vllm]"`)
     num_generations: int = 4  # completions sampled per prompt
     max_new_tokens: int = 256  # longest completion
     temperature: float = 1.0  # sampling temperature; 0 means greedy
     top_p: float = 1.0  # nucleus sampling
     top_k: int = 0  # sample from the top-k tokens only (0: off)
-    batch_size: int = 64  # prompts per generate call
+    batch_size: int = 64  # prompts per generate call (hf backend)
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
 
 
 @dataclass
@@ -75,10 +105,11 @@ class TrainConfig:
     steps: int = 200  # optimizer steps
     prompts_per_step: int = 128  # prompts per optimizer step over all processes (each gets num_generations rollouts)
     micro_batch_size: int = 8  # sequences per forward/backward pass (gradient accumulation over the rest)
+    max_tokens_per_micro_batch: int = 0  # pack micro-batches by padded prompt+completion tokens instead (0: off)
     seed: int = 0  # seeds data order, sampling and initialization
     chunk_size: int | None = None  # tokens per chunk of the chunked loss (null: automatic; 0: plain full logits)
     device: str | None = None  # force a device, e.g. cpu (default: accelerate's choice)
-    mixed_precision: str = "no"  # no | bf16 | fp16: autocast of the student's passes (weights and optimizer stay fp32)
+    mixed_precision: str = "no"  # no | bf16 | fp16: autocast of the student's passes (weights, AdamW, loss: fp32)
 
 
 @dataclass
@@ -180,10 +211,12 @@ def validate(config: Config) -> Objective:
         except ValueError as error:
             raise ConfigError(str(error)) from None
     _positive(d.max_prompt_length, "data.max_prompt_length")
-    if r.backend != "hf":
-        raise ConfigError(f"rollout.backend = {r.backend!r} is not available in this version; use hf")
+    _check_lora(m.lora)
+    _check_rollout_backend(config)
     if r.top_k < 0:
         raise ConfigError(f"rollout.top_k = {r.top_k} must be >= 0 (0: off)")
+    if t.mixed_precision in ("False", "false"):  # YAML reads a bare `no` as false
+        t.mixed_precision = "no"
     if t.mixed_precision not in ("no", "bf16", "fp16"):
         raise ConfigError(f"train.mixed_precision = {t.mixed_precision!r} is unknown; use no, bf16 or fp16")
     _positive(r.num_generations, "rollout.num_generations")
@@ -204,6 +237,8 @@ def validate(config: Config) -> Objective:
     _positive(t.steps, "train.steps")
     _positive(t.prompts_per_step, "train.prompts_per_step")
     _positive(t.micro_batch_size, "train.micro_batch_size")
+    if t.max_tokens_per_micro_batch < 0:
+        raise ConfigError(f"train.max_tokens_per_micro_batch = {t.max_tokens_per_micro_batch} must be >= 0 (0: off)")
     if t.chunk_size is not None and t.chunk_size < 0:
         raise ConfigError(f"train.chunk_size = {t.chunk_size} must be >= 0 (0: plain form; null: automatic)")
     if not lg.output_dir:
@@ -220,6 +255,45 @@ def validate(config: Config) -> Objective:
         raise ConfigError("checkpoint.resume and logging.overwrite are both true; choose one")
     _positive(ck.keep_last, "checkpoint.keep_last")
     return objective
+
+
+def _check_lora(lora: LoraConfig) -> None:
+    if not lora.enabled:
+        return
+    _positive(lora.r, "model.lora.r")
+    _positive(lora.alpha, "model.lora.alpha")
+    if not 0 <= lora.dropout < 1:
+        raise ConfigError(f"model.lora.dropout = {lora.dropout} must be in [0, 1)")
+    if not lora.target_modules:
+        raise ConfigError("model.lora.target_modules is empty; name the modules to adapt, e.g. [q_proj, v_proj]")
+
+
+def _check_rollout_backend(config: Config) -> None:
+    r, v = config.rollout, config.rollout.vllm
+    if r.backend not in ("hf", "vllm"):
+        raise ConfigError(f"rollout.backend = {r.backend!r} is unknown; use hf or vllm")
+    if r.backend != "vllm":
+        return
+    if v.mode not in ("colocate", "server"):
+        raise ConfigError(f"rollout.vllm.mode = {v.mode!r} is unknown; use colocate or server")
+    if not 0 < v.gpu_memory_utilization <= 1:
+        raise ConfigError(f"rollout.vllm.gpu_memory_utilization = {v.gpu_memory_utilization} must be in (0, 1]")
+    _positive(v.tensor_parallel_size, "rollout.vllm.tensor_parallel_size")
+    _positive(v.server_timeout, "rollout.vllm.server_timeout")
+    for key, port in (("rollout.vllm.server_port", v.server_port), ("rollout.vllm.group_port", v.group_port)):
+        if not 0 < port < 65536:
+            raise ConfigError(f"{key} = {port} is not a port number (1-65535)")
+    if v.mode == "server" and v.tensor_parallel_size != 1:
+        raise ConfigError(
+            "rollout.vllm.tensor_parallel_size applies to mode=colocate; a server's parallelism is set when it is "
+            "started (vllm serve --tensor-parallel-size N)"
+        )
+    needed = config.data.max_prompt_length + r.max_new_tokens
+    if v.max_model_len is not None and v.max_model_len < needed:
+        raise ConfigError(
+            f"rollout.vllm.max_model_len = {v.max_model_len} is shorter than data.max_prompt_length + "
+            f"rollout.max_new_tokens = {needed}; raise it or leave it null"
+        )
 
 
 def _positive(value: int | float, key: str) -> None:
@@ -247,11 +321,20 @@ def describe_keys(config: Config | None = None) -> list[tuple[str, str, str]]:
     config = config or Config()
     rows = []
     for section in dataclasses.fields(Config):
-        value = getattr(config, section.name)
-        helps = field_help(type(value))
-        for item in dataclasses.fields(value):
-            default = getattr(value, item.name)
-            rows.append((f"{section.name}.{item.name}", _show(default), helps.get(item.name, ("", ""))[1]))
+        rows.extend(_describe(getattr(config, section.name), section.name))
+    return rows
+
+
+def _describe(value: Any, prefix: str) -> list[tuple[str, str, str]]:
+    """Rows of one section; a nested section (`model.lora`, `rollout.vllm`) gives dotted rows of its own."""
+    rows = []
+    helps = field_help(type(value))
+    for item in dataclasses.fields(value):
+        default = getattr(value, item.name)
+        if dataclasses.is_dataclass(default):
+            rows.extend(_describe(default, f"{prefix}.{item.name}"))
+        else:
+            rows.append((f"{prefix}.{item.name}", _show(default), helps.get(item.name, ("", ""))[1]))
     return rows
 
 
