@@ -34,7 +34,9 @@ def build_tokenizer(extra_words: list[str] | None = None, chat_template: bool = 
     return tokenizer
 
 
-def build_model(vocab_size: int, hidden: int = 32, layers: int = 2, seed: int = 0, vocab_pad: int = 0):
+def build_model(
+    vocab_size: int, hidden: int = 32, layers: int = 2, seed: int = 0, vocab_pad: int = 0, tied: bool = True
+):
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
@@ -48,7 +50,7 @@ def build_model(vocab_size: int, hidden: int = 32, layers: int = 2, seed: int = 
         num_key_value_heads=1,
         head_dim=hidden // 2,
         max_position_embeddings=256,
-        tie_word_embeddings=True,
+        tie_word_embeddings=tied,
         pad_token_id=0,
         eos_token_id=1,
         bos_token_id=None,
@@ -82,3 +84,72 @@ def write_prompts(path: str, count: int = 32, seed: int = 0, chat: bool = False)
             }
             handle.write(json.dumps(row) + "\n")
     return path
+
+
+# ------------------------------------------------------------------------------------------ a fake vLLM
+
+
+class FakeLLM:
+    """Stands in for `vllm.LLM` inside TRL's `VLLMGeneration` (colocate mode): records what it is given and returns
+    fixed completions, `completions[i % len(completions)]` for request i. `loaded` holds the (name, tensor) pairs
+    of the last weight sync, as vLLM's `model.load_weights` receives them."""
+
+    completions: list[list[int]] = [[5, 6, 1], [7, 8, 9, 10]]
+    instances: list["FakeLLM"] = []
+
+    def __init__(self, **kwargs):
+        self.kwargs = kwargs
+        self.loaded: dict = {}
+        self.syncs = 0
+        self.calls: list = []
+        self.sleeping = False
+        self.llm_engine = _Namespace(model_executor=_Namespace(driver_worker=_Namespace(
+            model_runner=_Namespace(model=_Namespace(load_weights=self._load_weights)))))
+        FakeLLM.instances.append(self)
+
+    def _load_weights(self, weights):
+        for name, tensor in weights:
+            self.loaded[name] = tensor.detach().clone()
+
+    def reset_prefix_cache(self):
+        self.syncs += 1
+
+    def sleep(self, level=1):
+        self.sleeping = True
+
+    def wake_up(self, tags=None):
+        self.sleeping = False
+
+    def generate(self, prompts, sampling_params=None, use_tqdm=False):
+        self.calls.append((prompts, sampling_params))
+        outputs = []
+        for number, prompt in enumerate(prompts):
+            ids = self.completions[number % len(self.completions)]
+            outputs.append(_Namespace(prompt_token_ids=prompt["prompt_token_ids"],
+                                      outputs=[_Namespace(token_ids=list(ids), logprobs=None)]))
+        return outputs
+
+
+class _Namespace:
+    def __init__(self, **values):
+        self.__dict__.update(values)
+
+
+def install_fake_vllm(monkeypatch):
+    """Make TRL's `VLLMGeneration` build a `FakeLLM` (and dopd believe vLLM is installed); undone by monkeypatch.
+    The environment variables vLLM's colocate start-up sets are restored afterwards too."""
+    import trl.generation.vllm_generation as generation
+
+    import dopd.rollout.vllm as backend
+
+    FakeLLM.instances = []
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        present = name in os.environ
+        monkeypatch.setenv(name, os.environ.get(name, ""))  # records the value (or its absence) to restore
+        if not present:
+            monkeypatch.delenv(name)
+    monkeypatch.setattr(generation, "is_vllm_available", lambda *args, **kwargs: True)
+    monkeypatch.setattr(generation, "LLM", FakeLLM, raising=False)
+    monkeypatch.setattr(generation, "SamplingParams", lambda **kwargs: dict(kwargs), raising=False)
+    monkeypatch.setattr(backend, "require_vllm", lambda device=None: None)
+    return FakeLLM

@@ -1,5 +1,6 @@
 """Checkpoints of a run: the student in `save_pretrained` form (loadable by transformers and vLLM) with its
-tokenizer, plus the optimizer, the schedule, every process's random state and the data position.
+tokenizer, plus the optimizer, the schedule, every process's random state and the data position. With LoRA the
+student is its adapter (PEFT's form), and `model.lora.save_merged` adds `merged/`, the base with the adapter merged.
 
 A checkpoint is written under a temporary name and renamed when complete, so a run killed while saving leaves
 the previous checkpoint intact and never a half-written one; `resume` continues from the newest complete one and
@@ -94,8 +95,7 @@ def save(trainer, step: int) -> str:
     model_state = accelerator.get_state_dict(trainer.student)
     torch.save(_rng_state(), os.path.join(staging, f"rng_state_{accelerator.process_index}.pt"))
     if accelerator.is_main_process:
-        trainer.inner.save_pretrained(os.path.join(staging, "model"), state_dict=model_state)
-        trainer.tokenizer.save_pretrained(os.path.join(staging, "model"))
+        save_model(trainer, model_state, os.path.join(staging, "model"))
         torch.save(
             {
                 "step": step,
@@ -113,6 +113,21 @@ def save(trainer, step: int) -> str:
             shutil.rmtree(os.path.join(root, old), ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def save_model(trainer, model_state: dict, directory: str) -> None:
+    """The student (or its LoRA adapter) and the tokenizer in `directory`; with `model.lora.save_merged`, the
+    merged model in `directory/merged`. Main process only."""
+    trainer.inner.save_pretrained(directory, state_dict=model_state)
+    trainer.tokenizer.save_pretrained(directory)
+    lora = trainer.config.model.lora
+    if lora.enabled and lora.save_merged:
+        from .lora import save_merged
+
+        merged = os.path.join(directory, "merged")
+        model = trainer.config.model
+        save_merged(model.student, directory, merged, torch.float32, model.trust_remote_code)
+        trainer.tokenizer.save_pretrained(merged)
 
 
 def load_state(directory: str, trainer) -> int:
@@ -155,8 +170,7 @@ def save_final(trainer) -> str:
     if accelerator.is_main_process:
         staging = final + ".tmp"
         shutil.rmtree(staging, ignore_errors=True)
-        trainer.inner.save_pretrained(staging, state_dict=model_state)
-        trainer.tokenizer.save_pretrained(staging)
+        save_model(trainer, model_state, staging)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(staging, final)
     accelerator.wait_for_everyone()

@@ -31,11 +31,13 @@ import torch
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, to_yaml, validate
 from .data import PromptOrder, PromptSet, build_prompt_set, check_columns, load_rows
+from .engines import check_engine, frozen_head, prepare_teacher
 from .kernels import Head, chunked_objective, score_target
+from .lora import add_adapters, load_adapters, require_peft
 from .objectives import Objective, TargetScores, check_top_k, compute_batch_thresholds, compute_objective
 from .rollout import Rollouts
 from .routing import REGIMES, make_gather
-from .scoring import Completions, frozen_pass, pass_inputs, trainable_pass
+from .scoring import Completions, frozen_pass, pack_by_tokens, pass_inputs, trainable_pass
 
 logger = logging.getLogger("dopd")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -88,7 +90,7 @@ def load_tokenizer(config: Config):
 
 def load_model(path: str, config: Config, role: str):
     """The student always in fp32 (AdamW on half-precision weights rounds small updates away; mixed precision is
-    `train.mixed_precision`); the frozen teacher in `model.dtype`."""
+    `train.mixed_precision`, which autocasts its passes); the frozen teacher in `model.dtype`."""
     from transformers import AutoModelForCausalLM
 
     dtype = _DTYPES[config.model.dtype] if role == "teacher" else torch.float32
@@ -233,6 +235,14 @@ class Trainer:
             project_dir=config.logging.output_dir,
             mixed_precision=config.train.mixed_precision,
         )
+        # Launch settings and optional packages are checked before any model loads.
+        check_engine(config, self.accelerator)
+        if config.rollout.backend == "vllm":
+            from .rollout.vllm import require_vllm
+
+            require_vllm(self.accelerator.device)
+        if config.model.lora.enabled:
+            require_peft()
         self.run_dir = config.logging.output_dir
         # Each process samples its own completions: its own random stream (process 0 keeps the plain seed).
         seed_everything(config.train.seed + 1_000_003 * self.accelerator.process_index)
@@ -247,24 +257,24 @@ class Trainer:
         self.start_step, resume_dir = 0, None
         if config.checkpoint.resume:
             resume_dir = ckpt.latest(self.run_dir)
-        student_path = os.path.join(resume_dir, "model") if resume_dir else config.model.student
-        student = load_model(student_path, config, "student")
-        self.teacher = load_model(config.model.teacher, config, "teacher") if self.objective.needs_teacher else None
-        self.vocab_size = common_vocab_size(student, self.teacher, self.tokenizer)
+        student = self._load_student(resume_dir)
+        teacher = load_model(config.model.teacher, config, "teacher") if self.objective.needs_teacher else None
+        self.vocab_size = common_vocab_size(student, teacher, self.tokenizer)
         try:
             check_top_k(self.objective, self.vocab_size)
         except ValueError as error:
             raise ConfigError(str(error)) from None
-        if config.model.gradient_checkpointing:
-            student.gradient_checkpointing_enable()
         student.train()
         optimizer, scheduler = build_optimizer(student, config)
         # The schedule is stepped once per optimizer step by us: accelerate's prepared scheduler would step once per
         # process, running the schedule num_processes times faster.
         self.student, self.optimizer = self.accelerator.prepare(student, optimizer)
         self.scheduler = scheduler
-        if self.teacher is not None:
-            self.teacher.to(self.accelerator.device).eval().requires_grad_(False)
+        self.teacher = prepare_teacher(teacher, self.accelerator) if teacher is not None else None
+        # Whole copies of frozen heads where the engine shards them (ZeRO-3; the student's is frozen under LoRA).
+        accelerator, vocab = self.accelerator, self.vocab_size
+        self.teacher_head = frozen_head(self.teacher, vocab, accelerator) if teacher is not None else None
+        self.student_head = frozen_head(self.inner, vocab, accelerator) if config.model.lora.enabled else None
         self.order = PromptOrder(len(self.prompts), config.train.seed, config.data.shuffle)
         if resume_dir:
             self.start_step = ckpt.load_state(resume_dir, self)
@@ -275,6 +285,21 @@ class Trainer:
         if self.accelerator.is_main_process and not resume_dir:
             init_run_dir(config)
         self.accelerator.wait_for_everyone()
+
+    def _load_student(self, resume_dir: str | None):
+        """The student from its path or the newest checkpoint; with LoRA, the base from its path and the adapter
+        fresh or from the checkpoint."""
+        config = self.config
+        lora = config.model.lora.enabled
+        saved = os.path.join(resume_dir, "model") if resume_dir else None
+        student = load_model(saved if saved and not lora else config.model.student, config, "student")
+        if config.model.gradient_checkpointing:
+            student.gradient_checkpointing_enable()
+            if lora:  # the frozen embeddings must pass gradients on to the checkpointed layers' adapters
+                student.enable_input_require_grads()
+        if lora:
+            student = load_adapters(student, saved) if saved else add_adapters(student, config.model.lora)
+        return student
 
     def _load_prompts(self) -> PromptSet:
         config = self.config
@@ -288,13 +313,15 @@ class Trainer:
         )
 
     def _rollout_engine(self):
-        if self.config.rollout.backend == "hf":
-            from .rollout.hf import HFRollout
+        if self.config.rollout.backend == "vllm":
+            from .rollout.vllm import VLLMRollout
 
-            return HFRollout(
-                lambda: self.accelerator.unwrap_model(self.student), self.tokenizer, self.config.rollout, self.vocab_size
-            )
-        raise ConfigError("rollout.backend = vllm is not available yet in this version; use hf")
+            return VLLMRollout.create(self.inner, self.accelerator, self.tokenizer, self.config, self.vocab_size)
+        from .rollout.hf import HFRollout
+
+        return HFRollout(
+            lambda: self.accelerator.unwrap_model(self.student), self.tokenizer, self.config.rollout, self.vocab_size
+        )
 
     @property
     def inner(self):
@@ -309,28 +336,44 @@ class Trainer:
         rank = self.accelerator.process_index
         return indices[rank * share : (rank + 1) * share]
 
+    def micro_batches(self, prompts: list[int], rollouts: Rollouts) -> list[list[int]]:
+        """Rollout indices of each micro-batch: `micro_batch_size` in order, or packed by padded tokens of the
+        longest of the passes when `max_tokens_per_micro_batch` is set (the loss is the same either way)."""
+        count, budget = len(rollouts), self.config.train.max_tokens_per_micro_batch
+        if not budget:
+            size = self.config.train.micro_batch_size
+            return [list(range(start, min(start + size, count))) for start in range(0, count, size)]
+        prompt_sets = [self.prompts.student_ids]
+        if self.objective.needs_self:
+            prompt_sets.append(self.prompts.self_ids)
+        if self.objective.needs_teacher:
+            prompt_sets.append(self.prompts.teacher_ids)
+        lengths = [
+            max(len(ids[prompts[rollouts.prompt_index[i]]]) for ids in prompt_sets) + len(rollouts.completion_ids[i])
+            for i in range(count)
+        ]
+        return pack_by_tokens(lengths, budget)
+
     def score(self, prompts: list[int], rollouts: Rollouts) -> list[MicroBatch]:
         """The no-gradient passes of every micro-batch: privileged student and teacher."""
         pad = self.tokenizer.pad_token_id
-        size = self.config.train.micro_batch_size
         # No top-K here (top_k=None): routing reads only the sampled token, and the loss computes a target's top-K
         # for just the tokens whose Top-K term applies (LH: teacher; LL, HS: self), from the heads kept here.
         temperature = self.config.objective.temperature
         batches = []
-        for start in range(0, len(rollouts), size):
-            sequences = list(range(start, min(start + size, len(rollouts))))
+        for sequences in self.micro_batches(prompts, rollouts):
             owners = [prompts[rollouts.prompt_index[i]] for i in sequences]
             completions = Completions.from_lists([rollouts.completion_ids[i] for i in sequences], pad)
             self_head = teacher_head = self_scores = teacher_scores = None
             if self.objective.needs_self:
                 inputs = pass_inputs([self.prompts.self_ids[p] for p in owners], completions, pad)
-                self_head = frozen_pass(self.inner, inputs, self.vocab_size)
+                self_head = frozen_pass(self.inner, inputs, self.vocab_size, self.student_head)
                 self_scores = score_target(
                     self_head, completions.ids, completions.mask, None, temperature, self.chunk_size
                 )
             if self.objective.needs_teacher:
                 inputs = pass_inputs([self.prompts.teacher_ids[p] for p in owners], completions, pad)
-                teacher_head = frozen_pass(self.teacher, inputs, self.vocab_size)
+                teacher_head = frozen_pass(self.teacher, inputs, self.vocab_size, self.teacher_head)
                 teacher_scores = score_target(
                     teacher_head, completions.ids, completions.mask, None, temperature, self.chunk_size
                 )
@@ -375,9 +418,11 @@ class Trainer:
             inputs = pass_inputs([self.prompts.student_ids[p] for p in batch.owners], batch.completions, pad)
             last = number == len(batches) - 1
             with nullcontext() if last else self.accelerator.no_sync(self.student):
-                student = trainable_pass(self.student, self.inner, inputs, self.vocab_size)
+                student = trainable_pass(self.student, self.inner, inputs, self.vocab_size, self.student_head)
                 ids = batch.completions.ids.to(student.hidden.device)
                 mask = batch.completions.mask.to(student.hidden.device)
+                if batch.self_head is not None:  # the same weights, read live: a sharded head kept since scoring
+                    batch.self_head = _same_head(batch.self_head, student)  # may have been freed by now
                 output = self.objective_output(student, ids, mask, batch, thresholds, total_sequences, gather, generator)
                 self.accelerator.backward(output.loss)
             metrics.add(output.metrics)
@@ -523,6 +568,11 @@ class Trainer:
         if config.logging.report_to:
             accelerator.end_training()
         return TrainResult(self.run_dir, final_dir, config.train.steps, result)
+
+
+def _same_head(frozen: Head, live: Head) -> Head:
+    bias = None if live.bias is None else live.bias.detach()
+    return Head(frozen.hidden, live.weight.detach(), bias)
 
 
 def _logits(head: Head) -> torch.Tensor:
