@@ -263,10 +263,13 @@ def test_bad_input_stops_before_the_model_loads(tmp_path, capsys, monkeypatch, e
     assert sorted(os.listdir(tmp_path)) == ["math.jsonl"]
 
 
-def test_unreadable_answers_and_other_reports_are_refused(answering_model, tmp_path):
+def test_unreadable_answers_and_other_reports_are_refused(answering_model, tmp_path, capsys):
     bad = write_jsonl(tmp_path / "bad.jsonl", math_rows() + [{"prompt": "what is ?", "answer": "a lot of apples"}])
     with pytest.raises(ConfigError, match=r"1 of 5 reference answers cannot be read .*row 4: 'a lot of apples'"):
         evaluate(EvalSpec(model=str(tmp_path / "no-model"), data=bad, out=str(tmp_path / "r.json"), progress=False))
+    assert main(["eval", "--model", answering_model, "--data", bad, "--out", str(tmp_path / "r.json")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("dopd: error: 1 of 5 reference answers") and len(error.splitlines()) == 1
     data = write_jsonl(tmp_path / "math.jsonl", math_rows())
     other = write_jsonl(tmp_path / "other.jsonl", math_rows()[:3])
     evaluate(EvalSpec(model=answering_model, data=other, out=str(tmp_path / "other.json"), max_new_tokens=6,

@@ -282,7 +282,7 @@ class ChatServer:
                 self.wfile.write(data)
 
         self.httpd = QuietServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
         self.thread.start()
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
 
@@ -396,7 +396,7 @@ def test_server_errors_are_retried(tmp_path, server):
             [{"role": "user", "content": "Problem:\nWhat is 1 + 2 + 3?\n"}])
 
 
-def test_unreachable_server_and_unknown_model_stop_before_any_work(tmp_path):
+def test_unreachable_server_and_unknown_model_stop_before_any_work(tmp_path, capsys):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         closed_port = probe.getsockname()[1]
@@ -404,6 +404,11 @@ def test_unreachable_server_and_unknown_model_stop_before_any_work(tmp_path):
     out = tmp_path / "out.jsonl"
     with pytest.raises(ConfigError, match=f"cannot reach the server at http://127.0.0.1:{closed_port}/v1"):
         run_hints(served_spec(source, out, f"http://127.0.0.1:{closed_port}/v1"))
+    argv = ["hints", "--input", source, "--form", "generated", "--out", str(out), "--model", "tiny-teacher",
+            "--base-url", f"http://127.0.0.1:{closed_port}/v1", "--no-progress"]
+    assert main(argv) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("dopd: error: cannot reach the server") and len(error.splitlines()) == 1
     chat_server = ChatServer()
     try:
         with pytest.raises(ConfigError, match="--model gpt-x is not served at .*; it serves: tiny-teacher"):
