@@ -43,6 +43,8 @@ class ModelConfig:
     trust_remote_code: bool = False  # passed to from_pretrained
     attn_implementation: str | None = None  # e.g. sdpa, flash_attention_2 (default: transformers' choice)
     gradient_checkpointing: bool = False  # recompute the student's activations in backward to save memory
+    kind: str = "auto"  # causal_lm | image_text (AutoModelForImageTextToText) | auto: image_text when data.image_column is set
+    freeze_vision: bool = True  # image_text: keep the student's vision tower frozen (LoRA never adapts it)
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
@@ -54,6 +56,9 @@ class DataConfig:
     prompt_column: str = "prompt"  # the question: a string or a list of chat messages
     privileged_column: str = "privileged_context"  # the privileged input, seen only by the privileged passes
     answer_column: str = "answer"  # optional reference answer (kept for evaluation and samples)
+    image_column: str | None = None  # images (path, URL or datasets Image): every pass reads the row's image
+    box_column: str | None = None  # pixel boxes [x1, y1, x2, y2] per row (or bbox dicts), checked inside the image
+    draw_box: bool = False  # draw the box_column boxes on the image the privileged passes see
     teacher_template: str = DEFAULT_PRIVILEGED_TEMPLATE  # how the teacher's prompt inserts the privileged context
     self_template: str = DEFAULT_PRIVILEGED_TEMPLATE  # the same for the privileged student pass
     use_chat_template: bool | None = None  # render prompts with the tokenizer's chat template (default: if it has one)
@@ -211,6 +216,7 @@ def validate(config: Config) -> Objective:
         except ValueError as error:
             raise ConfigError(str(error)) from None
     _positive(d.max_prompt_length, "data.max_prompt_length")
+    _check_images(config)
     _check_lora(m.lora)
     _check_rollout_backend(config)
     if r.top_k < 0:
@@ -266,6 +272,31 @@ def _check_lora(lora: LoraConfig) -> None:
         raise ConfigError(f"model.lora.dropout = {lora.dropout} must be in [0, 1)")
     if not lora.target_modules:
         raise ConfigError("model.lora.target_modules is empty; name the modules to adapt, e.g. [q_proj, v_proj]")
+
+
+def is_image_text(config: Config) -> bool:
+    """The vision-language path: `model.kind = image_text`, or `auto` with an image column."""
+    return config.model.kind == "image_text" or (config.model.kind == "auto" and bool(config.data.image_column))
+
+
+def _check_images(config: Config) -> None:
+    m, d = config.model, config.data
+    if m.kind not in ("auto", "causal_lm", "image_text"):
+        raise ConfigError(f"model.kind = {m.kind!r} is unknown; use auto, causal_lm or image_text")
+    if m.kind == "image_text" and not d.image_column:
+        raise ConfigError("model.kind = image_text needs data.image_column: the column that holds each row's image")
+    if m.kind == "causal_lm" and d.image_column:
+        raise ConfigError(
+            f"data.image_column = {d.image_column!r} needs an image-text model; set model.kind=image_text (or auto)"
+        )
+    if (d.box_column or d.draw_box) and not d.image_column:
+        raise ConfigError("data.box_column and data.draw_box need data.image_column: boxes belong to images")
+    if d.draw_box and not d.box_column:
+        raise ConfigError("data.draw_box needs data.box_column: the column with each row's pixel boxes to draw")
+    if is_image_text(config) and config.rollout.backend == "vllm":
+        raise ConfigError(
+            "rollout.backend = vllm does not carry images yet; image-text runs sample with rollout.backend=hf"
+        )
 
 
 def _check_rollout_backend(config: Config) -> None:
