@@ -119,15 +119,17 @@ def save_model(trainer, model_state: dict, directory: str) -> None:
     """The student (or its LoRA adapter) and the tokenizer in `directory`; with `model.lora.save_merged`, the
     merged model in `directory/merged`. Main process only."""
     trainer.inner.save_pretrained(directory, state_dict=model_state)
-    trainer.tokenizer.save_pretrained(directory)
+    processing = trainer.processor or trainer.tokenizer  # an image-text student's processor holds its tokenizer
+    processing.save_pretrained(directory)
     lora = trainer.config.model.lora
     if lora.enabled and lora.save_merged:
         from .lora import save_merged
 
         merged = os.path.join(directory, "merged")
         model = trainer.config.model
-        save_merged(model.student, directory, merged, torch.float32, model.trust_remote_code)
-        trainer.tokenizer.save_pretrained(merged)
+        save_merged(model.student, directory, merged, torch.float32, model.trust_remote_code,
+                    trainer.processor is not None)
+        processing.save_pretrained(merged)
 
 
 def load_state(directory: str, trainer) -> int:

@@ -99,34 +99,49 @@ class PromptSet:
     prompts: list[Any]
     privileged: list[str | None]
     answers: list[str | None]
+    images: Any = None  # multimodal.ImageRows of the rows kept (data.image_column), else None
 
     def __len__(self) -> int:
         return len(self.student_ids)
 
 
 def build_prompt_set(
-    dataset, config: DataConfig, tokenizer, teacher_privileged: bool | None, self_privileged: bool
+    dataset, config: DataConfig, tokenizer, teacher_privileged: bool | None, self_privileged: bool, processor=None
 ) -> PromptSet:
-    """Render and tokenize every row; prompts over `max_prompt_length` stop the run (or are dropped)."""
+    """Render and tokenize every row; prompts over `max_prompt_length` stop the run (or are dropped). With
+    `data.image_column`, `processor` renders each prompt with an image part and expands its placeholder tokens."""
     prompts = list(dataset[config.prompt_column])
+    images = None
+    if config.image_column:
+        from .multimodal import ImageRows, encode_with_image, with_image
+
+        images = ImageRows.from_dataset(dataset, config)
+        prompts = [with_image(p) for p in prompts]
     has_privileged = config.privileged_column in dataset.column_names
     privileged = list(dataset[config.privileged_column]) if has_privileged else [None] * len(prompts)
     answers = list(dataset[config.answer_column]) if config.answer_column in dataset.column_names else [None] * len(
         prompts
     )
 
-    def encode(texts: list[str]) -> list[list[int]]:
-        return tokenizer(texts, add_special_tokens=False)["input_ids"]
+    renderer = processor if images is not None else tokenizer  # a processor renders image parts
 
     def render(context: list[str | None] | None, template: str) -> list[str]:
         return [
-            render_prompt(tokenizer, p, None if context is None else c, template, config.use_chat_template)
+            render_prompt(renderer, p, None if context is None else c, template, config.use_chat_template)
             for p, c in zip(prompts, context or [None] * len(prompts))
         ]
 
-    student_ids = encode(render(None, config.self_template))
-    self_ids = encode(render(privileged if self_privileged else None, config.self_template))
-    teacher_ids = encode(render(privileged if teacher_privileged else None, config.teacher_template))
+    texts = [
+        render(None, config.self_template),
+        render(privileged if self_privileged else None, config.self_template),
+        render(privileged if teacher_privileged else None, config.teacher_template),
+    ]
+    if images is None:
+        student_ids, self_ids, teacher_ids = (tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts)
+    else:  # the same image in all three passes: the same number of placeholder tokens
+        rows = [encode_with_image(processor, list(three), images.checked(i, config.box_column))
+                for i, three in enumerate(zip(*texts))]
+        student_ids, self_ids, teacher_ids = ([r[k] for r in rows] for k in range(3))
     lengths = [max(len(a), len(b), len(c)) for a, b, c in zip(student_ids, self_ids, teacher_ids)]
     too_long = [i for i, n in enumerate(lengths) if n > config.max_prompt_length]
     if too_long and not config.drop_long_prompts:
@@ -146,6 +161,7 @@ def build_prompt_set(
         prompts=[prompts[i] for i in keep],
         privileged=[privileged[i] for i in keep],
         answers=[answers[i] for i in keep],
+        images=None if images is None else images.subset(keep),
     )
 
 

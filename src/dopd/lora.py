@@ -24,9 +24,10 @@ def require_peft() -> None:
         raise ConfigError(f"model.lora.enabled needs peft, which is not installed: {INSTALL}")
 
 
-def add_adapters(model, lora: LoraConfig):
+def add_adapters(model, lora: LoraConfig, exclude_modules: str | None = None):
     """`model` wrapped by PEFT with fresh adapters (the adapter's B starts at zero: the first step's student is
-    the base model)."""
+    the base model). `exclude_modules`: a regular expression of module names left without adapters (an image-text
+    student's vision tower)."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
@@ -35,6 +36,7 @@ def add_adapters(model, lora: LoraConfig):
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         target_modules=list(lora.target_modules),
+        exclude_modules=exclude_modules,
         task_type="CAUSAL_LM",
     )
     try:
@@ -55,16 +57,19 @@ def is_peft(model) -> bool:
     return hasattr(model, "peft_config") and hasattr(model, "merge_adapter")
 
 
-def save_merged(base_path: str, adapter_dir: str, out_dir: str, dtype, trust_remote_code: bool) -> None:
+def save_merged(
+    base_path: str, adapter_dir: str, out_dir: str, dtype, trust_remote_code: bool, image_text: bool = False
+) -> None:
     """Load the base on the CPU, merge the adapter saved in `adapter_dir`, write a plain checkpoint to `out_dir`.
 
     A fresh copy rather than merging the training model in place: the training model may be sharded, and an
     in-place merge followed by an unmerge would round the base weights of a half-precision student."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
+    model_class = AutoModelForImageTextToText if image_text else AutoModelForCausalLM
     with torch.random.fork_rng(devices=[]):  # building a model may draw random numbers: leave the run's stream
-        base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype, trust_remote_code=trust_remote_code)
+        base = model_class.from_pretrained(base_path, dtype=dtype, trust_remote_code=trust_remote_code)
         merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     os.makedirs(out_dir, exist_ok=True)
     merged.save_pretrained(out_dir)

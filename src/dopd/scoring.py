@@ -10,7 +10,7 @@ chunk by chunk without full-vocabulary logits.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -25,6 +25,7 @@ class PassInputs:
     input_ids: Tensor
     attention_mask: Tensor
     positions: Tensor  # position of the hidden state that scores completion token t
+    vision: dict[str, Tensor] = field(default_factory=dict)  # pixel_values, image_grid_thw, ... (image-text models)
 
 
 @dataclass
@@ -88,6 +89,10 @@ def _whole(tensor: Tensor | None) -> Tensor | None:
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
+def _on(tensors: dict[str, Tensor], device) -> dict[str, Tensor]:
+    return {key: value.to(device) for key, value in tensors.items()}
+
+
 def _gather_positions(hidden_BLH: Tensor, positions_BT: Tensor) -> Tensor:
     index = positions_BT.to(hidden_BLH.device).unsqueeze(-1).expand(-1, -1, hidden_BLH.shape[-1])
     return hidden_BLH.gather(1, index)
@@ -109,6 +114,7 @@ def trainable_pass(
         attention_mask=inputs.attention_mask.to(device),
         output_hidden_states=True,
         use_cache=False,
+        **_on(inputs.vision, device),
     )
     try:
         output = model(**kwargs, logits_to_keep=1)  # the loss computes its own logits, chunk by chunk
@@ -143,6 +149,7 @@ def frozen_pass(
             attention_mask=inputs.attention_mask.to(device),
             use_cache=False,
             logits_to_keep=1,
+            **_on(inputs.vision, device),
         )
     finally:
         hook.remove()

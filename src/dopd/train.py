@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt
-from .config import Config, ConfigError, to_yaml, validate
+from .config import Config, ConfigError, is_image_text, to_yaml, validate
 from .data import PromptOrder, PromptSet, build_prompt_set, check_columns, load_rows
 from .engines import check_engine, frozen_head, prepare_teacher
 from .kernels import Head, chunked_objective, score_target
@@ -90,15 +90,17 @@ def load_tokenizer(config: Config):
 
 def load_model(path: str, config: Config, role: str):
     """The student always in fp32 (AdamW on half-precision weights rounds small updates away; mixed precision is
-    `train.mixed_precision`, which autocasts its passes); the frozen teacher in `model.dtype`."""
-    from transformers import AutoModelForCausalLM
+    `train.mixed_precision`, which autocasts its passes); the frozen teacher in `model.dtype`. Image-text models
+    (`model.kind`) load with their image-text class."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
+    model_class = AutoModelForImageTextToText if is_image_text(config) else AutoModelForCausalLM
     dtype = _DTYPES[config.model.dtype] if role == "teacher" else torch.float32
     kwargs = {"dtype": dtype, "trust_remote_code": config.model.trust_remote_code}
     if config.model.attn_implementation:
         kwargs["attn_implementation"] = config.model.attn_implementation
     try:
-        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        return model_class.from_pretrained(path, **kwargs)
     except Exception as error:
         raise ConfigError(f"the {role} model {path} could not be loaded (model.{role}): {error}") from None
 
@@ -246,7 +248,15 @@ class Trainer:
         self.run_dir = config.logging.output_dir
         # Each process samples its own completions: its own random stream (process 0 keeps the plain seed).
         seed_everything(config.train.seed + 1_000_003 * self.accelerator.process_index)
-        self.tokenizer = load_tokenizer(config)
+        self.processor = None  # an image-text model's processor (its tokenizer is self.tokenizer)
+        if is_image_text(config):
+            from .multimodal import load_processor
+
+            name = config.model.tokenizer or config.model.student
+            self.processor = load_processor(name, config.model.trust_remote_code)
+            self.tokenizer = self.processor.tokenizer
+        else:
+            self.tokenizer = load_tokenizer(config)
         self.prompts = self._load_prompts()
         check_teacher_tokenizer(config, self.tokenizer)
         if config.train.prompts_per_step % self.accelerator.num_processes:
@@ -293,12 +303,19 @@ class Trainer:
         lora = config.model.lora.enabled
         saved = os.path.join(resume_dir, "model") if resume_dir else None
         student = load_model(saved if saved and not lora else config.model.student, config, "student")
+        exclude = None
+        if self.processor is not None:
+            from .multimodal import EXCLUDE_VISION, freeze_vision
+
+            exclude = EXCLUDE_VISION
+            if config.model.freeze_vision:
+                freeze_vision(student)
         if config.model.gradient_checkpointing:
             student.gradient_checkpointing_enable()
             if lora:  # the frozen embeddings must pass gradients on to the checkpointed layers' adapters
                 student.enable_input_require_grads()
         if lora:
-            student = load_adapters(student, saved) if saved else add_adapters(student, config.model.lora)
+            student = load_adapters(student, saved) if saved else add_adapters(student, config.model.lora, exclude)
         return student
 
     def _load_prompts(self) -> PromptSet:
@@ -309,7 +326,8 @@ class Trainer:
         )
         check_columns(dataset, config.data, needs_privileged)
         return build_prompt_set(
-            dataset, config.data, self.tokenizer, self.objective.teacher_privileged, config.objective.self_privileged
+            dataset, config.data, self.tokenizer, self.objective.teacher_privileged, config.objective.self_privileged,
+            self.processor,
         )
 
     def _rollout_engine(self):
@@ -320,7 +338,8 @@ class Trainer:
         from .rollout.hf import HFRollout
 
         return HFRollout(
-            lambda: self.accelerator.unwrap_model(self.student), self.tokenizer, self.config.rollout, self.vocab_size
+            lambda: self.accelerator.unwrap_model(self.student), self.tokenizer, self.config.rollout, self.vocab_size,
+            self.processor,
         )
 
     @property
@@ -366,19 +385,36 @@ class Trainer:
             completions = Completions.from_lists([rollouts.completion_ids[i] for i in sequences], pad)
             self_head = teacher_head = self_scores = teacher_scores = None
             if self.objective.needs_self:
-                inputs = pass_inputs([self.prompts.self_ids[p] for p in owners], completions, pad)
+                privileged = bool(self.config.objective.self_privileged)
+                inputs = self.pass_inputs(self.prompts.self_ids, owners, completions, privileged)
                 self_head = frozen_pass(self.inner, inputs, self.vocab_size, self.student_head)
                 self_scores = score_target(
                     self_head, completions.ids, completions.mask, None, temperature, self.chunk_size
                 )
             if self.objective.needs_teacher:
-                inputs = pass_inputs([self.prompts.teacher_ids[p] for p in owners], completions, pad)
+                privileged = bool(self.objective.teacher_privileged)
+                inputs = self.pass_inputs(self.prompts.teacher_ids, owners, completions, privileged)
                 teacher_head = frozen_pass(self.teacher, inputs, self.vocab_size, self.teacher_head)
                 teacher_scores = score_target(
                     teacher_head, completions.ids, completions.mask, None, temperature, self.chunk_size
                 )
             batches.append(MicroBatch(owners, completions, self_head, teacher_head, self_scores, teacher_scores))
         return batches
+
+    def pass_inputs(self, prompt_ids: list[list[int]], owners: list[int], completions: Completions, privileged: bool):
+        """One pass's inputs: `prompt + completion` rows, and for an image-text model each row's image (with its
+        boxes drawn for a privileged pass when `data.draw_box` is set)."""
+        prompts = [prompt_ids[p] for p in owners]
+        inputs = pass_inputs(prompts, completions, self.tokenizer.pad_token_id)
+        images = self.prompts.images
+        if images is not None:
+            from .multimodal import vision_inputs
+
+            pictures = [images.image(p) for p in owners]
+            if privileged:
+                pictures = [images.privileged(picture, p) for picture, p in zip(pictures, owners)]
+            inputs.vision = vision_inputs(self.processor, pictures, inputs.input_ids, [len(p) for p in prompts])
+        return inputs
 
     @property
     def chunk_size(self) -> int | None:
@@ -408,14 +444,13 @@ class Trainer:
 
     def update(self, batches: list[MicroBatch], thresholds, step: int, metrics: StepMetrics):
         """Student passes with gradient, the objective and backward, micro-batch by micro-batch."""
-        pad = self.tokenizer.pad_token_id
         total_sequences = sum(len(b.owners) for b in batches)
         rank = self.accelerator.process_index
         generator = torch.Generator().manual_seed((self.config.train.seed * 1_000_003 + step) * 1009 + rank)
         gather = self.gather if self.config.objective.threshold_scope == "batch" else None
         outputs = []
         for number, batch in enumerate(batches):
-            inputs = pass_inputs([self.prompts.student_ids[p] for p in batch.owners], batch.completions, pad)
+            inputs = self.pass_inputs(self.prompts.student_ids, batch.owners, batch.completions, privileged=False)
             last = number == len(batches) - 1
             with nullcontext() if last else self.accelerator.no_sync(self.student):
                 student = trainable_pass(self.student, self.inner, inputs, self.vocab_size, self.student_head)
@@ -448,9 +483,12 @@ class Trainer:
         timer = time.perf_counter
         start = timer()
         prompts = self.local_prompts()
-        rollouts = self.engine.generate(
-            [self.prompts.student_ids[p] for p in prompts], self.config.rollout.num_generations
-        )
+        ids = [self.prompts.student_ids[p] for p in prompts]
+        if self.prompts.images is None:
+            rollouts = self.engine.generate(ids, self.config.rollout.num_generations)
+        else:  # the student sees the plain image, without the privileged boxes
+            images = [self.prompts.images.image(p) for p in prompts]
+            rollouts = self.engine.generate(ids, self.config.rollout.num_generations, images=images)
         rolled = timer()
         batches = self.score(prompts, rollouts)
         thresholds = self.batch_thresholds(batches)

@@ -4,6 +4,8 @@ Prompts are left-padded and sampled in batches of `batch_size` prompts, `num_gen
 Sampling uses a fresh `GenerationConfig` built from the rollout settings alone: a checkpoint's own defaults
 (repetition penalty, top-k, ...) would make the completions come from another distribution than the student's,
 which biases every on-policy estimate. The engine reads the live student module, so there are no weights to sync.
+An image-text student gets each prompt's image through its processor (`processor`), and never samples the image
+placeholder tokens.
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ from . import Rollouts, end_of_sequence_ids, trim_completion
 
 class HFRollout:
     def __init__(
-        self, model_getter: Callable[[], torch.nn.Module], tokenizer, config: RolloutConfig, vocab_size: int | None = None
+        self, model_getter: Callable[[], torch.nn.Module], tokenizer, config: RolloutConfig, vocab_size: int | None = None,
+        processor=None,
     ):
         self.model_getter = model_getter
+        self.processor = processor
         self.tokenizer = tokenizer
         self.config = config
         self.vocab_size = vocab_size  # ids at or above it are never sampled (the teacher has no scores for them)
@@ -45,12 +49,18 @@ class HFRollout:
         else:
             settings.update(temperature=None, top_p=None, top_k=None)
         head_rows = model.get_output_embeddings().weight.shape[0]
-        if self.vocab_size is not None and head_rows > self.vocab_size:
-            settings["suppress_tokens"] = list(range(self.vocab_size, head_rows))
+        suppressed = list(range(self.vocab_size, head_rows)) if self.vocab_size is not None else []
+        if self.processor is not None:
+            from ..multimodal import vision_token_ids
+
+            suppressed = vision_token_ids(self.tokenizer) + suppressed
+        if suppressed:
+            settings["suppress_tokens"] = suppressed
         return GenerationConfig(**settings)
 
     @torch.no_grad()
-    def generate(self, prompt_ids: list[list[int]], num_generations: int) -> Rollouts:
+    def generate(self, prompt_ids: list[list[int]], num_generations: int, images: list | None = None) -> Rollouts:
+        """`images`: one image per prompt, for an image-text student."""
         model = self.model_getter()
         was_training = model.training
         model.eval()
@@ -72,13 +82,21 @@ class HFRollout:
                 for row, ids in enumerate(batch):
                     input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
                     attention[row, width - len(ids) :] = 1
+                batch_images = None if images is None else images[start : start + self.config.batch_size]
                 if greedy:  # greedy decoding returns one sequence per input row
                     input_ids = input_ids.repeat_interleave(num_generations, dim=0)
                     attention = attention.repeat_interleave(num_generations, dim=0)
+                    batch_images = None if images is None else [i for i in batch_images for _ in range(num_generations)]
+                vision = {}
+                if batch_images is not None:
+                    from ..multimodal import vision_inputs
+
+                    vision = vision_inputs(self.processor, batch_images, input_ids, left_padded=True)
                 output = model.generate(
                     input_ids=input_ids.to(device),
                     attention_mask=attention.to(device),
                     generation_config=generation_config,
+                    **{key: value.to(device) for key, value in vision.items()},
                 )
                 for row, generated in enumerate(output[:, width:].tolist()):
                     ids, done = trim_completion(generated, self.eos_ids)
