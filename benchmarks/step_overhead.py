@@ -141,9 +141,9 @@ class Probes:
         trainable_pass, objective_output = train_module.trainable_pass, train_module.Trainer.objective_output
         probes = self
 
-        def timed_frozen_pass(model, inputs, vocab_size):
+        def timed_frozen_pass(model, *rest, **kwargs):
             start = time.perf_counter()
-            head = frozen_pass(model, inputs, vocab_size)
+            head = frozen_pass(model, *rest, **kwargs)
             name = probes.model_names.get(id(model), "other")
             probes.add(f"{name}_pass", time.perf_counter() - start)
             probes.head_names[id(head)] = name

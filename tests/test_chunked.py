@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from dopd import losses, objectives
+from dopd.kernels import chunked as chunked_module
 from dopd.kernels.chunked import Head, chunked_objective, score_target
 from dopd.objectives import TargetScores, build_objective, compute_batch_thresholds, compute_objective
 
@@ -121,8 +122,19 @@ def option_id(option):
     return "-".join(f"{k}={v}" for k, v in option.items())
 
 
+@pytest.fixture(params=["kept", "recomputed", "target-sub-blocks"])
+def target_path(request, monkeypatch):
+    """How the loss gets a target's full log-probs: kept by the scores (tiny vocabularies), recomputed from the
+    head (large ones), or recomputed two rows at a time (the target buffers hold fewer rows than a chunk)."""
+    if request.param != "kept":
+        monkeypatch.setattr(chunked_module, "_KEEP_ELEMENTS", 0)
+    if request.param == "target-sub-blocks":
+        monkeypatch.setattr(chunked_module, "_TARGET_ELEMENTS", 2 * V)
+    return request.param
+
+
 @pytest.mark.parametrize("option", OPTIONS, ids=option_id)
-def test_chunked_equals_plain_float32(option):
+def test_chunked_equals_plain_float32(option, target_path):
     objective = build_objective({"top_k": K, **option})
     case = make_case()
     expected = plain(objective, case, generator=torch.Generator().manual_seed(5))
@@ -142,7 +154,7 @@ def test_chunk_sizes(option, chunk_size):
 
 
 @pytest.mark.parametrize("option", [OPTIONS[i] for i in (0, 1, 5, 6, 9, 18)], ids=option_id)
-def test_chunked_equals_plain_float64(option):
+def test_chunked_equals_plain_float64(option, target_path):
     objective = build_objective({"top_k": K, **option})
     case = make_case(torch.float64, seed=1)
     assert_same(plain(objective, case), chunked(objective, case, chunk_size=2), rtol=1e-10)
@@ -225,9 +237,20 @@ def test_score_target_equals_full_logits(temperature):
     torch.testing.assert_close(scores.entropy[valid], losses.entropy(logprobs)[valid], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(scores.topk_logprobs[valid], reference.topk_logprobs[valid], rtol=1e-5, atol=1e-6)
     assert torch.equal(scores.topk_ids[valid], reference.topk_ids[valid])
-    for tensor in (scores.token_logprobs, scores.entropy, scores.topk_logprobs, scores.topk_ids):
+    torch.testing.assert_close(scores.full_logprobs[valid], logprobs[valid], rtol=1e-5, atol=1e-6)
+    for tensor in (scores.token_logprobs, scores.entropy, scores.topk_logprobs, scores.topk_ids, scores.full_logprobs):
         assert (tensor[~valid] == 0).all()
     assert score_target(head, case.ids, case.mask).topk_logprobs is None
+
+
+def test_score_target_keeps_full_logprobs_of_small_passes_only(monkeypatch):
+    case = make_case()
+    head = Head(case.teacher_hidden, case.teacher_weight, case.teacher_bias)
+    tokens = int(case.mask.sum())
+    monkeypatch.setattr(chunked_module, "_KEEP_ELEMENTS", tokens * V)
+    assert score_target(head, case.ids, case.mask).full_logprobs is not None
+    monkeypatch.setattr(chunked_module, "_KEEP_ELEMENTS", tokens * V - 1)
+    assert score_target(head, case.ids, case.mask, chunk_size=2).full_logprobs is None
 
 
 def test_chunked_checks_its_inputs():

@@ -217,13 +217,16 @@ def build_objective(config: ObjectiveConfig | dict | str) -> Objective:
 class TargetScores:
     """What the objective keeps of one no-gradient pass (self or teacher) on the completion tokens.
 
-    Shapes: `token_logprobs`, `entropy`: [B, T]; `topk_logprobs`, `topk_ids`: [B, T, K] or None.
+    Shapes: `token_logprobs`, `entropy`: [B, T]; `topk_logprobs`, `topk_ids`: [B, T, K] or None;
+    `full_logprobs`: [B, T, V] or None (the chunked form keeps them when they are small, so that its loss need
+    not recompute the target's logits; they are read only).
     """
 
     token_logprobs: Tensor
     entropy: Tensor
     topk_logprobs: Tensor | None = None
     topk_ids: Tensor | None = None
+    full_logprobs: Tensor | None = None
 
     @staticmethod
     def from_logprobs(logprobs_BTV: Tensor, completion_ids_BT: Tensor, top_k: int | None) -> "TargetScores":
@@ -239,20 +242,12 @@ class TargetScores:
 
     def flat(self, valid_BT: Tensor) -> "TargetScores":
         """The valid tokens only, flattened: [B, T, ...] -> [N, ...]."""
-        return TargetScores(
-            self.token_logprobs[valid_BT],
-            self.entropy[valid_BT],
-            None if self.topk_logprobs is None else self.topk_logprobs[valid_BT],
-            None if self.topk_ids is None else self.topk_ids[valid_BT],
-        )
+        return self.rows(valid_BT)
 
-    def rows(self, index: Tensor) -> "TargetScores":
-        return TargetScores(
-            self.token_logprobs[index],
-            self.entropy[index],
-            None if self.topk_logprobs is None else self.topk_logprobs[index],
-            None if self.topk_ids is None else self.topk_ids[index],
-        )
+    def rows(self, index: Tensor | slice) -> "TargetScores":
+        """The scores of some tokens: any index of the leading axes (a mask, indices, a slice)."""
+        fields = (self.token_logprobs, self.entropy, self.topk_logprobs, self.topk_ids, self.full_logprobs)
+        return TargetScores(*(None if tensor is None else tensor[index] for tensor in fields))
 
 
 def compute_batch_thresholds(

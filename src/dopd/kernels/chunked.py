@@ -40,14 +40,16 @@ from ..objectives import (
     topk_values,
 )
 from ..routing import Gather, Thresholds
-from .logit_grads import full_divergence_, log_softmax_, rowdot
+from .logit_grads import full_divergence_, log_softmax_, rowdot, support_divergence
 
-# Elements of one [chunk, V] buffer in the default chunk (64 MiB in float32: 110 tokens at V = 151,936). The loss
-# keeps two such buffers and four of a quarter chunk's rows, so about three chunks' worth in all.
+# Elements of one [chunk, V] buffer in the default chunk (64 MiB in float32: 110 tokens at V = 151,936).
 _DEFAULT_CHUNK_ELEMENTS = 1 << 24
-# Target rows per sub-block (the tokens whose term reads a target's full distribution): chunk // this.
-_TARGET_ROWS_DIVISOR = 4
-_SCRATCH_ROWS = 8
+# Elements of each of the four target buffers (16 MiB: 27 tokens at V = 151,936) and of the entropy's scratch
+# (4 MiB). The loss keeps two chunk buffers and the four target ones: about three chunks' worth in all.
+_TARGET_ELEMENTS = 1 << 22
+_SCRATCH_ELEMENTS = 1 << 20
+# A pass's scores keep its full log-probs up to this many elements (2 MiB: 1,024 tokens at V = 512).
+_KEEP_ELEMENTS = 1 << 19
 
 
 @dataclass
@@ -81,8 +83,8 @@ class Workspace:
     def __init__(self, rows: int, vocab_size: int, dtype: torch.dtype, device, target_rows: int | None = None):
         self.logprobs = torch.empty(rows, vocab_size, dtype=dtype, device=device)
         self.probs = torch.empty_like(self.logprobs)
-        self.row_scratch = self.logprobs.new_empty(min(rows, _SCRATCH_ROWS), vocab_size)
-        self.target_rows = max(1, target_rows or rows // _TARGET_ROWS_DIVISOR)
+        self.row_scratch = self.logprobs.new_empty(max(1, min(rows, _SCRATCH_ELEMENTS // vocab_size)), vocab_size)
+        self.target_rows = max(1, min(rows, target_rows or _TARGET_ELEMENTS // vocab_size))
         self._target: list[Tensor] = []
 
     def target(self) -> list[Tensor]:
@@ -120,22 +122,32 @@ def score_target(
     chunk_size: int | None = None,
     workspace: Workspace | None = None,
 ) -> TargetScores:
-    """A no-gradient pass's `TargetScores` ([B, T], zeros at padding), computed chunk by chunk."""
+    """A no-gradient pass's `TargetScores` ([B, T], zeros at padding), computed chunk by chunk.
+
+    When all the tokens' log-probs take at most `_KEEP_ELEMENTS` (tiny vocabularies), they are kept in the
+    scores, so that the loss reads them instead of recomputing the target's logits."""
     valid = mask_BT.bool()
     hidden = head.hidden.detach()[valid]
     ids = completion_ids_BT[valid]
-    chunk = chunk_size or default_chunk_size(head.vocab_size)
-    count = hidden.shape[0]
-    workspace = workspace or _workspace_for(count, chunk, head)
-    chunk = min(chunk, workspace.logprobs.shape[0])
-    dtype = workspace.logprobs.dtype
+    count, vocab_size = hidden.shape[0], head.vocab_size
+    dtype = losses.accumulation_dtype(head.weight.dtype)
+    kept = None
+    if count * vocab_size <= _KEEP_ELEMENTS:  # one chunk, written where it is kept
+        chunk = max(count, 1)
+        kept = torch.empty(count, vocab_size, dtype=dtype, device=hidden.device)
+        workspace = Workspace(0, vocab_size, dtype, hidden.device)
+        workspace.probs = torch.empty_like(kept)
+    else:
+        chunk = chunk_size or default_chunk_size(vocab_size)
+        workspace = workspace or _workspace_for(count, chunk, head)
+        chunk = min(chunk, workspace.logprobs.shape[0])
     token = torch.zeros(count, dtype=dtype, device=hidden.device)
     ent = torch.zeros_like(token)
     topk_values_ = torch.zeros(count, top_k or 0, dtype=dtype, device=hidden.device)
     topk_ids = torch.zeros(count, top_k or 0, dtype=torch.long, device=hidden.device)
     for start in range(0, count, chunk):
         rows = slice(start, min(start + chunk, count))
-        logprobs = workspace.logprobs[: rows.stop - start]
+        logprobs = kept[rows] if kept is not None else workspace.logprobs[: rows.stop - start]
         probs = workspace.probs[: rows.stop - start]
         _logits_into(logprobs, hidden[rows], head.weight.detach(), _detach(head.bias), temperature)
         log_softmax_(logprobs, probs)
@@ -144,16 +156,18 @@ def score_target(
         if top_k:
             torch.topk(logprobs, top_k, dim=-1, out=(topk_values_[rows], topk_ids[rows]))
 
+    positions = valid.flatten().nonzero().squeeze(-1)
+
     def scatter(values: Tensor) -> Tensor:
-        out = torch.zeros(*valid.shape, *values.shape[1:], dtype=values.dtype, device=values.device)
-        out[valid] = values
-        return out
+        out = values.new_zeros(valid.numel(), *values.shape[1:]).index_copy_(0, positions, values)
+        return out.view(*valid.shape, *values.shape[1:])
 
     return TargetScores(
         token_logprobs=scatter(token),
         entropy=scatter(ent),
         topk_logprobs=scatter(topk_values_) if top_k else None,
         topk_ids=scatter(topk_ids) if top_k else None,
+        full_logprobs=scatter(kept) if kept is not None else None,
     )
 
 
@@ -235,27 +249,26 @@ def chunked_objective(
     routed = route(
         objective, mask_BT, scores.get("self"), scores.get("teacher"), thresholds, num_sequences, gather, generator
     )
-    coefficients_JN = routed.coefficients[:, valid]
-    flat_scores = {name: s.flat(valid) for name, s in scores.items()}
     # Tokens that need the same targets' full distributions are put next to each other, so the recomputed
     # target logits come in full blocks (a few scattered HT tokens per chunk make slow matmuls); the loss is a
-    # sum over tokens, so their order does not change it.
-    order = _group_by_full_targets(objective, coefficients_JN, flat_scores)
+    # sum over tokens, so their order does not change it. `index_N`: each ordered token's place in B·T.
+    index_N = valid.flatten().nonzero().squeeze(-1)
+    order = _group_by_full_targets(objective, routed.coefficients.flatten(1)[:, index_N], scores)
+    index_N = index_N[order]
     run = _LossRun(
         objective,
-        coefficients_JN[:, order],
-        {name: s.rows(order) for name, s in flat_scores.items()},
-        completion_ids_BT[valid][order],
-        {name: (h.hidden.detach()[valid][order], h) for name, h in heads.items() if h is not None},
+        routed.coefficients.flatten(1)[:, index_N],
+        {name: _token_scores(s, index_N) for name, s in scores.items()},
+        completion_ids_BT.flatten()[index_N],
+        {name: (h.hidden.detach().flatten(0, 1)[index_N], h) for name, h in heads.items() if h is not None},
+        {name: (s.full_logprobs.flatten(0, 1), index_N) for name, s in scores.items() if s.full_logprobs is not None},
         workspace,
     )
-    loss = _ChunkedLoss.apply(student.hidden[valid][order], student.weight, student.bias, run)
-    inverse = torch.argsort(order)
+    loss = _ChunkedLoss.apply(student.hidden.flatten(0, 1)[index_N], student.weight, student.bias, run)
 
     def unflatten(values_N: Tensor) -> Tensor:
-        return torch.zeros(mask_BT.shape, dtype=values_N.dtype, device=values_N.device).masked_scatter(
-            valid, values_N[inverse]
-        )
+        flat = torch.zeros(mask_BT.numel(), dtype=values_N.dtype, device=values_N.device)
+        return flat.index_copy_(0, index_N, values_N).view(mask_BT.shape)
 
     token_loss_BT = unflatten(run.plain_N)
     entropies = {"student": unflatten(run.entropy_N)}
@@ -281,12 +294,25 @@ class _LossRun:
     `G = q − scale ⊙ s` plus the sparse entries of the Top-K and sampled-token terms; then `grad_h = G W` and
     `grad_W += Gᵀ h` (divided by the temperature, which divided the logits)."""
 
-    def __init__(self, objective, coefficients_JN, scores, ids_N, targets, workspace: Workspace):
-        self.objective, self.coefficients_JN, self.scores, self.ids_N = objective, coefficients_JN, scores, ids_N
+    def __init__(self, objective, coefficients_JN, scores, ids_N, targets, kept, workspace: Workspace):
+        self.objective, self.scores, self.ids_N = objective, scores, ids_N
+        # Terms with the same target, divergence and granularity (DOPD's LL and HS) are evaluated as one, with
+        # the sum of their coefficients (the value is linear in it); `weights_GN` keeps each token's Σ weight
+        # of the terms that apply to it, for the per-token view.
+        groups: dict[tuple, list[int]] = {}
+        for j, term in enumerate(objective.terms):
+            groups.setdefault((term.target, term.divergence, term.granularity), []).append(j)
+        self.terms = [objective.terms[members[0]] for members in groups.values()]
+        self.coefficients_GN = torch.stack([coefficients_JN[members].sum(0) for members in groups.values()])
+        applies_JN = (coefficients_JN != 0).to(coefficients_JN.dtype)
+        self.weights_GN = torch.stack([
+            sum(objective.terms[j].weight * applies_JN[j] for j in members) for members in groups.values()
+        ])  # fmt: skip
         self.targets = targets  # name: (hidden states of the ordered tokens [N, H_target], Head)
+        self.kept = kept  # name: (full log-probs kept by the scores [B·T, V], each ordered token's row in it [N])
         self.workspace = workspace
         self.temperature = objective.config.temperature
-        self.full = [_needs_full(objective, term, scores[term.target]) for term in objective.terms]
+        self.full = [_needs_full(objective, term, scores[term.target]) for term in self.terms]
         self.grad_enabled = torch.is_grad_enabled()
         dtype = workspace.logprobs.dtype
         self.plain_N = torch.zeros(ids_N.shape[0], dtype=dtype, device=ids_N.device)
@@ -322,96 +348,136 @@ class _LossRun:
         ids = self.ids_N[rows]
         self.token_logprobs_N[rows] = logprobs.gather(-1, ids[:, None]).squeeze(-1)
         self.entropy_N[rows] = -rowdot(probs, logprobs, self.workspace.row_scratch)
-        coefficients_JC = self.coefficients_JN[:, rows].to(probs.dtype)
+        coefficients_GC = self.coefficients_GN[:, rows].to(probs.dtype)
+        weights_GC = self.weights_GN[:, rows].to(probs.dtype)
         state = _ChunkState(self.plain_N[rows], torch.zeros(n, dtype=probs.dtype, device=probs.device))
-        if not bool((coefficients_JC != 0).any()):
+        if not bool((coefficients_GC != 0).any()):
             return state.loss, None
         scores = {name: s.rows(rows) for name, s in self.scores.items()}
-        for term, full, coefficient in zip(self.objective.terms, self.full, coefficients_JC):
+        for term, full, coefficient, weight in zip(self.terms, self.full, coefficients_GC, weights_GC):
             if not full:
-                self._sparse_term(term, coefficient, logprobs, ids, scores[term.target], state)
+                self._sparse_term(term, coefficient, weight, logprobs, ids, scores[term.target], state)
         first, last = n, n
-        span = self._full_span(coefficients_JC)
+        span = self._full_span([c for full, c in zip(self.full, coefficients_GC) if full])
         if span is not None:
             first, last = span
-            self._full_terms(span, rows, coefficients_JC, logprobs, probs, ids, scores, state)
+            self._full_terms(span, rows, coefficients_GC, weights_GC, logprobs, probs, ids, scores, state)
         for part in (slice(0, first), slice(last, n)):  # the span's rows were finished by _full_terms
             probs[part].mul_(-state.scale_C[part, None])
         for token_rows, entry_ids, grad in state.sparse:
             probs.index_put_((token_rows, entry_ids), grad, accumulate=True)
         return state.loss, probs
 
-    def _sparse_term(self, term, coefficient_R, logprobs_RV, ids_R, target, state, offset=0, full_RV=None):
-        """A sampled-token or Top-K term on R rows: autograd on the student's log-probs at the entries it reads
-        only. `offset` is the first row's place in the chunk; `full_RV`, the target's full log-probs if needed."""
+    def _sparse_term(self, term, coefficient_R, weight_R, logprobs_RV, ids_R, target, state, offset=0, full_RV=None):
+        """A sampled-token or Top-K term on R rows, from the student's log-probs at the entries it reads only.
+        `offset` is the first row's place in the chunk; `full_RV`, the target's full log-probs if needed."""
         applies = coefficient_R.nonzero().squeeze(-1)
         if applies.numel() == 0:
             return
-        target = target.rows(applies)
-        with torch.enable_grad():
-            if term.granularity == "sampled":
-                entry_ids = ids_R[applies, None]
-                student = logprobs_RV[applies[:, None], entry_ids].requires_grad_()
-                values = sampled_values(self.objective, term, student.squeeze(-1), target)
+        c = self.objective.config
+        target, coefficient = target.rows(applies), coefficient_R[applies]
+        if term.granularity == "sampled":
+            entry_ids = ids_R[applies, None]
+            values, grad = _by_autograd(
+                lambda s: sampled_values(self.objective, term, s.squeeze(-1), target),
+                logprobs_RV[applies[:, None], entry_ids],
+                coefficient,
+            )
+        else:
+            entry_ids, support_mask, target_support = topk_inputs(
+                self.objective, target, lambda: full_RV[applies], lambda: logprobs_RV[applies]
+            )
+            student = logprobs_RV[applies[:, None], entry_ids]
+            if c.topk_tail == "renormalize" and c.topk_support != "union":  # no masked entry: the closed form
+                values, grad = support_divergence(term.divergence, c.jsd_beta, coefficient, student, target_support)
             else:
-                entry_ids, support_mask, target_support = topk_inputs(
-                    self.objective, target, lambda: full_RV[applies], lambda: logprobs_RV[applies]
+                values, grad = _by_autograd(
+                    lambda s: topk_values(self.objective, term, s, target_support, support_mask), student, coefficient
                 )
-                student = logprobs_RV[applies[:, None], entry_ids].requires_grad_()
-                values = topk_values(self.objective, term, student, target_support, support_mask)
-            weighted = values * coefficient_R[applies]
-            (grad,) = torch.autograd.grad(weighted.sum(), student, allow_unused=True)
-        if grad is None:  # no entry the term reads carries mass (e.g. all masked)
-            grad = torch.zeros_like(student)
         index = applies + offset
-        state.add(term, index, values.detach(), weighted.detach())
+        state.add(index, values, coefficient, weight_R[applies])
         state.scale_C.index_add_(0, index, grad.sum(-1))
         state.sparse.append((index[:, None], entry_ids, grad))
 
-    def _full_span(self, coefficients_JC: Tensor) -> tuple[int, int] | None:
-        """First and last + 1 of the chunk's rows with a term that reads a full target (they are grouped)."""
-        needs = torch.zeros(coefficients_JC.shape[1], dtype=torch.bool, device=coefficients_JC.device)
-        for full, coefficient in zip(self.full, coefficients_JC):
-            if full:
-                needs |= coefficient != 0
+    @staticmethod
+    def _full_span(coefficients: list[Tensor]) -> tuple[int, int] | None:
+        """First and last + 1 of the rows where any of the coefficients [R] is not 0 (None: no such row)."""
+        if not coefficients:
+            return None
+        needs = coefficients[0] != 0
+        for coefficient in coefficients[1:]:
+            needs |= coefficient != 0
         where = needs.nonzero().squeeze(-1)
         return None if where.numel() == 0 else (int(where[0]), int(where[-1]) + 1)
 
-    def _full_terms(self, span, rows, coefficients_JC, logprobs_CV, probs_CV, ids_C, scores, state):
+    def _full_terms(self, span, rows, coefficients_GC, weights_GC, logprobs_CV, probs_CV, ids_C, scores, state):
         """The terms that read a target's full log-probs, on the span's rows a sub-block at a time; each
         sub-block's gradient rows are finished here (`q − scale ⊙ s`, into the probs buffer)."""
         target_lp_buffer, scratch_a, scratch_b, accumulator_buffer = self.workspace.target()
-        beta = self.objective.config.jsd_beta
         step = target_lp_buffer.shape[0]
         for start in range(span[0], span[1], step):
             sub = slice(start, min(start + step, span[1]))
-            m = sub.stop - start
-            accumulator = accumulator_buffer[:m].zero_()
+            accumulator = accumulator_buffer[: sub.stop - start].zero_()
             for name in ("teacher", "self"):
                 terms = [
-                    (term, coefficient[sub])
-                    for term, full, coefficient in zip(self.objective.terms, self.full, coefficients_JC)
-                    if full and term.target == name and bool((coefficient[sub] != 0).any())
+                    (term, coefficient[sub], weight[sub])
+                    for term, full, coefficient, weight in zip(self.terms, self.full, coefficients_GC, weights_GC)
+                    if full and term.target == name
                 ]
-                if not terms:
+                own = self._full_span([coefficient for _, coefficient, _ in terms])
+                if own is None:
                     continue
-                hidden, head = self.targets[name]
-                target_lp = target_lp_buffer[:m]
-                _logits_into(target_lp, hidden[rows][sub], head.weight.detach(), _detach(head.bias), self.temperature)
-                log_softmax_(target_lp, scratch_a[:m])
-                for term, coefficient in terms:
-                    if term.granularity != "full":  # a Top-K term whose support needs the full distribution
-                        self._sparse_term(term, coefficient, logprobs_CV[sub], ids_C[sub], scores[name].rows(sub),
-                                          state, offset=start, full_RV=target_lp)  # fmt: skip
-                        continue
-                    values, scale = full_divergence_(
-                        term.divergence, beta, coefficient, logprobs_CV[sub], probs_CV[sub], target_lp,
-                        (scratch_a[:m], scratch_b[:m]), accumulator,
-                    )  # fmt: skip
-                    applies = coefficient.nonzero().squeeze(-1)
-                    state.add(term, applies + start, values[applies], (coefficient * values)[applies])
-                    state.scale_C[sub] += scale
+                # The rows of this target only (grouped, so a contiguous run in DOPD), relative to the sub-block.
+                part = slice(*own)
+                m = own[1] - own[0]
+                at = slice(rows.start + start + own[0], rows.start + start + own[1])
+                target_lp = self._target_logprobs(name, at, target_lp_buffer[:m], scratch_a[:m])
+                chunk_part = slice(start + own[0], start + own[1])
+                for term, coefficient, weight in terms:
+                    self._full_term(term, coefficient[part], weight[part], chunk_part, target_lp, logprobs_CV,
+                                    probs_CV, ids_C, scores[name], (scratch_a[:m], scratch_b[:m]), accumulator[part],
+                                    state)  # fmt: skip
             probs_CV[sub].mul_(-state.scale_C[sub, None]).add_(accumulator)
+
+    def _target_logprobs(self, name: str, at: slice, buffer_RV: Tensor, scratch_RV: Tensor) -> Tensor:
+        """The target's full log-probs of the ordered tokens `at`, in the buffer: copied from the ones its scores
+        kept, or recomputed from its head."""
+        if name in self.kept:
+            full, index_N = self.kept[name]
+            return torch.index_select(full, 0, index_N[at], out=buffer_RV)
+        hidden, head = self.targets[name]
+        _logits_into(buffer_RV, hidden[at], head.weight.detach(), _detach(head.bias), self.temperature)
+        log_softmax_(buffer_RV, scratch_RV)
+        return buffer_RV
+
+    def _full_term(self, term, coefficient_R, weight_R, part, target_lp_RV, logprobs_CV, probs_CV, ids_C, scores, scratch,
+                   accumulator_RV, state):  # fmt: skip
+        """One term on the chunk's rows `part` [R], with the target's full log-probs of those rows."""
+        if not bool((coefficient_R != 0).any()):
+            return
+        if term.granularity != "full":  # a Top-K term whose support needs the full distribution
+            self._sparse_term(term, coefficient_R, weight_R, logprobs_CV[part], ids_C[part], scores.rows(part), state,
+                              offset=part.start, full_RV=target_lp_RV)  # fmt: skip
+            return
+        values, scale = full_divergence_(
+            term.divergence, self.objective.config.jsd_beta, coefficient_R, logprobs_CV[part], probs_CV[part],
+            target_lp_RV, scratch, accumulator_RV,
+        )  # fmt: skip
+        applies = coefficient_R.nonzero().squeeze(-1)
+        state.add(applies + part.start, values[applies], coefficient_R[applies], weight_R[applies])
+        state.scale_C[part] += scale
+
+
+def _by_autograd(values_of, student_RK: Tensor, coefficient_R: Tensor) -> tuple[Tensor, Tensor]:
+    """(values [R], gradient of Σ coefficient·value with respect to the student's entries [R, K]) by autograd on
+    those entries only; `student_RK` is a copy (advanced indexing), so it can become a leaf."""
+    with torch.enable_grad():
+        student = student_RK.requires_grad_()
+        values = values_of(student)
+        (grad,) = torch.autograd.grad((values * coefficient_R).sum(), student, allow_unused=True)
+    if grad is None:  # no entry the term reads carries mass (e.g. all masked)
+        grad = torch.zeros_like(student)
+    return values.detach(), grad
 
 
 @dataclass
@@ -427,9 +493,21 @@ class _ChunkState:
     def __post_init__(self):
         self.loss = self.scale_C.new_zeros(())
 
-    def add(self, term, index_R: Tensor, values_R: Tensor, weighted_R: Tensor) -> None:
-        self.loss = self.loss + weighted_R.sum()
-        self.plain_C.index_add_(0, index_R, values_R * term.weight)
+    def add(self, index_R: Tensor, values_R: Tensor, coefficient_R: Tensor, weight_R: Tensor) -> None:
+        """Values of a term group on some of the chunk's tokens, with their coefficients and Σ weights."""
+        self.loss = self.loss + (values_R * coefficient_R).sum()
+        self.plain_C.index_add_(0, index_R, values_R * weight_R)
+
+
+def _token_scores(scores: TargetScores, index_N: Tensor) -> TargetScores:
+    """The scores of the ordered tokens, [B, T, ...] -> [N, ...], without the kept full log-probs: the loss
+    reads those by `index_N`, for the rows that need them only."""
+
+    def pick(tensor: Tensor | None) -> Tensor | None:
+        return None if tensor is None else tensor.flatten(0, 1)[index_N]
+
+    return TargetScores(pick(scores.token_logprobs), pick(scores.entropy), pick(scores.topk_logprobs),
+                        pick(scores.topk_ids))  # fmt: skip
 
 
 def _group_by_full_targets(objective: Objective, coefficients_JN: Tensor, flat_scores) -> Tensor:

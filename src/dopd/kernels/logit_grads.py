@@ -23,6 +23,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..losses import accumulation_dtype
+
 # A mixture below the smallest normal float32 would make log m = -inf and 0·inf = NaN; such entries carry
 # (numerically) no mass in s or t, so flooring m changes nothing that is summed.
 _TINY = torch.finfo(torch.float32).tiny
@@ -80,6 +82,24 @@ def full_divergence_(
         return _forward_kl_(coefficient, student_logprobs_RV, target_logprobs_RV, scratch_RV, accumulator_RV)
     return _jsd_(beta, coefficient, student_logprobs_RV, student_probs_RV, target_logprobs_RV, scratch_RV,
                  accumulator_RV)  # fmt: skip
+
+
+def support_divergence(
+    name: str, beta: float, coefficient_R: Tensor, student_support_RK: Tensor, target_support_RK: Tensor
+) -> tuple[Tensor, Tensor]:
+    """A Top-K divergence with both distributions renormalized over a support of K entries (none masked): the
+    values [R] and the gradient of Σ coefficient·value with respect to the student's log-probs on the support
+    [R, K]. Renormalizing is a log-softmax over the K entries, so the closed forms above apply with the
+    student's support log-probs as its logits."""
+    dtype = torch.promote_types(accumulation_dtype(student_support_RK.dtype), target_support_RK.dtype)
+    student = student_support_RK.to(dtype, copy=True)
+    target = target_support_RK.to(dtype, copy=True)
+    student_p, scratch = torch.empty_like(student), (torch.empty_like(student), torch.empty_like(student))
+    log_softmax_(student, student_p)
+    log_softmax_(target, scratch[0])
+    grad = torch.zeros_like(student)
+    values, scale = full_divergence_(name, beta, coefficient_R, student, student_p, target, scratch, grad)
+    return values, grad.addcmul_(student_p, scale.unsqueeze(-1), value=-1.0)
 
 
 def _reverse_kl_(coefficient, student_lp, student_p, target_lp, scratch, accumulator):
