@@ -151,9 +151,10 @@ def load_processor(name: str, trust_remote_code: bool):
 
 @dataclass
 class ImageRows:
-    """The image (as stored: path, URL, bytes dict) and the pixel boxes of each data set row."""
+    """The image (as stored: path, URL, bytes dict) and the pixel boxes of each data set row. The images stay in
+    the data set (memory-mapped Arrow) and are read when a pass needs them."""
 
-    sources: list[Any]
+    sources: Any  # the data set's image column, read row by row
     boxes: list[list[list[float]] | None]
     column: str
     draw_box: bool
@@ -184,10 +185,10 @@ class ImageRows:
                     boxes.append(pixel_boxes(value))
                 except ValueError as error:
                     raise ConfigError(f"row {row} of data.box_column = {config.box_column!r}: {error}") from None
-        return ImageRows(list(dataset[column]), boxes, column, config.draw_box)
+        return ImageRows(dataset.select_columns([column]), boxes, column, config.draw_box)
 
     def image(self, row: int):
-        return load_image(self.sources[row], self.column, row)
+        return load_image(self.sources[row][self.column], self.column, row)
 
     def checked(self, row: int, column: str):
         """The row's image, its boxes checked against it."""
@@ -201,7 +202,7 @@ class ImageRows:
         return draw_boxes(image, self.boxes[row]) if self.draw_box and self.boxes[row] else image
 
     def subset(self, keep: list[int]) -> "ImageRows":
-        return ImageRows([self.sources[i] for i in keep], [self.boxes[i] for i in keep], self.column, self.draw_box)
+        return ImageRows(self.sources.select(keep), [self.boxes[i] for i in keep], self.column, self.draw_box)
 
 
 def encode_with_image(processor, texts: list[str], image) -> list[list[int]]:
