@@ -253,6 +253,7 @@ class ChatServer:
     def __init__(self, delay=0.0):
         self.delay, self.fail_next, self.fail_after = delay, 0, None
         self.chats = []  # (kind, question) of every chat request that got an answer
+        self.arrivals = []  # time.monotonic() at which each of those requests arrived, in the same order
         self.hits = 0
         self.lock = threading.Lock()
         server = self
@@ -287,6 +288,7 @@ class ChatServer:
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
 
     def answer(self, body):
+        arrived = time.monotonic()
         with self.lock:
             self.hits += 1
             if self.fail_after is not None and self.hits > self.fail_after:
@@ -305,6 +307,7 @@ class ChatServer:
             kind, text = "generate", self.write_hints(question)
         with self.lock:
             self.chats.append((kind, question))
+            self.arrivals.append(arrived)
         return 200, {"id": "x", "object": "chat.completion", "model": "tiny-teacher",
                      "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                                   "finish_reason": "stop"}],
@@ -466,11 +469,14 @@ def test_a_killed_process_resumes_without_repeating_finished_rows(tmp_path):
             handle.write('{"index": 7, "cont')  # a torn last line, as a kill in mid-write leaves
         finished = {record["index"] for record in read_jsonl_lenient(partial)[1:]}
         assert len(finished) >= 3 and not out.exists()
-        asked_before = [question for kind, question in slow.chats if kind == "generate"]
         slow.delay = 0.0
+        resumed = time.monotonic()  # a request of the killed process may still be answered (and logged) after this
         summary = run_hints(served_spec(source, out, slow.url, concurrency=2, prefix=None))
         assert summary.rows_resumed == len(finished)
-        asked_after = [question for kind, question in slow.chats if kind == "generate"][len(asked_before):]
+        asked_after = [
+            question for (kind, question), arrived in zip(slow.chats, slow.arrivals)
+            if kind == "generate" and arrived >= resumed
+        ]
         questions = [row["question"] for row in sums(8)]
         assert not {questions[i] for i in finished} & set(asked_after)
         assert sorted(asked_after) == sorted(questions[i] for i in range(8) if i not in finished)
