@@ -30,7 +30,7 @@ def test_quick_lab_writes_results(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     assert "gap recovery" in run.stdout and "results:" in run.stdout
     results = json.loads((out / "results.json").read_text())
-    assert results["task"] == "arith" and results["seeds"] == [0]
+    assert results["task"] == "order" and results["seeds"] == [0]
     for role in ("teacher", "student"):
         for kind in ("none", "hints"):
             for key in ("answer_accuracy", "full_match"):

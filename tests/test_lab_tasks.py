@@ -15,6 +15,7 @@ from dopd.lab.tasks import (
     Example,
     MIXED_ARITH_LEVELS,
     LookupTask,
+    OrderTask,
     Task,
     extract_answer,
     get_task,
@@ -38,6 +39,19 @@ def evaluate_steps(completion):
         value = int(rhs)
     assert steps[-1] == f"A:{value}"
     return value
+
+
+def without_minus_parentheses(text):
+    """`text` with every parenthesis pair that follows a minus sign removed (matched with a stack)."""
+    drop, stack = set(), []
+    for i, char in enumerate(text):
+        if char == "(":
+            stack.append(i)
+        elif char == ")":
+            opened = stack.pop()
+            if opened > 0 and text[opened - 1] == "-":
+                drop |= {opened, i}
+    return "".join(char for i, char in enumerate(text) if i not in drop)
 
 
 @pytest.mark.parametrize("name", sorted(TASKS))
@@ -86,8 +100,28 @@ def test_arithmetic_mixed_levels_cover_the_three_difficulties():
     assert all(max(numbers(ex.prompt)) <= 9 for ex in long_ones)
 
 
-def test_arithmetic_hints_hold_no_computed_value():
-    for ex in ArithmeticTask().examples(300, seed=2):
+def test_order_hides_exactly_the_parentheses_after_a_minus():
+    plain, hidden = ArithmeticTask().examples(400, seed=4), OrderTask().examples(400, seed=4)
+    ambiguous = 0
+    for ex, twin in zip(plain, hidden):
+        # The same draws: the same steps, answer and privileged input; only the written prompt differs.
+        assert (twin.completion, twin.answer, twin.privileged) == (ex.completion, ex.answer, ex.privileged)
+        assert twin.prompt == without_minus_parentheses(ex.prompt) and "-(" not in twin.prompt
+        assert evaluate_steps(twin.completion) == int(twin.answer)  # the steps still compute the answer
+        ambiguous += eval(twin.prompt[len("Q:") : -1]) != int(twin.answer)
+    assert 0.25 < ambiguous / len(hidden) < 0.4  # the prompt misleads on about a third of the problems
+
+
+def test_order_example_by_hand():
+    ex = OrderTask().examples(3, seed=0)[2]
+    assert ex.prompt == "Q:6+(4+(2-1-1)+9)="  # written from 6+(4+(2-(1-1))+9): the minus' parentheses left out
+    assert ex.completion == "1-1=0;2-0=2;4+2=6;6+9=15;6+15=21;A:21"  # read left to right it would be 19
+    assert ex.privileged["hints"] == "1-1;2-_;4+_;_+9;6+_"
+
+
+@pytest.mark.parametrize("task", [ArithmeticTask(), OrderTask()], ids=["arith", "order"])
+def test_arithmetic_hints_hold_no_computed_value(task):
+    for ex in task.examples(300, seed=2):
         hints = ex.privileged["hints"]
         # Exactly the operands of the prompt, in evaluation order; results are written "_".
         assert numbers(hints) == numbers(ex.prompt)

@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Distil the lab's tiny student from its tiny teacher with each method, the same budget for "
         "all, and report held-out accuracy, gap recovery, entropy and DOPD's regimes.",
     )
-    lab.add_argument("--task", help="lab task: arith or lookup, or module:Class (default arith)")
+    lab.add_argument("--task", help="lab task: order, arith or lookup, or module:Class (default order)")
     lab.add_argument("--privilege", help="privileged kinds, comma-separated: hints, solution, answer (default hints)")
     lab.add_argument("--methods", help="methods, comma-separated (default opd,opd-priv,opsd,dopd)")
     lab.add_argument("--seeds", help="seeds, comma-separated (default 0,1,2)")

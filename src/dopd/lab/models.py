@@ -59,7 +59,7 @@ class ModelSize:
 class LabPairConfig:
     """Everything that decides the pretrained pair; its hash names the cache directory."""
 
-    task: str = "arith"
+    task: str = "order"
     teacher: ModelSize = ModelSize(layers=3, hidden=64, intermediate=192)
     student: ModelSize = ModelSize(layers=2, hidden=48, intermediate=128)
     teacher_steps: int = 2400
@@ -336,7 +336,7 @@ def load_or_build_pair(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Pretrain the lab's teacher/student pair and measure its properties.")
-    parser.add_argument("--task", default="arith")
+    parser.add_argument("--task", default="order")
     parser.add_argument("--out", default=None, help="output directory (default: the cache directory of the config)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--teacher-steps", type=int, default=None)

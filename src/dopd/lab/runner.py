@@ -29,7 +29,7 @@ TRAIN_SEED, VALIDATION_SEED, TEST_SEED = 101, 202, 303
 
 @dataclass
 class LabConfig:
-    task: str = "arith"
+    task: str = "order"
     privilege: list[str] = field(default_factory=lambda: ["hints"])
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])

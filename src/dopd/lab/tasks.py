@@ -106,6 +106,9 @@ class ArithLevel:
     max_ops: int
     max_operand: int
     p_left: float
+    # Leave out the parentheses of `literal-(X)`: the prompt then reads `literal-X` and no longer determines the
+    # order (or the value); only the privileged input (hints, solution) carries it. Draws nothing at random.
+    hide_minus_parentheses: bool = False
 
 
 # The default (and the shipped pair's) distribution: 2-6 operations on digits, half of the new literals on the
@@ -166,7 +169,8 @@ class ArithmeticTask(Task):
             left = rng.random() < level.p_left
             op, literal, new = self._step(rng, acc, left, level.max_operand)
             if left:
-                expression = f"{literal}{op}({expression})"
+                hidden = op == "-" and level.hide_minus_parentheses
+                expression = f"{literal}{op}{expression}" if hidden else f"{literal}{op}({expression})"
                 hints.append(f"{literal}{op}_")
                 steps.append(f"{literal}{op}{acc}={new}")
             else:
@@ -182,6 +186,23 @@ class ArithmeticTask(Task):
             completion=completion,
             privileged={"answer": answer, "hints": ";".join(hints), "solution": completion},
         )
+
+
+# `order`: the default problems, except that parentheses after a minus sign are never written, so the prompt alone
+# does not fix the value of about a third of the problems (`7-3+2` may mean `(7-3)+2` or `7-(3+2)`).
+# The privileged input carries that order: information, not skill, which is the privilege illusion in its plain
+# form. Both models can only guess it without privileged input, and both gain from reading it; the teacher keeps
+# its capability edge on the rest. See docs/lab_design.md.
+ORDER_LEVELS = (ArithLevel(weight=1.0, min_ops=2, max_ops=6, max_operand=9, p_left=0.5, hide_minus_parentheses=True),)
+
+
+class OrderTask(ArithmeticTask):
+    """`arith` where some evaluation orders are known only from the privileged input (hidden parentheses)."""
+
+    name = "order"
+
+    def __init__(self, levels: tuple[ArithLevel, ...] = ORDER_LEVELS):
+        super().__init__(levels)
 
 
 class LookupTask(Task):
@@ -223,7 +244,9 @@ class LookupTask(Task):
         )
 
 
-TASKS: dict[str, type[Task]] = {ArithmeticTask.name: ArithmeticTask, LookupTask.name: LookupTask}
+TASKS: dict[str, type[Task]] = {
+    ArithmeticTask.name: ArithmeticTask, OrderTask.name: OrderTask, LookupTask.name: LookupTask
+}
 
 
 def get_task(name_or_spec: str | Task) -> Task:
