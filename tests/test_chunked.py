@@ -122,14 +122,14 @@ def option_id(option):
     return "-".join(f"{k}={v}" for k, v in option.items())
 
 
-@pytest.fixture(params=["kept", "recomputed", "target-sub-blocks"])
+@pytest.fixture(params=["kept", "recomputed", "one-scratch-row"])
 def target_path(request, monkeypatch):
-    """How the loss gets a target's full log-probs: kept by the scores (tiny vocabularies), recomputed from the
-    head (large ones), or recomputed two rows at a time (the target buffers hold fewer rows than a chunk)."""
+    """How the loss gets a target's full log-probs: kept by the scores (tiny vocabularies) or recomputed from the
+    head (large ones); the last also sums rows through one row of scratch at a time."""
     if request.param != "kept":
         monkeypatch.setattr(chunked_module, "_KEEP_ELEMENTS", 0)
-    if request.param == "target-sub-blocks":
-        monkeypatch.setattr(chunked_module, "_TARGET_ELEMENTS", 2 * V)
+    if request.param == "one-scratch-row":
+        monkeypatch.setattr(chunked_module, "_SCRATCH_ELEMENTS", V)
     return request.param
 
 

@@ -7,20 +7,19 @@ import pytest
 import torch
 
 from dopd import losses
-from dopd.kernels.logit_grads import full_divergence_, log_softmax_, rowdot
+from dopd.kernels.logit_grads import full_divergence_, log_softmax_, log_softmax_rows_, rowdot
 
 NAMES = [("reverse_kl", 0.5), ("forward_kl", 0.5), ("js", 0.5), ("jsd", 0.3), ("jsd", 0.0), ("jsd", 1.0), ("jsd", 0.9)]
 
 
-def closed_form(name, beta, logits_RV, target_logprobs_RV, coefficient_R, accumulator=None):
+def closed_form(name, beta, logits_RV, target_logprobs_RV, coefficient_R, scratch_rows=2):
     """(values, gradient of Σ coefficient·value with respect to the logits) from `full_divergence_`."""
     logprobs, probs = logits_RV.clone(), torch.empty_like(logits_RV)
     log_softmax_(logprobs, probs)
-    accumulator = torch.zeros_like(logits_RV) if accumulator is None else accumulator.clone()
-    scratch = (torch.full_like(logits_RV, float("nan")), torch.full_like(logits_RV, float("nan")))
-    values, scale = full_divergence_(name, beta, coefficient_R, logprobs, probs, target_logprobs_RV, scratch,
-                                     accumulator)  # fmt: skip
-    return values, accumulator - scale[:, None] * probs
+    q = torch.full_like(logits_RV, float("nan"))  # every entry must be written
+    scratch = [torch.full_like(logits_RV[:scratch_rows], float("nan")) for _ in range(2)]
+    values, scale = full_divergence_(name, beta, coefficient_R, logprobs, probs, target_logprobs_RV, q, scratch)
+    return values, q - scale[:, None] * probs
 
 
 def by_autograd(name, beta, logits_RV, target_logprobs_RV, coefficient_R):
@@ -63,18 +62,20 @@ def test_float32_is_as_accurate_as_autograd(name, beta, scale):
         assert error <= 4 * (autograd_32.double() - reference).abs().max() + 1e-7
 
 
-def test_terms_add_up_in_one_accumulator():
-    """Two terms on the same rows: the accumulated gradient is the sum of each term's."""
-    logits, target, coefficient = make(seed=2)
-    _, first = closed_form("reverse_kl", 0.5, logits, target, coefficient)
-    logprobs, probs = logits.clone(), torch.empty_like(logits)
-    log_softmax_(logprobs, probs)
-    accumulator = torch.zeros_like(logits)
-    scratch = (torch.empty_like(logits), torch.empty_like(logits))
-    _, scale_a = full_divergence_("reverse_kl", 0.5, coefficient, logprobs, probs, target, scratch, accumulator)
-    _, scale_b = full_divergence_("js", 0.5, 2 * coefficient, logprobs, probs, target, scratch, accumulator)
-    _, second = closed_form("js", 0.5, logits, target, 2 * coefficient)
-    torch.testing.assert_close(accumulator - (scale_a + scale_b)[:, None] * probs, first + second)
+@pytest.mark.parametrize("scratch_rows", [1, 3, 8])
+def test_scratch_of_any_number_of_rows(scratch_rows):
+    logits, target, coefficient = make(rows=5, seed=2)
+    for name, beta in NAMES:
+        expected = closed_form(name, beta, logits, target, coefficient)
+        actual = closed_form(name, beta, logits, target, coefficient, scratch_rows)
+        torch.testing.assert_close(actual, expected, rtol=1e-14, atol=1e-15)
+
+
+def test_log_softmax_with_a_few_rows_of_scratch():
+    logits, _, _ = make(rows=5, vocab=7, scale=30.0, seed=4)
+    logprobs = logits.clone()
+    log_softmax_rows_(logprobs, [torch.empty(2, 7, dtype=torch.float64)])
+    torch.testing.assert_close(logprobs, torch.log_softmax(logits, -1), rtol=1e-12, atol=1e-12)
 
 
 class _ClosedForm(torch.autograd.Function):
@@ -119,5 +120,5 @@ def test_log_softmax_in_place_and_rowdot():
     torch.testing.assert_close(logprobs, torch.log_softmax(logits, -1), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(probs, torch.softmax(logits, -1), rtol=1e-12, atol=1e-300)
     for scratch_rows in (1, 2, 5, 8):
-        scratch = torch.empty(scratch_rows, 7, dtype=torch.float64)
+        scratch = [torch.empty(scratch_rows, 7, dtype=torch.float64)]
         torch.testing.assert_close(rowdot(probs, logprobs, scratch), (probs * logprobs).sum(-1))

@@ -40,13 +40,12 @@ from ..objectives import (
     topk_values,
 )
 from ..routing import Gather, Thresholds
-from .logit_grads import full_divergence_, log_softmax_, rowdot, support_divergence
+from .logit_grads import full_divergence_, log_softmax_, log_softmax_rows_, rowdot, support_divergence
 
-# Elements of one [chunk, V] buffer in the default chunk (64 MiB in float32: 110 tokens at V = 151,936).
-_DEFAULT_CHUNK_ELEMENTS = 1 << 24
-# Elements of each of the four target buffers (16 MiB: 27 tokens at V = 151,936) and of the entropy's scratch
-# (4 MiB). The loss keeps two chunk buffers and the four target ones: about three chunks' worth in all.
-_TARGET_ELEMENTS = 1 << 22
+# Tokens per chunk by default: a chunk's two [chunk, V] float32 arrays take 200 MiB (172 tokens at V = 151,936).
+# Chunks whose terms read a target's full distribution need four or five arrays and get half or 2/5 the tokens.
+_DEFAULT_POOL_ELEMENTS = 50 << 20
+# Rows of scratch for row sums: two buffers of 4 MiB each.
 _SCRATCH_ELEMENTS = 1 << 20
 # A pass's scores keep its full log-probs up to this many elements (2 MiB: 1,024 tokens at V = 512).
 _KEEP_ELEMENTS = 1 << 19
@@ -67,30 +66,34 @@ class Head:
 
 
 def default_chunk_size(vocab_size: int) -> int:
-    return max(1, _DEFAULT_CHUNK_ELEMENTS // vocab_size)
+    return max(1, _DEFAULT_POOL_ELEMENTS // (2 * vocab_size))
 
 
 class Workspace:
-    """The [rows, V] buffers of one call, reused by every chunk.
+    """The [rows, V] memory of one call, allocated once and reused by every chunk: a pool of `2 × chunk` rows
+    cut into as many arrays as a chunk needs, and two buffers of a few rows for row sums.
 
-    Allocating them per chunk would free and reallocate tens of megabytes many times: glibc keeps such blocks on
-    its heap (below its mmap threshold) and the process's memory grows well past what is alive. The student's
-    log-probs and probs (the probs become the logit gradient) take `rows` rows; the four target buffers (target
-    log-probs, two scratch, the gradient accumulator) take `target_rows` and are allocated on first use; a few
-    rows of scratch serve the student's entropy.
-    """
+    Allocating per chunk would free and reallocate tens of megabytes again and again: glibc keeps blocks below
+    its mmap threshold (up to 32 MiB) on its heap, and the process's memory grows well past what is alive."""
 
-    def __init__(self, rows: int, vocab_size: int, dtype: torch.dtype, device, target_rows: int | None = None):
-        self.logprobs = torch.empty(rows, vocab_size, dtype=dtype, device=device)
-        self.probs = torch.empty_like(self.logprobs)
-        self.row_scratch = self.logprobs.new_empty(max(1, min(rows, _SCRATCH_ELEMENTS // vocab_size)), vocab_size)
-        self.target_rows = max(1, min(rows, target_rows or _TARGET_ELEMENTS // vocab_size))
-        self._target: list[Tensor] = []
+    def __init__(self, chunk: int, vocab_size: int, dtype: torch.dtype, device):
+        self.chunk = chunk
+        self.pool = torch.empty(max(2 * chunk, 5), vocab_size, dtype=dtype, device=device)
+        rows = max(1, min(chunk, _SCRATCH_ELEMENTS // vocab_size))
+        self.scratch = [self.pool.new_empty(rows, vocab_size) for _ in range(2)]
 
-    def target(self) -> list[Tensor]:
-        if not self._target:
-            self._target = [self.logprobs.new_empty(self.target_rows, self.logprobs.shape[1]) for _ in range(4)]
-        return self._target
+    def rows_for(self, arrays: int) -> int:
+        """Tokens per chunk when a chunk needs `arrays` [rows, V] arrays."""
+        return self.pool.shape[0] // arrays
+
+    def arrays(self, count: int, rows: int) -> list[Tensor]:
+        step = self.rows_for(count)
+        return [self.pool[i * step : i * step + rows] for i in range(count)]
+
+
+def _workspace_for(count: int, chunk: int, head: Head) -> Workspace:
+    dtype = losses.accumulation_dtype(head.weight.dtype)
+    return Workspace(max(1, min(chunk, count)), head.vocab_size, dtype, head.weight.device)
 
 
 def _logits_into(out_RV: Tensor, hidden_RH: Tensor, weight_VH: Tensor, bias_V: Tensor | None, temperature: float):
@@ -105,11 +108,6 @@ def _logits_into(out_RV: Tensor, hidden_RH: Tensor, weight_VH: Tensor, bias_V: T
         out_RV.copy_(logits if bias_V is None else logits + bias_V)
     if temperature != 1.0:
         out_RV.div_(temperature)
-
-
-def _workspace_for(count: int, chunk: int, head: Head) -> Workspace:
-    dtype = losses.accumulation_dtype(head.weight.dtype)
-    return Workspace(max(1, min(chunk, count)), head.vocab_size, dtype, head.weight.device)
 
 
 @torch.no_grad()
@@ -131,31 +129,28 @@ def score_target(
     ids = completion_ids_BT[valid]
     count, vocab_size = hidden.shape[0], head.vocab_size
     dtype = losses.accumulation_dtype(head.weight.dtype)
-    kept = None
-    if count * vocab_size <= _KEEP_ELEMENTS:  # one chunk, written where it is kept
-        chunk = max(count, 1)
-        kept = torch.empty(count, vocab_size, dtype=dtype, device=hidden.device)
-        workspace = Workspace(0, vocab_size, dtype, hidden.device)
-        workspace.probs = torch.empty_like(kept)
+    kept = torch.empty(count, vocab_size, dtype=dtype, device=hidden.device) if count * vocab_size <= _KEEP_ELEMENTS else None
+    if kept is not None:  # one chunk, written where it is kept
+        chunk, probs_buffer = max(count, 1), torch.empty_like(kept)
     else:
-        chunk = chunk_size or default_chunk_size(vocab_size)
-        workspace = workspace or _workspace_for(count, chunk, head)
-        chunk = min(chunk, workspace.logprobs.shape[0])
+        workspace = workspace or _workspace_for(count, chunk_size or default_chunk_size(vocab_size), head)
+        chunk = workspace.rows_for(2)
     token = torch.zeros(count, dtype=dtype, device=hidden.device)
     ent = torch.zeros_like(token)
     topk_values_ = torch.zeros(count, top_k or 0, dtype=dtype, device=hidden.device)
     topk_ids = torch.zeros(count, top_k or 0, dtype=torch.long, device=hidden.device)
     for start in range(0, count, chunk):
         rows = slice(start, min(start + chunk, count))
-        logprobs = kept[rows] if kept is not None else workspace.logprobs[: rows.stop - start]
-        probs = workspace.probs[: rows.stop - start]
+        if kept is not None:
+            logprobs, probs = kept[rows], probs_buffer[rows]
+        else:
+            logprobs, probs = workspace.arrays(2, rows.stop - start)
         _logits_into(logprobs, hidden[rows], head.weight.detach(), _detach(head.bias), temperature)
         log_softmax_(logprobs, probs)
         token[rows] = logprobs.gather(-1, ids[rows, None]).squeeze(-1)
         ent[rows] = -probs.mul_(logprobs).sum(-1)  # the probs are not needed after this
         if top_k:
             torch.topk(logprobs, top_k, dim=-1, out=(topk_values_[rows], topk_ids[rows]))
-
     positions = valid.flatten().nonzero().squeeze(-1)
 
     def scatter(values: Tensor) -> Tensor:
@@ -238,30 +233,30 @@ def chunked_objective(
     check_top_k(objective, student.vocab_size)
     c = objective.config
     valid = mask_BT.bool()
-    chunk = chunk_size or default_chunk_size(student.vocab_size)
-    workspace = _workspace_for(int(valid.sum()), chunk, student)
+    workspace = _workspace_for(int(valid.sum()), chunk_size or default_chunk_size(student.vocab_size), student)
     scores: dict[str, TargetScores] = {}
     for name, head in heads.items():
         if head is not None:
             scores[name] = given[name] or score_target(
-                head, completion_ids_BT, mask_BT, objective.top_k_for(name), c.temperature, chunk, workspace
+                head, completion_ids_BT, mask_BT, objective.top_k_for(name), c.temperature, None, workspace
             )
     routed = route(
         objective, mask_BT, scores.get("self"), scores.get("teacher"), thresholds, num_sequences, gather, generator
     )
-    # Tokens that need the same targets' full distributions are put next to each other, so the recomputed
-    # target logits come in full blocks (a few scattered HT tokens per chunk make slow matmuls); the loss is a
-    # sum over tokens, so their order does not change it. `index_N`: each ordered token's place in B·T.
+    # The tokens whose terms read a target's full distribution come first, grouped by target, so that the
+    # recomputed target logits come in full blocks (a few scattered HT tokens per chunk make slow matmuls); the
+    # loss is a sum over tokens, so their order does not change it. `index_N`: each ordered token's place in B·T.
     index_N = valid.flatten().nonzero().squeeze(-1)
-    order = _group_by_full_targets(objective, routed.coefficients.flatten(1)[:, index_N], scores)
+    order, full_count = _group_by_full_targets(objective, routed.coefficients.flatten(1)[:, index_N], scores)
     index_N = index_N[order]
     run = _LossRun(
         objective,
         routed.coefficients.flatten(1)[:, index_N],
         {name: _token_scores(s, index_N) for name, s in scores.items()},
         completion_ids_BT.flatten()[index_N],
-        {name: (h.hidden.detach().flatten(0, 1)[index_N], h) for name, h in heads.items() if h is not None},
-        {name: (s.full_logprobs.flatten(0, 1), index_N) for name, s in scores.items() if s.full_logprobs is not None},
+        index_N,
+        {name: (h, s.full_logprobs) for (name, h), s in zip(heads.items(), map(scores.get, heads)) if h is not None},
+        full_count,
         workspace,
     )
     loss = _ChunkedLoss.apply(student.hidden.flatten(0, 1)[index_N], student.weight, student.bias, run)
@@ -290,42 +285,53 @@ class _LossRun:
     """The loss over N ordered tokens, chunk by chunk: its value, the per-token views and, into the given
     buffers, the gradients of the student's hidden states, head weight and bias.
 
-    In each chunk the student's probs buffer becomes the gradient with respect to the logits,
+    A chunk holds the student's log-probs and probs; the probs become the gradient with respect to the logits,
     `G = q − scale ⊙ s` plus the sparse entries of the Top-K and sampled-token terms; then `grad_h = G W` and
-    `grad_W += Gᵀ h` (divided by the temperature, which divided the logits)."""
+    `grad_W += Gᵀ h` (divided by the temperature, which divided the logits). The first `full_count` tokens also
+    need a target's log-probs and the closed forms' `q` (and a second `q` when two full-vocabulary terms meet on
+    one token), so their chunks are cut into four or five arrays instead of two."""
 
-    def __init__(self, objective, coefficients_JN, scores, ids_N, targets, kept, workspace: Workspace):
-        self.objective, self.scores, self.ids_N = objective, scores, ids_N
-        # Terms with the same target, divergence and granularity (DOPD's LL and HS) are evaluated as one, with
-        # the sum of their coefficients (the value is linear in it); `weights_GN` keeps each token's Σ weight
-        # of the terms that apply to it, for the per-token view.
-        groups: dict[tuple, list[int]] = {}
-        for j, term in enumerate(objective.terms):
-            groups.setdefault((term.target, term.divergence, term.granularity), []).append(j)
-        self.terms = [objective.terms[members[0]] for members in groups.values()]
-        self.coefficients_GN = torch.stack([coefficients_JN[members].sum(0) for members in groups.values()])
-        applies_JN = (coefficients_JN != 0).to(coefficients_JN.dtype)
-        self.weights_GN = torch.stack([
-            sum(objective.terms[j].weight * applies_JN[j] for j in members) for members in groups.values()
-        ])  # fmt: skip
-        self.targets = targets  # name: (hidden states of the ordered tokens [N, H_target], Head)
-        self.kept = kept  # name: (full log-probs kept by the scores [B·T, V], each ordered token's row in it [N])
-        self.workspace = workspace
+    def __init__(self, objective, coefficients_JN, scores, ids_N, index_N, targets, full_count, workspace):
+        self.objective, self.scores, self.ids_N, self.index_N = objective, scores, ids_N, index_N
+        self.targets = targets  # name: (Head, the full log-probs its scores kept [B, T, V] or None)
+        self.full_count, self.workspace = full_count, workspace
         self.temperature = objective.config.temperature
+        self._group_terms(objective, coefficients_JN)
         self.full = [_needs_full(objective, term, scores[term.target]) for term in self.terms]
+        full_vocabulary = sum(term.granularity == "full" for term in self.terms)
+        self.full_arrays = 4 if full_vocabulary <= 1 else 5
         self.grad_enabled = torch.is_grad_enabled()
-        dtype = workspace.logprobs.dtype
+        dtype = workspace.pool.dtype
         self.plain_N = torch.zeros(ids_N.shape[0], dtype=dtype, device=ids_N.device)
         self.token_logprobs_N = torch.zeros_like(self.plain_N)
         self.entropy_N = torch.zeros_like(self.plain_N)
 
+    def _group_terms(self, objective, coefficients_JN) -> None:
+        """Terms with the same target, divergence and granularity (DOPD's LL and HS) are evaluated as one, with
+        the sum of their coefficients (the value is linear in it); `weights_GN` keeps each token's Σ weight of
+        the terms that apply to it, for the per-token view."""
+        groups: dict[tuple, list[int]] = {}
+        for j, term in enumerate(objective.terms):
+            groups.setdefault((term.target, term.divergence, term.granularity), []).append(j)
+        applies_JN = (coefficients_JN != 0).to(coefficients_JN.dtype)
+        self.terms = [objective.terms[members[0]] for members in groups.values()]
+        self.coefficients_GN = torch.stack([coefficients_JN[members].sum(0) for members in groups.values()])
+        self.weights_GN = torch.stack([
+            sum(objective.terms[j].weight * applies_JN[j] for j in members) for members in groups.values()
+        ])  # fmt: skip
+
+    def chunks(self, count: int):
+        """The chunks: the tokens that need full targets, then the others, each in the chunk size it allows."""
+        for first, last, arrays in ((0, self.full_count, self.full_arrays), (self.full_count, count, 2)):
+            step = self.workspace.rows_for(arrays)
+            for start in range(first, last, step):
+                yield slice(start, min(start + step, last)), arrays
+
     def __call__(self, hidden_NH, weight_VH, bias_V, grad_hidden, grad_weight, grad_bias) -> Tensor:
         total = torch.zeros((), dtype=self.plain_N.dtype, device=hidden_NH.device)
-        count, chunk = hidden_NH.shape[0], self.workspace.logprobs.shape[0]
         scale = 1.0 / self.temperature
-        for start in range(0, count, chunk):
-            rows = slice(start, min(start + chunk, count))
-            loss, grad_logits = self.chunk(rows, hidden_NH[rows], weight_VH, bias_V)
+        for rows, arrays in self.chunks(hidden_NH.shape[0]):
+            loss, grad_logits = self.chunk(rows, arrays, hidden_NH[rows], weight_VH, bias_V)
             total = total + loss
             if grad_logits is None:
                 continue
@@ -338,16 +344,16 @@ class _LossRun:
                 grad_bias.add_(grad_logits.sum(0).to(grad_bias.dtype), alpha=scale)
         return total
 
-    def chunk(self, rows: slice, hidden_CH: Tensor, weight_VH: Tensor, bias_V: Tensor | None):
+    def chunk(self, rows: slice, arrays: int, hidden_CH: Tensor, weight_VH: Tensor, bias_V: Tensor | None):
         """The chunk's loss and its gradient with respect to the chunk's logits [C, V] (None when no term
         applies to any of its tokens); fills the per-token views."""
         n = rows.stop - rows.start
-        logprobs, probs = self.workspace.logprobs[:n], self.workspace.probs[:n]
+        logprobs, probs, *full_arrays = self.workspace.arrays(arrays, n)
         _logits_into(logprobs, hidden_CH, weight_VH, bias_V, self.temperature)
         log_softmax_(logprobs, probs)
         ids = self.ids_N[rows]
         self.token_logprobs_N[rows] = logprobs.gather(-1, ids[:, None]).squeeze(-1)
-        self.entropy_N[rows] = -rowdot(probs, logprobs, self.workspace.row_scratch)
+        self.entropy_N[rows] = -rowdot(probs, logprobs, self.workspace.scratch)
         coefficients_GC = self.coefficients_GN[:, rows].to(probs.dtype)
         weights_GC = self.weights_GN[:, rows].to(probs.dtype)
         state = _ChunkState(self.plain_N[rows], torch.zeros(n, dtype=probs.dtype, device=probs.device))
@@ -357,13 +363,12 @@ class _LossRun:
         for term, full, coefficient, weight in zip(self.terms, self.full, coefficients_GC, weights_GC):
             if not full:
                 self._sparse_term(term, coefficient, weight, logprobs, ids, scores[term.target], state)
-        first, last = n, n
-        span = self._full_span([c for full, c in zip(self.full, coefficients_GC) if full])
-        if span is not None:
-            first, last = span
-            self._full_terms(span, rows, coefficients_GC, weights_GC, logprobs, probs, ids, scores, state)
-        for part in (slice(0, first), slice(last, n)):  # the span's rows were finished by _full_terms
-            probs[part].mul_(-state.scale_C[part, None])
+        q = None
+        if full_arrays:
+            q = self._full_terms(rows, coefficients_GC, weights_GC, logprobs, probs, scores, full_arrays, state)
+        probs.mul_(-state.scale_C[:, None])
+        if q is not None:
+            probs.add_(q)
         for token_rows, entry_ids, grad in state.sparse:
             probs.index_put_((token_rows, entry_ids), grad, accumulate=True)
         return state.loss, probs
@@ -375,18 +380,19 @@ class _LossRun:
         if applies.numel() == 0:
             return
         c = self.objective.config
-        target, coefficient = target.rows(applies), coefficient_R[applies]
+        coefficient = coefficient_R[applies]
         if term.granularity == "sampled":
             entry_ids = ids_R[applies, None]
+            target = target.rows(applies)
             values, grad = _by_autograd(
                 lambda s: sampled_values(self.objective, term, s.squeeze(-1), target),
                 logprobs_RV[applies[:, None], entry_ids],
                 coefficient,
             )
         else:
-            entry_ids, support_mask, target_support = topk_inputs(
-                self.objective, target, lambda: full_RV[applies], lambda: logprobs_RV[applies]
-            )
+            # The support of all R rows (views, no [R, V] copy), then of the rows the term applies to.
+            support = topk_inputs(self.objective, target, lambda: full_RV, lambda: logprobs_RV)
+            entry_ids, support_mask, target_support = (tensor[applies] for tensor in support)
             student = logprobs_RV[applies[:, None], entry_ids]
             if c.topk_tail == "renormalize" and c.topk_support != "union":  # no masked entry: the closed form
                 values, grad = support_divergence(term.divergence, c.jsd_beta, coefficient, student, target_support)
@@ -399,73 +405,67 @@ class _LossRun:
         state.scale_C.index_add_(0, index, grad.sum(-1))
         state.sparse.append((index[:, None], entry_ids, grad))
 
-    @staticmethod
-    def _full_span(coefficients: list[Tensor]) -> tuple[int, int] | None:
-        """First and last + 1 of the rows where any of the coefficients [R] is not 0 (None: no such row)."""
-        if not coefficients:
-            return None
-        needs = coefficients[0] != 0
-        for coefficient in coefficients[1:]:
-            needs |= coefficient != 0
-        where = needs.nonzero().squeeze(-1)
-        return None if where.numel() == 0 else (int(where[0]), int(where[-1]) + 1)
-
-    def _full_terms(self, span, rows, coefficients_GC, weights_GC, logprobs_CV, probs_CV, ids_C, scores, state):
-        """The terms that read a target's full log-probs, on the span's rows a sub-block at a time; each
-        sub-block's gradient rows are finished here (`q − scale ⊙ s`, into the probs buffer)."""
-        target_lp_buffer, scratch_a, scratch_b, accumulator_buffer = self.workspace.target()
-        step = target_lp_buffer.shape[0]
-        for start in range(span[0], span[1], step):
-            sub = slice(start, min(start + step, span[1]))
-            accumulator = accumulator_buffer[: sub.stop - start].zero_()
-            for name in ("teacher", "self"):
-                terms = [
-                    (term, coefficient[sub], weight[sub])
-                    for term, full, coefficient, weight in zip(self.terms, self.full, coefficients_GC, weights_GC)
-                    if full and term.target == name
-                ]
-                own = self._full_span([coefficient for _, coefficient, _ in terms])
-                if own is None:
+    def _full_terms(self, rows, coefficients_GC, weights_GC, logprobs_CV, probs_CV, scores, arrays, state):
+        """The terms that read a target's full log-probs, target by target on the rows that need it (a
+        contiguous run, the tokens being grouped). Returns the closed forms' Σ q [C, V], or None if none ran."""
+        target_lp_buffer, q_sum, *extra = arrays
+        q_written = False
+        for name in ("teacher", "self"):
+            terms = [
+                (term, coefficient, weight)
+                for term, full, coefficient, weight in zip(self.terms, self.full, coefficients_GC, weights_GC)
+                if full and term.target == name
+            ]
+            span = _nonzero_span([coefficient for _, coefficient, _ in terms])
+            if span is None:
+                continue
+            part = slice(*span)
+            target_lp = self._target_logprobs(name, rows.start + part.start, target_lp_buffer[: span[1] - span[0]])
+            for term, coefficient, weight in terms:
+                coefficient, weight = coefficient[part], weight[part]
+                if not bool((coefficient != 0).any()):
                     continue
-                # The rows of this target only (grouped, so a contiguous run in DOPD), relative to the sub-block.
-                part = slice(*own)
-                m = own[1] - own[0]
-                at = slice(rows.start + start + own[0], rows.start + start + own[1])
-                target_lp = self._target_logprobs(name, at, target_lp_buffer[:m], scratch_a[:m])
-                chunk_part = slice(start + own[0], start + own[1])
-                for term, coefficient, weight in terms:
-                    self._full_term(term, coefficient[part], weight[part], chunk_part, target_lp, logprobs_CV,
-                                    probs_CV, ids_C, scores[name], (scratch_a[:m], scratch_b[:m]), accumulator[part],
-                                    state)  # fmt: skip
-            probs_CV[sub].mul_(-state.scale_C[sub, None]).add_(accumulator)
+                if term.granularity != "full":  # a Top-K term whose support needs the full distribution
+                    self._sparse_term(term, coefficient, weight, logprobs_CV[part], self.ids_N[rows][part],
+                                      scores[name].rows(part), state, part.start, target_lp)  # fmt: skip
+                    continue
+                if not q_written:
+                    q_sum.zero_()
+                    q_written = True
+                q = extra[0][part] if extra else q_sum[part]  # one full-vocabulary term: q lands in q_sum at once
+                values, scale = full_divergence_(
+                    term.divergence, self.objective.config.jsd_beta, coefficient, logprobs_CV[part], probs_CV[part],
+                    target_lp, q, self.workspace.scratch,
+                )  # fmt: skip
+                if extra:
+                    q_sum[part].add_(q)
+                applies = coefficient.nonzero().squeeze(-1)
+                state.add(applies + part.start, values[applies], coefficient[applies], weight[applies])
+                state.scale_C[part] += scale
+        return q_sum if q_written else None
 
-    def _target_logprobs(self, name: str, at: slice, buffer_RV: Tensor, scratch_RV: Tensor) -> Tensor:
-        """The target's full log-probs of the ordered tokens `at`, in the buffer: copied from the ones its scores
-        kept, or recomputed from its head."""
-        if name in self.kept:
-            full, index_N = self.kept[name]
-            return torch.index_select(full, 0, index_N[at], out=buffer_RV)
-        hidden, head = self.targets[name]
-        _logits_into(buffer_RV, hidden[at], head.weight.detach(), _detach(head.bias), self.temperature)
-        log_softmax_(buffer_RV, scratch_RV)
+    def _target_logprobs(self, name: str, start: int, buffer_RV: Tensor) -> Tensor:
+        """The target's full log-probs of the ordered tokens from `start` on, into the buffer: copied from the
+        ones its scores kept, or recomputed from its head."""
+        head, kept = self.targets[name]
+        index = self.index_N[start : start + buffer_RV.shape[0]]
+        if kept is not None:
+            return torch.index_select(kept.flatten(0, 1), 0, index, out=buffer_RV)
+        hidden = head.hidden.detach().flatten(0, 1)[index]
+        _logits_into(buffer_RV, hidden, head.weight.detach(), _detach(head.bias), self.temperature)
+        log_softmax_rows_(buffer_RV, self.workspace.scratch)
         return buffer_RV
 
-    def _full_term(self, term, coefficient_R, weight_R, part, target_lp_RV, logprobs_CV, probs_CV, ids_C, scores, scratch,
-                   accumulator_RV, state):  # fmt: skip
-        """One term on the chunk's rows `part` [R], with the target's full log-probs of those rows."""
-        if not bool((coefficient_R != 0).any()):
-            return
-        if term.granularity != "full":  # a Top-K term whose support needs the full distribution
-            self._sparse_term(term, coefficient_R, weight_R, logprobs_CV[part], ids_C[part], scores.rows(part), state,
-                              offset=part.start, full_RV=target_lp_RV)  # fmt: skip
-            return
-        values, scale = full_divergence_(
-            term.divergence, self.objective.config.jsd_beta, coefficient_R, logprobs_CV[part], probs_CV[part],
-            target_lp_RV, scratch, accumulator_RV,
-        )  # fmt: skip
-        applies = coefficient_R.nonzero().squeeze(-1)
-        state.add(applies + part.start, values[applies], coefficient_R[applies], weight_R[applies])
-        state.scale_C[part] += scale
+
+def _nonzero_span(coefficients: list[Tensor]) -> tuple[int, int] | None:
+    """First and last + 1 of the rows where any of the coefficients [R] is not 0 (None: no such row)."""
+    if not coefficients:
+        return None
+    needs = coefficients[0] != 0
+    for coefficient in coefficients[1:]:
+        needs = needs | (coefficient != 0)
+    where = needs.nonzero().squeeze(-1)
+    return None if where.numel() == 0 else (int(where[0]), int(where[-1]) + 1)
 
 
 def _by_autograd(values_of, student_RK: Tensor, coefficient_R: Tensor) -> tuple[Tensor, Tensor]:
@@ -510,14 +510,15 @@ def _token_scores(scores: TargetScores, index_N: Tensor) -> TargetScores:
                         pick(scores.topk_ids))  # fmt: skip
 
 
-def _group_by_full_targets(objective: Objective, coefficients_JN: Tensor, flat_scores) -> Tensor:
-    """A stable order of the tokens that groups them by which targets' full log-probs they need."""
+def _group_by_full_targets(objective: Objective, coefficients_JN: Tensor, scores) -> tuple[Tensor, int]:
+    """A stable order of the tokens that puts first those that need a target's full log-probs, grouped by
+    which targets they need, and how many they are."""
     key = torch.zeros(coefficients_JN.shape[-1], dtype=torch.long, device=coefficients_JN.device)
     for term, coefficient in zip(objective.terms, coefficients_JN):
-        if _needs_full(objective, term, flat_scores[term.target]):
+        if _needs_full(objective, term, scores[term.target]):
             bit = 2 if term.target == "teacher" else 1
             key = key | ((coefficient != 0).long() * bit)
-    return torch.argsort(-key, stable=True)
+    return torch.argsort(-key, stable=True), int((key > 0).sum())
 
 
 def _detach(tensor: Tensor | None) -> Tensor | None:

@@ -12,13 +12,15 @@ the vocabulary:
                  m = β t + (1−β) s
 
 (JSD: ∂D/∂s_k = (1−β)(log s_k − log m_k), since the terms from ∂m/∂s add up to (1−β)(1 − m_k/m_k) = 0; then the
-softmax Jacobian.) Each gradient is written as `q − scale · s` with `q` added into an accumulator and `scale` one
-number per row, so that several terms on the same rows, and the sparse Top-K and sampled-token terms, add up in
-one buffer. `tests/test_logit_grads.py` checks every form against autograd of `losses.divergence` and by
-`gradcheck`.
+softmax Jacobian.) Each gradient is written as `q − scale · s`: `q` into one [R, V] buffer, `scale` one number per
+row, so that several terms on the same rows, and the sparse Top-K and sampled-token terms, add up in one buffer.
+Besides that buffer a term needs only a few rows of scratch (`row_sums`). `tests/test_logit_grads.py` checks
+every form against autograd of `losses.divergence` and by `gradcheck`.
 """
 
 from __future__ import annotations
+
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -29,18 +31,26 @@ from ..losses import accumulation_dtype
 # (numerically) no mass in s or t, so flooring m changes nothing that is summed.
 _TINY = torch.finfo(torch.float32).tiny
 
+Scratch = Sequence[Tensor]  # two buffers of a few rows [K, V] (K ≥ 1)
 
-def rowdot(a_RV: Tensor, b_RV: Tensor, scratch_KV: Tensor) -> Tensor:
-    """Σ_v a b per row [R], a few rows at a time through `scratch_KV` [K, V] (K ≥ 1 rows).
 
-    `torch.bmm` would need no scratch, but it accumulates a row of 151,936 products in float32 with a relative
-    error of about 3e-4; a product then `sum` (pairwise) stays near 1e-7."""
-    out = a_RV.new_empty(a_RV.shape[0])
-    step = scratch_KV.shape[0]
-    for start in range(0, a_RV.shape[0], step):
-        rows = slice(start, min(start + step, a_RV.shape[0]))
-        out[rows] = torch.mul(a_RV[rows], b_RV[rows], out=scratch_KV[: rows.stop - start]).sum(-1)
+def row_sums(count: int, scratch: Scratch, fill: Callable[[slice, list[Tensor]], Tensor]) -> Tensor:
+    """Σ over the last axis of `fill(rows, buffers)` for `count` rows, a few rows at a time: `fill` writes a
+    [k, V] product into the scratch buffers (cut to k rows) and returns it.
+
+    `torch.bmm` would sum a row product without scratch, but it accumulates 151,936 float32 products with a
+    relative error of about 3e-4; a product then `sum` (pairwise) stays near 1e-7."""
+    out = scratch[0].new_empty(count)
+    step = scratch[0].shape[0]
+    for start in range(0, count, step):
+        rows = slice(start, min(start + step, count))
+        out[rows] = fill(rows, [buffer[: rows.stop - start] for buffer in scratch]).sum(-1)
     return out
+
+
+def rowdot(a_RV: Tensor, b_RV: Tensor, scratch: Scratch) -> Tensor:
+    """Σ_v a b per row [R]."""
+    return row_sums(a_RV.shape[0], scratch, lambda rows, s: torch.mul(a_RV[rows], b_RV[rows], out=s[0]))
 
 
 def log_softmax_(logits_RV: Tensor, probs_RV: Tensor) -> None:
@@ -50,6 +60,13 @@ def log_softmax_(logits_RV: Tensor, probs_RV: Tensor) -> None:
     total = torch.exp(shifted, out=probs_RV).sum(-1, keepdim=True)
     probs_RV.div_(total)
     shifted.sub_(total.log_())
+
+
+def log_softmax_rows_(logits_RV: Tensor, scratch: Scratch) -> None:
+    """`logits_RV` becomes log-softmax in place, with a few rows of scratch (when the probabilities are not needed)."""
+    shifted = logits_RV.sub_(logits_RV.amax(-1, keepdim=True))
+    total = row_sums(shifted.shape[0], scratch, lambda rows, s: torch.exp(shifted[rows], out=s[0]))
+    shifted.sub_(total.log_().unsqueeze(-1))
 
 
 def jsd_beta(name: str, beta: float) -> float:
@@ -64,24 +81,57 @@ def full_divergence_(
     student_logprobs_RV: Tensor,
     student_probs_RV: Tensor,
     target_logprobs_RV: Tensor,
-    scratch_RV: tuple[Tensor, Tensor],
-    accumulator_RV: Tensor,
+    q_RV: Tensor,
+    scratch: Scratch,
 ) -> tuple[Tensor, Tensor]:
     """`losses.divergence(name, student, target, beta)` per row, and its gradient with respect to the student's
-    logits, weighted by `coefficient_R`: `accumulator_RV += q`; returns (values [R], scale [R]) with the gradient
-    of Σ coefficient·value being `q − scale ⊙ student_probs`.
+    logits weighted by `coefficient_R`: returns (values [R], scale [R]) and writes `q_RV`, the gradient of
+    Σ coefficient·value being `q − scale ⊙ student_probs`.
 
-    The student's and target's log-probs and the probs are read only; the two scratch buffers are overwritten.
+    The student's and the target's log-probs and the probs are read only; the scratch rows are overwritten.
     """
     beta = jsd_beta(name, beta)
-    coefficient = coefficient_R.to(accumulator_RV.dtype).unsqueeze(-1)
+    coefficient = coefficient_R.to(q_RV.dtype).unsqueeze(-1)
+    args = (coefficient, student_logprobs_RV, student_probs_RV, target_logprobs_RV, q_RV, scratch)
     if beta == 1.0:
-        return _reverse_kl_(coefficient, student_logprobs_RV, student_probs_RV, target_logprobs_RV, scratch_RV[0],
-                            accumulator_RV)  # fmt: skip
+        return _reverse_kl_(*args)
     if beta == 0.0:
-        return _forward_kl_(coefficient, student_logprobs_RV, target_logprobs_RV, scratch_RV, accumulator_RV)
-    return _jsd_(beta, coefficient, student_logprobs_RV, student_probs_RV, target_logprobs_RV, scratch_RV,
-                 accumulator_RV)  # fmt: skip
+        return _forward_kl_(*args)
+    return _jsd_(beta, *args)
+
+
+def _reverse_kl_(coefficient, student_lp, student_p, target_lp, q, scratch):
+    weighted_difference = torch.sub(student_lp, target_lp, out=q).mul_(student_p)  # s (log s − log t)
+    values = weighted_difference.sum(-1)
+    weighted_difference.mul_(coefficient)
+    return values, coefficient.squeeze(-1) * values
+
+
+def _forward_kl_(coefficient, student_lp, student_p, target_lp, q, scratch):
+    values = row_sums(  # Σ t (log t − log s)
+        q.shape[0],
+        scratch,
+        lambda rows, s: torch.exp(target_lp[rows], out=s[0]).mul_(torch.sub(target_lp[rows], student_lp[rows], out=s[1])),
+    )
+    target_p = torch.exp(target_lp, out=q)
+    target_mass = target_p.sum(-1)
+    target_p.mul_(-coefficient)
+    return values, -coefficient.squeeze(-1) * target_mass
+
+
+def _jsd_(beta, coefficient, student_lp, student_p, target_lp, q, scratch):
+    # log m from the probabilities, floored (see _TINY): no [R, V] temporary, unlike logaddexp of shifted inputs.
+    log_m = torch.exp(target_lp, out=q).mul_(beta).add_(student_p, alpha=1.0 - beta).clamp_(min=_TINY).log_()
+    target_part = row_sums(  # Σ t log t/m
+        q.shape[0],
+        scratch,
+        lambda rows, s: torch.exp(target_lp[rows], out=s[0]).mul_(torch.sub(target_lp[rows], log_m[rows], out=s[1])),
+    )
+    student_terms = torch.sub(student_lp, log_m, out=q).mul_(student_p)  # s log s/m; log m is not needed after
+    student_part = student_terms.sum(-1)
+    student_terms.mul_(coefficient * (1.0 - beta))
+    values = beta * target_part + (1.0 - beta) * student_part
+    return values, coefficient.squeeze(-1) * ((1.0 - beta) * student_part)
 
 
 def support_divergence(
@@ -96,34 +146,7 @@ def support_divergence(
     target = target_support_RK.to(dtype, copy=True)
     student_p, scratch = torch.empty_like(student), (torch.empty_like(student), torch.empty_like(student))
     log_softmax_(student, student_p)
-    log_softmax_(target, scratch[0])
-    grad = torch.zeros_like(student)
-    values, scale = full_divergence_(name, beta, coefficient_R, student, student_p, target, scratch, grad)
+    log_softmax_rows_(target, scratch)
+    grad = torch.empty_like(student)
+    values, scale = full_divergence_(name, beta, coefficient_R, student, student_p, target, grad, scratch)
     return values, grad.addcmul_(student_p, scale.unsqueeze(-1), value=-1.0)
-
-
-def _reverse_kl_(coefficient, student_lp, student_p, target_lp, scratch, accumulator):
-    weighted_difference = torch.sub(student_lp, target_lp, out=scratch).mul_(student_p)  # s (log s − log t)
-    values = weighted_difference.sum(-1)
-    accumulator.addcmul_(weighted_difference, coefficient)
-    return values, coefficient.squeeze(-1) * values
-
-
-def _forward_kl_(coefficient, student_lp, target_lp, scratch, accumulator):
-    target_p = torch.exp(target_lp, out=scratch[0])
-    values = torch.sub(target_lp, student_lp, out=scratch[1]).mul_(target_p).sum(-1)
-    accumulator.addcmul_(target_p, coefficient, value=-1.0)
-    return values, -coefficient.squeeze(-1) * target_p.sum(-1)
-
-
-def _jsd_(beta, coefficient, student_lp, student_p, target_lp, scratch, accumulator):
-    work, log_t_over_m = scratch
-    # log m from the probabilities, floored (see _TINY): no [R, V] temporary, unlike logaddexp of shifted inputs.
-    log_m = torch.exp(target_lp, out=work).mul_(beta).add_(student_p, alpha=1.0 - beta).clamp_(min=_TINY).log_()
-    torch.sub(target_lp, log_m, out=log_t_over_m)
-    student_terms = torch.sub(student_lp, log_m, out=work).mul_(student_p)  # s log s/m; log m is not needed after
-    student_part = student_terms.sum(-1)
-    accumulator.addcmul_(student_terms, coefficient, value=1.0 - beta)
-    target_part = torch.exp(target_lp, out=work).mul_(log_t_over_m).sum(-1)  # Σ t log t/m
-    values = beta * target_part + (1.0 - beta) * student_part
-    return values, coefficient.squeeze(-1) * ((1.0 - beta) * student_part)
