@@ -15,9 +15,16 @@ from dopd.config import load_config
 from dopd.hints import FORMS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RECIPES = sorted(os.path.relpath(path, ROOT) for path in glob.glob(os.path.join(ROOT, "recipes", "*.yaml")))
+RECIPES = sorted(os.path.relpath(path, ROOT) for pattern in ("*.yaml", "table3/*.yaml")
+                 for path in glob.glob(os.path.join(ROOT, "recipes", pattern)))
 VLM_RECIPE = "recipes/qwen3-vl-8b-to-2b.yaml"
+MAIN_RECIPE = "recipes/qwen3-8b-to-1.7b.yaml"
 LLM_RECIPES = [path for path in RECIPES if path != VLM_RECIPE]
+TABLE3_RECIPES = [path for path in RECIPES if path.startswith("recipes/table3/")]
+# The paper's Table 3 (section 4.1.1, the table's caption): Qwen3-8B/4B/1.7B -> Qwen3-0.6B, Qwen3-8B/4B -> Qwen3-1.7B.
+PAPER_PAIRS = {("Qwen/Qwen3-8B", "Qwen/Qwen3-0.6B"), ("Qwen/Qwen3-4B", "Qwen/Qwen3-0.6B"),
+               ("Qwen/Qwen3-1.7B", "Qwen/Qwen3-0.6B"), ("Qwen/Qwen3-8B", "Qwen/Qwen3-1.7B"),
+               ("Qwen/Qwen3-4B", "Qwen/Qwen3-1.7B")}
 
 
 def header(path: str) -> list[str]:
@@ -69,11 +76,12 @@ def dopd_arguments(command: list[str]) -> list[str] | None:
 
 def test_there_are_the_recipes_the_paper_needs():
     names = [os.path.basename(path) for path in RECIPES]
-    assert "qwen3-8b-to-1.7b.yaml" in names and "table3-pairs.yaml" in names
+    assert MAIN_RECIPE in RECIPES and VLM_RECIPE in RECIPES
+    assert sorted(os.path.basename(path) for path in TABLE3_RECIPES) == [
+        "qwen3-1.7b-to-0.6b.yaml", "qwen3-4b-to-0.6b.yaml", "qwen3-4b-to-1.7b.yaml", "qwen3-8b-to-0.6b.yaml"]
     assert [n for n in names if n.startswith("continual-stage")] == [
         "continual-stage1-science.yaml", "continual-stage2-math.yaml", "continual-stage3-code.yaml"]
-    assert len([n for n in names if n.startswith("ood-")]) == 2
-    assert os.path.basename(VLM_RECIPE) in names
+    assert sorted(n for n in names if n.startswith("ood-")) == ["ood-train-code.yaml", "ood-train-math.yaml"]
 
 
 def _papers_objective(config):
@@ -108,14 +116,43 @@ def test_recipe_loads_with_the_papers_hyper_parameters(path):
     assert config.rollout.num_generations == 4
     assert (config.optim.lr, config.optim.schedule) == (5e-6, "cosine")
     assert (t.prompts_per_step, t.steps) == (128, 200)
-    assert config.model.teacher == "Qwen/Qwen3-8B"
+    if path in TABLE3_RECIPES:
+        assert (config.model.teacher, config.model.student) in PAPER_PAIRS
+    else:  # the paper runs the main results and all analyses on Qwen3-8B -> Qwen3-1.7B (section 4.1.1)
+        assert config.model.teacher == "Qwen/Qwen3-8B"
     assert config.data.prompt_column == "question" and config.data.privileged_column == "privileged_context"
     assert config.logging.output_dir.startswith("runs/")
 
 
 def test_main_recipe_is_the_papers_pair():
-    config = load_config(os.path.join(ROOT, "recipes/qwen3-8b-to-1.7b.yaml"))
+    config = load_config(os.path.join(ROOT, MAIN_RECIPE))
     assert (config.model.student, config.model.teacher) == ("Qwen/Qwen3-1.7B", "Qwen/Qwen3-8B")
+
+
+def _size(hub_name: str) -> float:
+    return float(hub_name.removeprefix("Qwen/Qwen3-").removesuffix("B"))
+
+
+def test_table3_recipes_are_the_papers_five_pairs():
+    main = load_config(os.path.join(ROOT, MAIN_RECIPE))
+    configs = {path: load_config(os.path.join(ROOT, path)) for path in TABLE3_RECIPES}
+    pairs = [(c.model.teacher, c.model.student) for c in configs.values()] + [(main.model.teacher, main.model.student)]
+    assert len(pairs) == len(set(pairs)) and set(pairs) == PAPER_PAIRS
+    assert max(_size(t) / _size(s) for t, s in pairs) == pytest.approx(13.3, abs=0.05)  # "size ratio up to 13.3x"
+    for path, config in configs.items():
+        teacher, student = config.model.teacher, config.model.student
+        assert _size(teacher) > _size(student)
+        # The file is named after its pair, and so is its run directory.
+        stem = f"qwen3-{_size(teacher):g}b-to-{_size(student):g}b"
+        assert os.path.basename(path) == stem + ".yaml" and config.logging.output_dir == f"runs/table3/{stem}-dopd"
+        assert config.data.path == main.data.path  # one training set for every pair (our reading)
+        text = " ".join(header(path))
+        assert "Table 3" in text and "share a tokenizer" in text
+        # Its evaluation measures this pair: the teacher, the base student and the distilled student.
+        evaluated = {build_parser().parse_args(dopd_arguments(c)).model for c in commands(path)
+                     if dopd_arguments(c) and dopd_arguments(c)[0] == "eval"}
+        assert evaluated == {teacher, student, config.logging.output_dir + "/final"}
+    assert len({c.logging.output_dir for c in configs.values()} | {main.logging.output_dir}) == len(PAPER_PAIRS)
 
 
 @pytest.mark.parametrize("path", RECIPES)
@@ -159,27 +196,57 @@ def commands_with_redirect(path: str) -> list[list[str]]:
     return found
 
 
-def test_continual_stages_chain_their_models():
-    stages = [load_config(os.path.join(ROOT, f"recipes/continual-stage{k}-{name}.yaml"))
-              for k, name in ((1, "science"), (2, "math"), (3, "code"))]
-    assert stages[0].model.student == "Qwen/Qwen3-1.7B"
+CONTINUAL = [f"recipes/continual-stage{k}-{name}.yaml" for k, name in ((1, "science"), (2, "math"), (3, "code"))]
+
+
+def test_continual_stages_are_the_papers_curriculum():
+    # Section 4.2.3 / Figure 7(a): general, then reasoning, then coding data, one stage each, on one model;
+    # section 4.1.1: general, reasoning, coding = RaR-Science-20K, DAPO-Math-17K, Skywork-OR1-Coding-14K.
+    stages = [load_config(os.path.join(ROOT, path)) for path in CONTINUAL]
+    assert (stages[0].model.student, stages[0].model.teacher) == ("Qwen/Qwen3-1.7B", "Qwen/Qwen3-8B")
     for before, after in zip(stages, stages[1:]):
         assert after.model.student == before.logging.output_dir + "/final"
+        assert after.model.teacher == before.model.teacher
     assert [s.data.path for s in stages] == ["data/hints/science.jsonl", "data/hints/math.jsonl",
                                              "data/hints/code.jsonl"]
     assert len({s.logging.output_dir for s in stages}) == 3
-
-
-def test_ood_splits_hold_out_what_they_evaluate():
-    for name, trained, held_out in (("ood-train-math", {"math"}, {"science", "code"}),
-                                    ("ood-train-science-code", {"science", "code"}, {"math"})):
-        path = f"recipes/{name}.yaml"
+    for path, stage, dataset in zip(CONTINUAL, stages,
+                                    ("RaR-Science-20K", "DAPO-Math-17K", "Skywork-OR1-Coding-14K")):
         text = " ".join(header(path))
-        hinted = {s for s in ("science", "math", "code")
-                  if f"data/raw/{s}.jsonl" in text or ("for set in" in text and f" {s}" in text.split("for set in")[1].split(";")[0])}
-        assert hinted == trained, (name, hinted)
-        evaluated = text.split("for domain in")[1].split(";")[0].split()
-        assert held_out <= set(evaluated)
+        assert text.startswith(f"DOPD continual learning, stage {CONTINUAL.index(path) + 1} of 3: {dataset}")
+        # The paper's probes after every stage: LiveBench (general), MATH500 and BFCLv3 (the specific ones).
+        assert all(bench in text for bench in ("LiveBench", "MATH500", "BFCLv3"))
+        hinted = [a.input for a in _parsed(path, "hints")]
+        assert hinted == [stage.data.path.replace("data/hints/", "data/raw/")]  # this stage's domain only
+        evaluated = _parsed(path, "eval")
+        assert evaluated and all(a.model == stage.logging.output_dir + "/final" for a in evaluated)
+        assert "data/eval/math500.jsonl" in {a.data for a in evaluated}
+
+
+def _parsed(path: str, command: str) -> list:
+    parser = build_parser()
+    found = [parser.parse_args(dopd_arguments(c)) for c in commands(path) if dopd_arguments(c)]
+    return [args for args in found if args.command == command]
+
+
+def test_ood_splits_are_the_papers():
+    # Section 4.2.4 / Figure 7(b): train on the reasoning or the coding set alone, score the other domain's
+    # benchmark: reasoning-trained on BFCLv3, coding-trained on MATH500.
+    splits = {"recipes/ood-train-math.yaml": ("math", "DAPO-Math-17K", "BFCLv3"),
+              "recipes/ood-train-code.yaml": ("code", "Skywork-OR1-Coding-14K", "MATH500")}
+    for path, (domain, dataset, held_out) in splits.items():
+        config = load_config(os.path.join(ROOT, path))
+        assert (config.model.student, config.model.teacher) == ("Qwen/Qwen3-1.7B", "Qwen/Qwen3-8B")
+        assert config.data.path == f"data/hints/{domain}.jsonl"  # one domain, no mixture
+        assert [a.input for a in _parsed(path, "hints")] == [f"data/raw/{domain}.jsonl"]
+        text = " ".join(header(path))
+        assert text.startswith("DOPD out of distribution: trained on the") and f"alone ({dataset})" in text
+        assert f"unseen {'coding' if domain == 'math' else 'reasoning'} benchmark {held_out}" in text
+        evaluated = _parsed(path, "eval")
+        assert evaluated and all(a.model == config.logging.output_dir + "/final" for a in evaluated)
+        if held_out == "MATH500":  # `dopd eval` scores MATH500; BFCLv3 needs its official harness
+            assert "data/eval/math500.jsonl" in {a.data for a in evaluated}
+    assert {d for d, _, _ in splits.values()} == {"math", "code"}
 
 
 @pytest.mark.parametrize("path", RECIPES)
