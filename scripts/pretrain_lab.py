@@ -1,8 +1,10 @@
-"""Reproduce the lab's shipped teacher/student pair: pretrain both and measure their properties.
+"""Reproduce the lab's shipped teacher/student pairs: pretrain both models and measure their properties.
 
+    python scripts/pretrain_lab.py --task order --out src/dopd/lab/pretrained/order --n-eval 300 --threads 1
     python scripts/pretrain_lab.py --task arith --out src/dopd/lab/pretrained/arith --n-eval 300
 
-is the command that made the shipped pair (same as `python -m dopd.lab.models ...`); see docs/lab_design.md.
+are the commands that made the shipped pairs (the same as `python -m dopd.lab.models ...`); see
+docs/lab_design.md.
 """
 
 from dopd.lab.models import main
