@@ -225,8 +225,12 @@ def test_precomputed_scores_and_thresholds_give_the_same_result(option):
     assert_same(computed, given, rtol=1e-6)
 
 
+@pytest.mark.parametrize("keep", [True, False])
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
-def test_score_target_equals_full_logits(temperature):
+def test_score_target_equals_full_logits(temperature, keep, monkeypatch):
+    """Chunk by chunk (two tokens at a time) with the top-K, or in one piece keeping the full log-probs."""
+    if not keep:
+        monkeypatch.setattr(chunked_module, "_KEEP_ELEMENTS", 0)
     case = make_case()
     head = Head(case.teacher_hidden, case.teacher_weight, case.teacher_bias)
     scores = score_target(head, case.ids, case.mask, top_k=K, temperature=temperature, chunk_size=2)
@@ -235,21 +239,25 @@ def test_score_target_equals_full_logits(temperature):
     valid = case.mask
     torch.testing.assert_close(scores.token_logprobs[valid], reference.token_logprobs[valid], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(scores.entropy[valid], losses.entropy(logprobs)[valid], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(scores.topk_logprobs[valid], reference.topk_logprobs[valid], rtol=1e-5, atol=1e-6)
-    assert torch.equal(scores.topk_ids[valid], reference.topk_ids[valid])
-    torch.testing.assert_close(scores.full_logprobs[valid], logprobs[valid], rtol=1e-5, atol=1e-6)
-    for tensor in (scores.token_logprobs, scores.entropy, scores.topk_logprobs, scores.topk_ids, scores.full_logprobs):
-        assert (tensor[~valid] == 0).all()
-    assert score_target(head, case.ids, case.mask).topk_logprobs is None
+    if keep:  # the kept log-probs hold the top-K: it is taken in the loss, for the tokens that need it
+        assert scores.topk_logprobs is None and scores.topk_ids is None
+        torch.testing.assert_close(scores.full_logprobs[valid], logprobs[valid], rtol=1e-5, atol=1e-6)
+    else:
+        assert scores.full_logprobs is None
+        torch.testing.assert_close(scores.topk_logprobs[valid], reference.topk_logprobs[valid], rtol=1e-5, atol=1e-6)
+        assert torch.equal(scores.topk_ids[valid], reference.topk_ids[valid])
+        assert (scores.topk_logprobs[~valid] == 0).all() and (scores.topk_ids[~valid] == 0).all()
+        assert score_target(head, case.ids, case.mask).topk_logprobs is None
+    assert (scores.token_logprobs[~valid] == 0).all() and (scores.entropy[~valid] == 0).all()
 
 
 def test_score_target_keeps_full_logprobs_of_small_passes_only(monkeypatch):
     case = make_case()
     head = Head(case.teacher_hidden, case.teacher_weight, case.teacher_bias)
-    tokens = int(case.mask.sum())
-    monkeypatch.setattr(chunked_module, "_KEEP_ELEMENTS", tokens * V)
+    positions = case.mask.numel()  # padding included
+    monkeypatch.setattr(chunked_module, "_KEEP_ELEMENTS", positions * V)
     assert score_target(head, case.ids, case.mask).full_logprobs is not None
-    monkeypatch.setattr(chunked_module, "_KEEP_ELEMENTS", tokens * V - 1)
+    monkeypatch.setattr(chunked_module, "_KEEP_ELEMENTS", positions * V - 1)
     assert score_target(head, case.ids, case.mask, chunk_size=2).full_logprobs is None
 
 

@@ -219,7 +219,7 @@ class TargetScores:
 
     Shapes: `token_logprobs`, `entropy`: [B, T]; `topk_logprobs`, `topk_ids`: [B, T, K] or None;
     `full_logprobs`: [B, T, V] or None (the chunked form keeps them when they are small, so that its loss need
-    not recompute the target's logits; they are read only).
+    not recompute the target's logits; read only, and only at valid tokens).
     """
 
     token_logprobs: Tensor

@@ -47,7 +47,7 @@ from .logit_grads import full_divergence_, log_softmax_, log_softmax_rows_, rowd
 _DEFAULT_POOL_ELEMENTS = 50 << 20
 # Rows of scratch for row sums: two buffers of 4 MiB each.
 _SCRATCH_ELEMENTS = 1 << 20
-# A pass's scores keep its full log-probs up to this many elements (2 MiB: 1,024 tokens at V = 512).
+# A pass's scores keep its full log-probs up to this many elements (2 MiB: 1,024 positions at V = 512).
 _KEEP_ELEMENTS = 1 << 19
 
 
@@ -70,16 +70,15 @@ def default_chunk_size(vocab_size: int) -> int:
 
 
 class Workspace:
-    """The [rows, V] memory of one call, allocated once and reused by every chunk: a pool of `2 × chunk` rows
-    cut into as many arrays as a chunk needs, and two buffers of a few rows for row sums.
+    """The [rows, V] memory of one call, allocated once and reused by every chunk: a pool of rows cut into as
+    many arrays as a chunk needs, and two buffers of a few rows for row sums.
 
     Allocating per chunk would free and reallocate tens of megabytes again and again: glibc keeps blocks below
     its mmap threshold (up to 32 MiB) on its heap, and the process's memory grows well past what is alive."""
 
-    def __init__(self, chunk: int, vocab_size: int, dtype: torch.dtype, device):
-        self.chunk = chunk
-        self.pool = torch.empty(max(2 * chunk, 5), vocab_size, dtype=dtype, device=device)
-        rows = max(1, min(chunk, _SCRATCH_ELEMENTS // vocab_size))
+    def __init__(self, pool_rows: int, vocab_size: int, dtype: torch.dtype, device):
+        self.pool = torch.empty(max(pool_rows, 5), vocab_size, dtype=dtype, device=device)
+        rows = max(1, min(pool_rows // 2, _SCRATCH_ELEMENTS // vocab_size))
         self.scratch = [self.pool.new_empty(rows, vocab_size) for _ in range(2)]
 
     def rows_for(self, arrays: int) -> int:
@@ -92,8 +91,10 @@ class Workspace:
 
 
 def _workspace_for(count: int, chunk: int, head: Head) -> Workspace:
+    """The workspace of a call on `count` tokens: two arrays of `chunk` rows, or, when that is more than the
+    tokens need, room for all of them in one chunk of any kind (up to five arrays)."""
     dtype = losses.accumulation_dtype(head.weight.dtype)
-    return Workspace(max(1, min(chunk, count)), head.vocab_size, dtype, head.weight.device)
+    return Workspace(min(2 * chunk, 5 * count), head.vocab_size, dtype, head.weight.device)
 
 
 def _logits_into(out_RV: Tensor, hidden_RH: Tensor, weight_VH: Tensor, bias_V: Tensor | None, temperature: float):
@@ -122,29 +123,25 @@ def score_target(
 ) -> TargetScores:
     """A no-gradient pass's `TargetScores` ([B, T], zeros at padding), computed chunk by chunk.
 
-    When all the tokens' log-probs take at most `_KEEP_ELEMENTS` (tiny vocabularies), they are kept in the
-    scores, so that the loss reads them instead of recomputing the target's logits."""
+    When the log-probs of all positions take at most `_KEEP_ELEMENTS` (tiny vocabularies), they are kept in the
+    scores instead of the top-K: the loss reads them instead of recomputing the target's logits, and takes the
+    top-K of just the tokens whose Top-K term needs it."""
     valid = mask_BT.bool()
+    if valid.numel() * head.vocab_size <= _KEEP_ELEMENTS:
+        return _score_kept(head, completion_ids_BT, valid, temperature)
     hidden = head.hidden.detach()[valid]
     ids = completion_ids_BT[valid]
     count, vocab_size = hidden.shape[0], head.vocab_size
     dtype = losses.accumulation_dtype(head.weight.dtype)
-    kept = torch.empty(count, vocab_size, dtype=dtype, device=hidden.device) if count * vocab_size <= _KEEP_ELEMENTS else None
-    if kept is not None:  # one chunk, written where it is kept
-        chunk, probs_buffer = max(count, 1), torch.empty_like(kept)
-    else:
-        workspace = workspace or _workspace_for(count, chunk_size or default_chunk_size(vocab_size), head)
-        chunk = workspace.rows_for(2)
+    workspace = workspace or _workspace_for(count, chunk_size or default_chunk_size(vocab_size), head)
+    chunk = workspace.rows_for(2)
     token = torch.zeros(count, dtype=dtype, device=hidden.device)
     ent = torch.zeros_like(token)
     topk_values_ = torch.zeros(count, top_k or 0, dtype=dtype, device=hidden.device)
     topk_ids = torch.zeros(count, top_k or 0, dtype=torch.long, device=hidden.device)
     for start in range(0, count, chunk):
         rows = slice(start, min(start + chunk, count))
-        if kept is not None:
-            logprobs, probs = kept[rows], probs_buffer[rows]
-        else:
-            logprobs, probs = workspace.arrays(2, rows.stop - start)
+        logprobs, probs = workspace.arrays(2, rows.stop - start)
         _logits_into(logprobs, hidden[rows], head.weight.detach(), _detach(head.bias), temperature)
         log_softmax_(logprobs, probs)
         token[rows] = logprobs.gather(-1, ids[rows, None]).squeeze(-1)
@@ -162,8 +159,24 @@ def score_target(
         entropy=scatter(ent),
         topk_logprobs=scatter(topk_values_) if top_k else None,
         topk_ids=scatter(topk_ids) if top_k else None,
-        full_logprobs=scatter(kept) if kept is not None else None,
     )
+
+
+def _score_kept(head: Head, completion_ids_BT: Tensor, valid_BT: Tensor, temperature: float) -> TargetScores:
+    """All positions at once, padding included, into the full log-probs that are kept: at these sizes the few
+    padding rows cost less than gathering the valid ones and scattering them back. Padding positions get zeros
+    in the [B, T] fields; their full log-probs are whatever the pass gives there (read only at valid tokens)."""
+    hidden = head.hidden.detach().flatten(0, 1)
+    dtype = losses.accumulation_dtype(head.weight.dtype)
+    logprobs = torch.empty(hidden.shape[0], head.vocab_size, dtype=dtype, device=hidden.device)
+    probs = torch.empty_like(logprobs)
+    _logits_into(logprobs, hidden, head.weight.detach(), _detach(head.bias), temperature)
+    log_softmax_(logprobs, probs)
+    padding = ~valid_BT.flatten()
+    token = logprobs.gather(-1, completion_ids_BT.flatten()[:, None]).squeeze(-1).masked_fill_(padding, 0.0)
+    ent = probs.mul_(logprobs).sum(-1).neg_().masked_fill_(padding, 0.0)
+    return TargetScores(token.view(valid_BT.shape), ent.view(valid_BT.shape),
+                        full_logprobs=logprobs.view(*valid_BT.shape, -1))  # fmt: skip
 
 
 def _needs_full(objective: Objective, term, target: TargetScores) -> bool:
@@ -390,9 +403,11 @@ class _LossRun:
                 coefficient,
             )
         else:
-            # The support of all R rows (views, no [R, V] copy), then of the rows the term applies to.
-            support = topk_inputs(self.objective, target, lambda: full_RV, lambda: logprobs_RV)
-            entry_ids, support_mask, target_support = (tensor[applies] for tensor in support)
+            # The support of the run of rows from the first to the last the term applies to (views, no [R, V]
+            # copy; the tokens are grouped by term), then of those rows.
+            run = slice(int(applies[0]), int(applies[-1]) + 1)
+            support = topk_inputs(self.objective, target.rows(run), lambda: full_RV[run], lambda: logprobs_RV[run])
+            entry_ids, support_mask, target_support = (tensor[applies - run.start] for tensor in support)
             student = logprobs_RV[applies[:, None], entry_ids]
             if c.topk_tail == "renormalize" and c.topk_support != "union":  # no masked entry: the closed form
                 values, grad = support_divergence(term.divergence, c.jsd_beta, coefficient, student, target_support)
@@ -512,12 +527,14 @@ def _token_scores(scores: TargetScores, index_N: Tensor) -> TargetScores:
 
 def _group_by_full_targets(objective: Objective, coefficients_JN: Tensor, scores) -> tuple[Tensor, int]:
     """A stable order of the tokens that puts first those that need a target's full log-probs, grouped by
-    which targets they need, and how many they are."""
+    which targets they need and then by which terms (so that each term's rows make one run, and a Top-K term
+    takes its support on a slice), and how many they are."""
+    terms = objective.terms
     key = torch.zeros(coefficients_JN.shape[-1], dtype=torch.long, device=coefficients_JN.device)
-    for term, coefficient in zip(objective.terms, coefficients_JN):
+    for j, (term, coefficient) in enumerate(zip(terms, coefficients_JN)):
         if _needs_full(objective, term, scores[term.target]):
-            bit = 2 if term.target == "teacher" else 1
-            key = key | ((coefficient != 0).long() * bit)
+            target_bit = 2 if term.target == "teacher" else 1
+            key = key | ((coefficient != 0).long() * ((target_bit << len(terms)) | (1 << (len(terms) - 1 - j))))
     return torch.argsort(-key, stable=True), int((key > 0).sum())
 
 

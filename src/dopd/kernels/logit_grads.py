@@ -142,11 +142,10 @@ def support_divergence(
     [R, K]. Renormalizing is a log-softmax over the K entries, so the closed forms above apply with the
     student's support log-probs as its logits."""
     dtype = torch.promote_types(accumulation_dtype(student_support_RK.dtype), target_support_RK.dtype)
-    student = student_support_RK.to(dtype, copy=True)
-    target = target_support_RK.to(dtype, copy=True)
-    student_p, scratch = torch.empty_like(student), (torch.empty_like(student), torch.empty_like(student))
-    log_softmax_(student, student_p)
-    log_softmax_rows_(target, scratch)
-    grad = torch.empty_like(student)
+    # [R, K] is small: fused log-softmax (one op) beats the in-place one meant for [R, V].
+    student = torch.log_softmax(student_support_RK.to(dtype), -1)
+    target = torch.log_softmax(target_support_RK.to(dtype), -1)
+    student_p, grad = student.exp(), torch.empty_like(student)
+    scratch = (torch.empty_like(student), torch.empty_like(student))
     values, scale = full_divergence_(name, beta, coefficient_R, student, student_p, target, grad, scratch)
     return values, grad.addcmul_(student_p, scale.unsqueeze(-1), value=-1.0)
