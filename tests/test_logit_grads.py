@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dopd import losses
-from dopd.kernels.logit_grads import full_divergence_, log_softmax_, log_softmax_rows_, rowdot
+from dopd.kernels.logit_grads import full_divergence_, log_softmax_, log_softmax_rows_, rowdot, support_divergence
 
 NAMES = [("reverse_kl", 0.5), ("forward_kl", 0.5), ("js", 0.5), ("jsd", 0.3), ("jsd", 0.0), ("jsd", 1.0), ("jsd", 0.9)]
 
@@ -122,3 +122,19 @@ def test_log_softmax_in_place_and_rowdot():
     for scratch_rows in (1, 2, 5, 8):
         scratch = [torch.empty(scratch_rows, 7, dtype=torch.float64)]
         torch.testing.assert_close(rowdot(probs, logprobs, scratch), (probs * logprobs).sum(-1))
+
+
+@pytest.mark.parametrize("name,beta", NAMES)
+def test_support_divergence_equals_autograd_of_the_renormalized_topk(name, beta):
+    """The Top-K closed form on [R, K] gathered log-probs against autograd of `losses.restrict_gathered` +
+    `losses.divergence` (the plain form's Top-K path, renormalized, every entry in the support)."""
+    student, target, coefficient = make(rows=4, vocab=6, seed=5)
+    student, target = torch.log_softmax(student, -1)[:, :4], target[:, :4]  # a support of 4 of 6 entries
+    values, grad = support_divergence(name, beta, coefficient, student, target)
+    leaf = student.clone().requires_grad_()
+    mask = torch.ones_like(leaf, dtype=torch.bool)
+    student_sub, target_sub, mask = losses.restrict_gathered(leaf, target, mask, "renormalize")
+    expected = losses.divergence(name, student_sub, target_sub, beta, mask)
+    (coefficient * expected).sum().backward()
+    torch.testing.assert_close(values, expected.detach(), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(grad, leaf.grad, rtol=1e-12, atol=1e-14)

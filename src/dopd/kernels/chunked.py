@@ -1,20 +1,22 @@
 """The objective from hidden states and output heads, a bounded number of tokens at a time (design, "kernels/").
 
 At Qwen3 scale (vocabulary 151,936) the full logits of three passes over a thousand completion tokens take
-gigabytes. This form never holds more than a few chunks' worth of full-vocabulary rows, in buffers allocated once
-per call and reused by every chunk (`Workspace`):
+gigabytes. This form holds at most one pool of full-vocabulary rows, allocated once per call and reused by every
+chunk (`Workspace`; two [chunk, V] arrays' worth):
 
 1. scores (no gradient): for the privileged student and the teacher, chunk by chunk, the sampled token's
-   log-prob, the entropy and the top-K (what routing and the Top-K terms read). The trainer may compute these per
-   micro-batch and route the whole batch at once (`TargetScores`, `compute_batch_thresholds`).
+   log-prob, the entropy and the top-K (what routing and the Top-K terms read); tiny passes keep their full
+   log-probs instead. The trainer may compute these per micro-batch and route the whole batch at once
+   (`TargetScores`, `compute_batch_thresholds`).
 2. routing, exactly as the plain form (`objectives.route`).
 3. loss and gradients: chunk by chunk, the student's log-probs, the per-token terms and the gradient with respect
    to the chunk's logits, folded at once into the gradients of the hidden states and the head (`grad_W += G^T h`).
    The gradient is assembled without autograd over [chunk, V]: a sampled-token or Top-K term reads a few entries
-   of the student's log-probs, so autograd runs on those [R, K] entries only and the softmax's chain rule puts
-   them back (`∂/∂z = scatter(g) − (Σ g) s`); a full-vocabulary term has its gradient in closed form
-   (`logit_grads.py`). A target's full log-probs are recomputed only for the tokens whose term needs them (the
-   HT tokens in DOPD: the Top-K terms read the kept top-K), a few rows at a time.
+   of the student's log-probs, so its gradient is taken on those [R, K] entries only (closed form, or autograd)
+   and the softmax's chain rule puts it back (`∂/∂z = scatter(g) − (Σ g) s`); a full-vocabulary term has its
+   gradient in closed form (`logit_grads.py`). The tokens whose terms read a target's full log-probs (the HT
+   tokens in DOPD: the Top-K terms read the kept top-K) come first, in chunks of half the size, and only their
+   target rows are recomputed.
 
 The result equals `objectives.compute_objective` on the full logits, value and gradient (tested in fp32 within
 1e-5 relative for every method and option).
