@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 pytest.importorskip("peft")
 sys.path.insert(0, os.path.dirname(__file__))
-from test_train import make_config, pair  # noqa: E402,F401  (the module-scoped tiny pair fixture)
+from test_train import make_config, pair, train_stopped_at  # noqa: E402,F401  (the module-scoped tiny pair fixture)
 
 from dopd.config import ConfigError  # noqa: E402
 from dopd.train import Trainer, train  # noqa: E402
@@ -50,22 +50,7 @@ def test_lora_checkpoints_resume_and_merge(pair, tmp_path):  # noqa: F811
     straight = train(make_config(pair, tmp_path / "straight", *common))
     assert {"adapter_config.json", "adapter_model.safetensors", "merged"} <= set(os.listdir(straight.final_dir))
 
-    class Stop(Exception):
-        pass
-
-    original = Trainer.step
-
-    def stop_after_two(self, step):
-        if step == 2:
-            raise Stop
-        return original(self, step)
-
-    Trainer.step = stop_after_two
-    try:
-        with pytest.raises(Stop):
-            train(make_config(pair, tmp_path / "resumed", *common))
-    finally:
-        Trainer.step = original
+    train_stopped_at(make_config(pair, tmp_path / "resumed", *common), step=2)
     saved = tmp_path / "resumed" / "checkpoints" / "step_000002" / "model"
     assert (saved / "adapter_model.safetensors").exists() and (saved / "merged" / "model.safetensors").exists()
     resumed = train(make_config(pair, tmp_path / "resumed", *common, "checkpoint.resume=true"))

@@ -137,22 +137,7 @@ def test_resume_gives_the_same_weights(pair, tmp_path):
     common = ["train.steps=4", "checkpoint.save_every=2", "optim.schedule=cosine"]
     straight = train(make_config(pair, tmp_path / "straight", *common))
 
-    class Stop(Exception):
-        pass
-
-    original = Trainer.step
-
-    def stop_after_two(self, step):
-        if step == 2:
-            raise Stop
-        return original(self, step)
-
-    Trainer.step = stop_after_two
-    try:
-        with pytest.raises(Stop):
-            train(make_config(pair, tmp_path / "resumed", *common))
-    finally:
-        Trainer.step = original
+    train_stopped_at(make_config(pair, tmp_path / "resumed", *common), step=2)
     assert os.listdir(tmp_path / "resumed" / "checkpoints") == ["step_000002"]
     resumed = train(make_config(pair, tmp_path / "resumed", *common, "checkpoint.resume=true"))
     a, b = weights(straight.final_dir), weights(resumed.final_dir)
@@ -312,3 +297,24 @@ def test_learning_rate_schedule_steps_once_per_step(pair, tmp_path):
 def test_settings_that_cannot_work_fail_at_load(pair, tmp_path, override, message):
     with pytest.raises(ConfigError, match=message):
         make_config(pair, tmp_path / "run", override)
+
+
+def train_stopped_at(config, step: int) -> None:
+    """Run `train(config)` and stop it, as a kill would, when it is about to run `step`."""
+
+    class Stop(Exception):
+        pass
+
+    original = Trainer.step
+
+    def stopping(self, number):
+        if number == step:
+            raise Stop
+        return original(self, number)
+
+    Trainer.step = stopping
+    try:
+        with pytest.raises(Stop):
+            train(config)
+    finally:
+        Trainer.step = original
