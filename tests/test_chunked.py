@@ -115,6 +115,8 @@ OPTIONS = [
     {"temperature": 2.0},
     {"normalization": "zscore"},
     {"normalization": "minmax"},
+    {"teacher_full": "topk_bucket"},
+    {"method": "eopd", "teacher_full": "topk_bucket"},
 ]
 
 
@@ -223,6 +225,64 @@ def test_precomputed_scores_and_thresholds_give_the_same_result(option):
     computed = chunked(objective, case, 3)
     assert given[0].thresholds == computed[0].thresholds
     assert_same(computed, given, rtol=1e-6)
+
+
+def _scores_only(scores: TargetScores) -> TargetScores:
+    """What a served teacher gives: the sampled token's log-probs, an entropy and a top-K; no full log-probs."""
+    return TargetScores(scores.token_logprobs, scores.entropy, scores.topk_logprobs, scores.topk_ids)
+
+
+@pytest.mark.parametrize(
+    "option", [{"method": "dopd"}, {"method": "opd-priv"}, {"method": "gkd"}, {"method": "eopd"}], ids=option_id
+)
+def test_a_teacher_given_by_its_top_k_alone_matches_the_plain_form(option, monkeypatch):
+    """A served teacher: no head, only its scores. With teacher_full=topk_bucket (HT's JS on the teacher's top-K
+    plus a tail entry) the chunked form equals the plain form computed from the teacher's full logits."""
+    monkeypatch.setattr(chunked_module, "_KEEP_ELEMENTS", 0)  # score_target computes the top-K
+    objective = build_objective({"top_k": K, "teacher_full": "topk_bucket", **option})
+    assert all(t.granularity != "full" for t in objective.terms if t.target == "teacher")
+    case = make_case()
+    teacher = Head(case.teacher_hidden, case.teacher_weight, case.teacher_bias)
+    scores = _scores_only(score_target(teacher, case.ids, case.mask, objective.top_k_for("teacher")))
+    expected = plain(objective, case, generator=torch.Generator().manual_seed(5))
+    hidden, weight, bias = (x.clone().requires_grad_() for x in (case.hidden, case.weight, case.bias))
+    out = chunked_objective(
+        objective, Head(hidden, weight, bias), case.ids, case.mask,
+        self_head=Head(case.self_hidden, case.weight, case.bias), teacher_scores=scores, chunk_size=3,
+        generator=torch.Generator().manual_seed(5),
+    )  # fmt: skip
+    out.loss.backward()
+    assert expected[0].loss.item() != 0
+    assert_same(expected, (out, (hidden.grad, weight.grad, bias.grad)), rtol=1e-5)
+
+
+def test_top_k_with_a_tail_bucket_over_the_whole_vocabulary_is_the_full_divergence():
+    """K = V: the teacher's top-K is its whole distribution and the tail is empty, so HT's fallback is exact."""
+    case = make_case()
+    full = plain(build_objective({"top_k": V}), case)
+    bucket = plain(build_objective({"top_k": V, "teacher_full": "topk_bucket"}), case)
+    assert bucket[0].metrics["frac/HT"] > 0
+    assert_same(full, bucket, rtol=1e-5)
+
+
+def test_a_teacher_without_a_head_needs_the_top_k_fallback(monkeypatch):
+    monkeypatch.setattr(chunked_module, "_KEEP_ELEMENTS", 0)
+    case = make_case()
+    teacher = Head(case.teacher_hidden, case.teacher_weight, case.teacher_bias)
+    student = Head(case.hidden, case.weight, case.bias)
+    own = Head(case.self_hidden, case.weight, case.bias)
+    for option, message in (
+        ({}, "teacher_full=topk_bucket"),
+        ({"teacher_full": "topk_bucket", "topk_support": "union"}, "topk_support=target"),
+    ):
+        objective = build_objective({"top_k": K, **option})
+        scores = _scores_only(score_target(teacher, case.ids, case.mask, K))
+        with pytest.raises(ValueError, match=message):
+            chunked_objective(objective, student, case.ids, case.mask, self_head=own, teacher_scores=scores)
+    objective = build_objective({"top_k": K, "teacher_full": "topk_bucket"})
+    scores = _scores_only(score_target(teacher, case.ids, case.mask, K - 1))
+    with pytest.raises(ValueError, match="objective.top_k = 3"):
+        chunked_objective(objective, student, case.ids, case.mask, self_head=own, teacher_scores=scores)
 
 
 @pytest.mark.parametrize("keep", [True, False])

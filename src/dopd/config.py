@@ -35,6 +35,18 @@ class LoraConfig:
 
 
 @dataclass
+class TeacherServerConfig:
+    url: str | None = None  # a vLLM server that serves the teacher (e.g. http://10.0.0.3:8001); null: a local teacher
+    model: str | None = None  # the served model's name (default: model.teacher)
+    top_k: int | None = None  # log-probs per token to request (null: objective.top_k, or 1 if no Top-K term reads it)
+    timeout: float = 600.0  # seconds per request
+    retries: int = 3  # attempts per request when the server cannot be reached
+    max_sequences_per_request: int = 32  # sequences sent in one /v1/completions request
+    max_concurrency: int = 4  # requests in flight at once
+    api_key: str | None = None  # bearer token for a server started with --api-key (default: $VLLM_API_KEY)
+
+
+@dataclass
 class ModelConfig:
     student: str = ""  # student model: a local path or a hub name (required)
     teacher: str | None = None  # teacher model: a local path or a hub name (required unless the method has no teacher)
@@ -46,6 +58,7 @@ class ModelConfig:
     kind: str = "auto"  # causal_lm | image_text (AutoModelForImageTextToText) | auto: image_text when data.image_column is set
     freeze_vision: bool = True  # image_text: keep the student's vision tower frozen (LoRA never adapts it)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    teacher_server: TeacherServerConfig = field(default_factory=TeacherServerConfig)
 
 
 @dataclass
@@ -204,7 +217,9 @@ def validate(config: Config) -> Objective:
     )
     if not m.student:
         raise ConfigError("model.student is required: a local path or a hub name of the student model")
-    if objective.needs_teacher and not m.teacher:
+    if m.teacher_server.url:
+        objective = _check_teacher_server(config, objective)
+    elif objective.needs_teacher and not m.teacher:
         raise ConfigError(f"model.teacher is required by method {config.objective.method!r}: a path or a hub name")
     if m.dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"model.dtype = {m.dtype!r} is unknown; use float32, bfloat16 or float16")
@@ -260,6 +275,58 @@ def validate(config: Config) -> Objective:
     if ck.resume and lg.overwrite:
         raise ConfigError("checkpoint.resume and logging.overwrite are both true; choose one")
     _positive(ck.keep_last, "checkpoint.keep_last")
+    return objective
+
+
+def _check_teacher_server(config: Config, objective: Objective) -> Objective:
+    """A served teacher gives the sampled token's log-prob and a top-K: check that the objective can live on that,
+    and resolve `objective.teacher_full` to `topk_bucket` (saved with the run's config). Returns the objective."""
+    m, ts, o = config.model, config.model.teacher_server, config.objective
+    if not objective.needs_teacher:
+        raise ConfigError(
+            f"model.teacher_server.url is set but method {o.method!r} reads no teacher; unset it or pick a method "
+            "with a teacher"
+        )
+    if not (ts.model or m.teacher):
+        raise ConfigError("model.teacher_server.url needs the served model's name: set model.teacher_server.model")
+    if o.teacher_full == "full":
+        raise ConfigError(
+            "objective.teacher_full = full needs the teacher's full distribution, which a served teacher does not "
+            "give (only its top-K); set objective.teacher_full=topk_bucket or serve no teacher"
+        )
+    if o.teacher_full is None:
+        o.teacher_full = "topk_bucket"
+        try:
+            objective = Objective(o)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+    teacher_topk = any(term.target == "teacher" and term.granularity == "topk" for term in objective.terms)
+    if teacher_topk and o.topk_support != "target":
+        raise ConfigError(
+            f"objective.topk_support = {o.topk_support!r} needs the teacher's log-probs on the student's top tokens, "
+            "which a served teacher does not give; use objective.topk_support=target"
+        )
+    if teacher_topk and ts.top_k is not None and ts.top_k < o.top_k:
+        raise ConfigError(
+            f"model.teacher_server.top_k = {ts.top_k} is below objective.top_k = {o.top_k}; raise it (the server "
+            "needs --max-logprobs as large) or leave it null"
+        )
+    if o.temperature != 1.0:
+        raise ConfigError(
+            f"objective.temperature = {o.temperature}: a served teacher's log-probs are at temperature 1 (vLLM's "
+            "raw log-probs); use objective.temperature=1 or a local teacher"
+        )
+    if config.train.chunk_size == 0:
+        raise ConfigError("train.chunk_size = 0 (the plain form) reads full teacher logits; a served teacher needs "
+                          "the chunked form: leave train.chunk_size null")  # fmt: skip
+    if is_image_text(config):
+        raise ConfigError("model.teacher_server does not carry images; image-text runs need a local teacher")
+    if ts.top_k is not None:
+        _positive(ts.top_k, "model.teacher_server.top_k")
+    _positive(ts.timeout, "model.teacher_server.timeout")
+    _positive(ts.retries, "model.teacher_server.retries")
+    _positive(ts.max_sequences_per_request, "model.teacher_server.max_sequences_per_request")
+    _positive(ts.max_concurrency, "model.teacher_server.max_concurrency")
     return objective
 
 

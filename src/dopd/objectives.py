@@ -36,6 +36,7 @@ from .routing import HS, HT, LH, LL, REGIMES, Thresholds
 METHODS: tuple[str, ...] = ("dopd", "opd", "opd-priv", "opsd", "gkd", "eopd")
 GRANULARITIES: tuple[str, ...] = ("sampled", "topk", "full")
 TARGETS: tuple[str, ...] = ("teacher", "self")
+TEACHER_FULL: tuple[str, ...] = ("full", "topk_bucket")
 ALL_TOKENS = -2
 HIGH_TEACHER_ENTROPY = -3
 _DEFAULT_TEACHER_PRIVILEGED = {"dopd": True, "opd": False, "opd-priv": True, "opsd": None, "gkd": False, "eopd": False}
@@ -68,6 +69,7 @@ class ObjectiveConfig:
     eopd_entropy_quantile: float = 0.8  # EOPD: forward KL on tokens above this quantile of teacher entropy
     eopd_forward_weight: float = 1.0  # EOPD: weight of the forward KL term
     temperature: float = 1.0  # logits are divided by it in every pass
+    teacher_full: str | None = None  # full | topk_bucket: teacher full-vocab terms on its top-K + tail (null: if served)
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,7 @@ class Term:
     granularity: str
     weight: float
     applies_to: int  # a regime code, ALL_TOKENS or HIGH_TEACHER_ENTROPY
+    tail: str | None = None  # a Top-K term's tail (renormalize | bucket); None: objective.topk_tail
 
     @property
     def label(self) -> str:
@@ -110,6 +113,8 @@ class Objective:
             _one_of(config.target, TARGETS, "objective.target")
         if config.drop_mode is not None:
             _one_of(config.drop_mode, routing.DROP_MODES, "objective.drop_mode")
+        if config.teacher_full is not None:
+            _one_of(config.teacher_full, TEACHER_FULL, "objective.teacher_full")
         if not 0.0 <= config.drop_fraction < 1.0:
             raise ValueError(f"objective.drop_fraction = {config.drop_fraction} must be in [0, 1)")
         if config.drop_fraction > 0 and config.drop_mode is None:
@@ -184,7 +189,16 @@ class Objective:
             for key, value in (("divergence", c.divergence), ("granularity", c.granularity), ("target", c.target))
             if value is not None
         }
-        return [replace(term, **overrides) for term in terms]
+        terms = [replace(term, **overrides) for term in terms]
+        if c.teacher_full == "topk_bucket":
+            # Only the teacher's top-K is known (a served teacher): its full-vocabulary terms (DOPD's HT JS) run on
+            # that support, the rest of the vocabulary lumped into one tail entry on both sides.
+            terms = [
+                replace(term, granularity="topk", tail="bucket")
+                if term.target == "teacher" and term.granularity == "full" else term
+                for term in terms
+            ]
+        return terms
 
     def top_k_for(self, target: str) -> int | None:
         """K to keep of `target`'s distribution in its scores (None: no Top-K term reads it)."""
@@ -192,7 +206,10 @@ class Objective:
         return self.config.top_k if uses else None
 
     def __repr__(self) -> str:
-        terms = ", ".join(f"{t.label}:{t.target}/{t.divergence}/{t.granularity}×{t.weight:g}" for t in self.terms)
+        terms = ", ".join(
+            f"{t.label}:{t.target}/{t.divergence}/{t.granularity}{'+' + t.tail if t.tail else ''}×{t.weight:g}"
+            for t in self.terms
+        )
         return f"Objective({self.config.method}: {terms})"
 
 
@@ -401,7 +418,7 @@ def topk_values(
     bucket here). Gradient flows through `student_support_RK` only. Returns [R]."""
     c = objective.config
     student_sub, target_sub, support_mask = losses.restrict_gathered(
-        student_support_RK, target_support_RK, support_mask_RK, c.topk_tail
+        student_support_RK, target_support_RK, support_mask_RK, term.tail or c.topk_tail
     )
     return losses.divergence(term.divergence, student_sub, target_sub, c.jsd_beta, support_mask)
 

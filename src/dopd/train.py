@@ -109,7 +109,7 @@ def check_teacher_tokenizer(config: Config, tokenizer) -> None:
     """The teacher must read the same token ids: compare its own tokenizer, when it ships one, with the student's."""
     from transformers import AutoTokenizer
 
-    if not config.model.teacher or config.model.tokenizer:
+    if not config.model.teacher or config.model.tokenizer or config.model.teacher_server.url:
         return
     try:
         teacher_tokenizer = AutoTokenizer.from_pretrained(
@@ -259,6 +259,7 @@ class Trainer:
             self.tokenizer = load_tokenizer(config)
         self.prompts = self._load_prompts()
         check_teacher_tokenizer(config, self.tokenizer)
+        self.served_teacher = self._served_teacher()  # None unless model.teacher_server.url; checked here
         if config.train.prompts_per_step % self.accelerator.num_processes:
             raise ConfigError(
                 f"train.prompts_per_step = {config.train.prompts_per_step} must be divisible by the number of "
@@ -268,8 +269,11 @@ class Trainer:
         if config.checkpoint.resume:
             resume_dir = ckpt.latest(self.run_dir)
         student = self._load_student(resume_dir)
-        teacher = load_model(config.model.teacher, config, "teacher") if self.objective.needs_teacher else None
+        local_teacher = self.objective.needs_teacher and self.served_teacher is None
+        teacher = load_model(config.model.teacher, config, "teacher") if local_teacher else None
         self.vocab_size = common_vocab_size(student, teacher, self.tokenizer)
+        if self.served_teacher is not None:
+            self.served_teacher.settings.vocab_size = self.vocab_size
         try:
             check_top_k(self.objective, self.vocab_size)
         except ValueError as error:
@@ -329,6 +333,33 @@ class Trainer:
             dataset, config.data, self.tokenizer, self.objective.teacher_privileged, config.objective.self_privileged,
             self.processor,
         )
+
+    def _served_teacher(self):
+        """The vLLM client of a served teacher, its server checked (models, tokenizer, log-probs cap), or None."""
+        ts, objective = self.config.model.teacher_server, self.objective
+        if not ts.url:
+            return None
+        from .served_teacher import ServedTeacher, TeacherServerError, TeacherServerSettings
+
+        top_k = ts.top_k or (self.config.objective.top_k if objective.top_k_for("teacher") else 1)
+        settings = TeacherServerSettings(
+            url=ts.url, model=ts.model or self.config.model.teacher, top_k=top_k, vocab_size=len(self.tokenizer),
+            timeout=ts.timeout, retries=ts.retries, max_sequences_per_request=ts.max_sequences_per_request,
+            max_concurrency=ts.max_concurrency, api_key=ts.api_key,
+        )  # fmt: skip
+        client = ServedTeacher(settings)
+        try:
+            client.check(self.tokenizer)
+        except TeacherServerError as error:
+            raise ConfigError(str(error)) from None
+        if self.accelerator.is_main_process:
+            fallback = [t.label for t in objective.terms if t.target == "teacher" and t.tail == "bucket"]
+            logger.warning(
+                "teacher served by %s (%s, top-%d log-probs per token)%s", ts.url, settings.model, top_k,
+                f"; the teacher's full-vocabulary term(s) {', '.join(fallback)} run on its top-{top_k} with a tail "
+                "bucket (objective.teacher_full=topk_bucket)" if fallback else "",
+            )  # fmt: skip
+        return client
 
     def _rollout_engine(self):
         if self.config.rollout.backend == "vllm":
@@ -391,7 +422,12 @@ class Trainer:
                 self_scores = score_target(
                     self_head, completions.ids, completions.mask, None, temperature, self.chunk_size
                 )
-            if self.objective.needs_teacher:
+            if self.objective.needs_teacher and self.served_teacher is not None:
+                teacher_scores = self.served_teacher.score(  # the teacher's prompts, privileged as the method says
+                    [self.prompts.teacher_ids[p] for p in owners], completions.ids, completions.mask,
+                    self.objective.top_k_for("teacher"), self.accelerator.device,
+                )  # fmt: skip
+            elif self.objective.needs_teacher:
                 privileged = bool(self.objective.teacher_privileged)
                 inputs = self.pass_inputs(self.prompts.teacher_ids, owners, completions, privileged)
                 teacher_head = frozen_pass(self.teacher, inputs, self.vocab_size, self.teacher_head)

@@ -238,12 +238,10 @@ def chunked_objective(
     """
     heads = {"self": self_head, "teacher": teacher_head}
     given = {"self": self_scores, "teacher": teacher_scores}
-    for name, label, needed in (
-        ("self", "privileged student", objective.needs_self),
-        ("teacher", "teacher", objective.needs_teacher),
-    ):
-        if needed and heads[name] is None:
-            raise ValueError(f"method {objective.config.method!r} needs the {label}'s hidden states and head")
+    labels = {"self": "privileged student", "teacher": "teacher"}
+    for name, needed in (("self", objective.needs_self), ("teacher", objective.needs_teacher)):
+        if needed and heads[name] is None and given[name] is None:
+            raise ValueError(f"method {objective.config.method!r} needs the {labels[name]}'s hidden states and head")
     _check_heads(student, completion_ids_BT, mask_BT, heads)
     check_top_k(objective, student.vocab_size)
     c = objective.config
@@ -251,10 +249,15 @@ def chunked_objective(
     workspace = _workspace_for(int(valid.sum()), chunk_size or default_chunk_size(student.vocab_size), student)
     scores: dict[str, TargetScores] = {}
     for name, head in heads.items():
-        if head is not None:
-            scores[name] = given[name] or score_target(
+        if given[name] is not None:
+            scores[name] = given[name]
+        elif head is not None:
+            scores[name] = score_target(
                 head, completion_ids_BT, mask_BT, objective.top_k_for(name), c.temperature, None, workspace
             )
+    for name, score in scores.items():  # scores without a head (a served teacher) hold only the top-K
+        if heads[name] is None and score.full_logprobs is None:
+            _check_scores_only(objective, name, labels[name], score)
     routed = route(
         objective, mask_BT, scores.get("self"), scores.get("teacher"), thresholds, num_sequences, gather, generator
     )
@@ -327,7 +330,7 @@ class _LossRun:
         the terms that apply to it, for the per-token view."""
         groups: dict[tuple, list[int]] = {}
         for j, term in enumerate(objective.terms):
-            groups.setdefault((term.target, term.divergence, term.granularity), []).append(j)
+            groups.setdefault((term.target, term.divergence, term.granularity, term.tail), []).append(j)
         applies_JN = (coefficients_JN != 0).to(coefficients_JN.dtype)
         self.terms = [objective.terms[members[0]] for members in groups.values()]
         self.coefficients_GN = torch.stack([coefficients_JN[members].sum(0) for members in groups.values()])
@@ -411,7 +414,7 @@ class _LossRun:
             support = topk_inputs(self.objective, target.rows(run), lambda: full_RV[run], lambda: logprobs_RV[run])
             entry_ids, support_mask, target_support = (tensor[applies - run.start] for tensor in support)
             student = logprobs_RV[applies[:, None], entry_ids]
-            if c.topk_tail == "renormalize" and c.topk_support != "union":  # no masked entry: the closed form
+            if (term.tail or c.topk_tail) == "renormalize" and c.topk_support != "union":  # the closed form
                 values, grad = support_divergence(term.divergence, c.jsd_beta, coefficient, student, target_support)
             else:
                 values, grad = _by_autograd(
@@ -542,6 +545,30 @@ def _group_by_full_targets(objective: Objective, coefficients_JN: Tensor, scores
 
 def _detach(tensor: Tensor | None) -> Tensor | None:
     return None if tensor is None else tensor.detach()
+
+
+def _check_scores_only(objective: Objective, name: str, label: str, scores: TargetScores) -> None:
+    """Scores without a head (a served teacher) hold the sampled token's log-probs and a top-K: every term that
+    reads them must be a sampled-token term or a Top-K term on the target's own top-K."""
+    for term in objective.terms:
+        if term.target != name or term.granularity == "sampled":
+            continue
+        if term.granularity == "full":
+            raise ValueError(
+                f"the {label}'s full distribution is needed by the {term.label} term ({term.divergence}, full "
+                f"vocabulary), but only its top-K log-probs were given; set objective.teacher_full=topk_bucket"
+            )
+        if objective.config.topk_support != "target":
+            raise ValueError(
+                f"objective.topk_support = {objective.config.topk_support!r} needs the {label}'s log-probs on the "
+                f"student's top-K tokens, but only its own top-K was given; use objective.topk_support=target"
+            )
+        if scores.topk_logprobs is None or scores.topk_logprobs.shape[-1] < objective.config.top_k:
+            have = 0 if scores.topk_logprobs is None else scores.topk_logprobs.shape[-1]
+            raise ValueError(
+                f"the {label}'s scores hold its top-{have} but objective.top_k = {objective.config.top_k}; "
+                "request at least that many log-probs or lower objective.top_k"
+            )
 
 
 def _check_heads(student: Head, completion_ids_BT: Tensor, mask_BT: Tensor, heads: dict[str, Head | None]) -> None:

@@ -1,0 +1,221 @@
+"""A teacher served by vLLM (`model.teacher_server.url`), instead of a teacher loaded in every training process.
+
+The teacher reads `teacher prompt + completion` as one prompt; vLLM's `/v1/completions` with `prompt_logprobs=K`
+returns, for every prompt position, the log-probs of that position's token and of the K most likely tokens
+(`choices[i].prompt_logprobs`: a list with `None` first, then `{token id: {"logprob", "rank", "decoded_token"}}`;
+see vLLM's `CompletionResponseChoice`). From the completion positions this module builds the teacher's
+`TargetScores`:
+
+- `token_logprobs`: log π_T(y_t), exact: routing, the sampled-token terms and the gap use it as they would a local
+  teacher's.
+- `topk_logprobs` / `topk_ids`: the teacher's top-K, exact; DOPD's LH term (Top-K on the teacher's support) is
+  unchanged.
+- the teacher's full distribution is not available: the full-vocabulary JS of the HT regime runs on the teacher's
+  top-K with one tail entry for the rest of the vocabulary (`objective.teacher_full=topk_bucket`, which the config
+  sets when a teacher is served and the log says), and `entropy` is that of the top-K plus the tail taken as one
+  outcome, a lower bound of the true entropy (metrics, and EOPD's entropy threshold).
+
+The log-probs are vLLM's raw ones (its default `--logprobs-mode raw_logprobs`): temperature 1, no sampling
+processors, so `objective.temperature` must be 1. Start the server with the teacher and enough log-probs:
+
+    vllm serve Qwen/Qwen3-8B --max-logprobs 128 --port 8001
+
+`check()` (run before the models load) asks the server for its models, compares its tokenizer with the
+student's on a probe text (`/tokenize`) and scores one short sequence, so that a wrong name, another tokenizer
+or a `--max-logprobs` below K stops the run at once with the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from .objectives import TargetScores
+
+PROBE_TEXT = "On-policy distillation: 12 + 30 = 42. Ünïcödé, 中文, emoji 🙂, tabs\tand  spaces."
+
+
+class TeacherServerError(RuntimeError):
+    """The served teacher could not be reached or answered something unusable; the message says what to fix."""
+
+
+@dataclass
+class TeacherServerSettings:
+    url: str  # e.g. http://10.0.0.3:8001 (the /v1 routes are added)
+    model: str  # the served model name
+    top_k: int  # prompt log-probs requested per position
+    vocab_size: int  # ids at or beyond it (embedding rows padded past the tokenizer) are not part of the support
+    timeout: float = 600.0
+    retries: int = 3
+    max_sequences_per_request: int = 32
+    max_concurrency: int = 4
+    api_key: str | None = None
+
+
+class ServedTeacher:
+    """Scores completions with a vLLM server. `score` returns the same `TargetScores` a local teacher's pass gives,
+    with `topk_*` filled and no full log-probs."""
+
+    def __init__(self, settings: TeacherServerSettings):
+        self.settings = settings
+        self.base = settings.url.rstrip("/")
+        if self.base.endswith("/v1"):
+            self.base = self.base[: -len("/v1")]
+
+    # ------------------------------------------------------------------------------------------------ HTTP
+
+    def _request(self, method: str, route: str, body: dict | None = None) -> dict:
+        s = self.settings
+        data = None if body is None else json.dumps(body).encode()
+        headers = {"Content-Type": "application/json"}
+        key = s.api_key or os.environ.get("VLLM_API_KEY")
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        last: Exception | None = None
+        for attempt in range(max(1, s.retries)):
+            request = urllib.request.Request(self.base + route, data=data, headers=headers, method=method)
+            try:
+                with urllib.request.urlopen(request, timeout=s.timeout) as response:
+                    return json.loads(response.read().decode())
+            except urllib.error.HTTPError as error:  # the server answered: retrying will not help
+                raise TeacherServerError(self._explain(route, error.code, error.read().decode(errors="replace")))
+            except (urllib.error.URLError, ConnectionError, TimeoutError) as error:
+                last = error
+                time.sleep(min(2.0**attempt, 10.0))
+        raise TeacherServerError(
+            f"the teacher server at {self.base} did not answer {route} after {max(1, s.retries)} attempt(s) "
+            f"({last}); start it (vllm serve TEACHER --max-logprobs {s.top_k}) or fix model.teacher_server.url"
+        )
+
+    def _explain(self, route: str, status: int, text: str) -> str:
+        try:
+            message = json.loads(text).get("message") or text
+        except (json.JSONDecodeError, AttributeError):
+            message = text
+        hint = ""
+        if "logprobs" in str(message).lower() and "max" in str(message).lower():
+            hint = f"; restart the server with --max-logprobs {self.settings.top_k} or more"
+        elif status == 404 and "model" in str(message).lower():
+            hint = "; set model.teacher_server.model to a model the server serves"
+        return f"the teacher server answered {route} with HTTP {status}: {str(message).strip()[:500]}{hint}"
+
+    # ------------------------------------------------------------------------------------------------ checks
+
+    def check(self, tokenizer) -> None:
+        """Stop before training when the server is down, serves another model or tokenizer, or caps log-probs."""
+        s = self.settings
+        served = [entry.get("id") for entry in self._request("GET", "/v1/models").get("data", [])]
+        if s.model not in served:
+            raise TeacherServerError(
+                f"the teacher server at {self.base} serves {served}, not {s.model!r}; set model.teacher_server.model "
+                "to one of them"
+            )
+        probe = tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]
+        answer = self._request("POST", "/tokenize", {"model": s.model, "prompt": PROBE_TEXT, "add_special_tokens": False})
+        if list(answer.get("tokens", [])) != list(probe):
+            raise TeacherServerError(
+                f"the served teacher {s.model!r} tokenizes a probe text into {len(answer.get('tokens', []))} ids and "
+                f"the student's tokenizer into {len(probe)} ids (or other ids); on-policy distillation scores the "
+                "student's tokens with the teacher, so both must share one tokenizer"
+            )
+        self._score_rows([probe[:4]], [probe[4:8]])  # a request at the full K: surfaces a --max-logprobs cap
+
+    # ------------------------------------------------------------------------------------------------ scoring
+
+    def score(self, prompts: list[list[int]], completion_ids: torch.Tensor, mask: torch.Tensor,
+              top_k: int | None = None, device=None) -> TargetScores:  # fmt: skip
+        """The teacher's scores of a micro-batch: `prompts` (its prompt ids per row), completions [B, T] with
+        their mask; `top_k`: K of the top-K to keep (None: none). Zeros at padding, as `score_target` gives."""
+        lengths = mask.sum(-1).tolist()
+        completions = [row[:n] for row, n in zip(completion_ids.tolist(), lengths)]
+        rows = self._score_rows(prompts, completions)
+        B, T = completion_ids.shape
+        token = torch.zeros(B, T, dtype=torch.float32)
+        entropy = torch.zeros(B, T, dtype=torch.float32)
+        top_k = top_k or 0
+        topk_lp = torch.zeros(B, T, top_k, dtype=torch.float32)
+        topk_ids = torch.zeros(B, T, top_k, dtype=torch.long)
+        for b, positions in enumerate(rows):
+            for t, (token_lp, ids, values) in enumerate(positions):
+                if len(ids) < top_k:
+                    raise TeacherServerError(
+                        f"the served teacher gave {len(ids)} log-probs inside the vocabulary at a completion token, "
+                        f"fewer than objective.top_k = {top_k}; raise model.teacher_server.top_k (and the server's "
+                        "--max-logprobs) or lower objective.top_k"
+                    )
+                token[b, t] = token_lp
+                entropy[b, t] = _bucket_entropy(values)
+                if top_k:
+                    topk_ids[b, t] = torch.tensor(ids[:top_k])
+                    topk_lp[b, t] = torch.tensor(values[:top_k], dtype=torch.float32)
+        return TargetScores(
+            token_logprobs=token.to(device), entropy=entropy.to(device),
+            topk_logprobs=topk_lp.to(device) if top_k else None, topk_ids=topk_ids.to(device) if top_k else None,
+        )  # fmt: skip
+
+    def _score_rows(self, prompts: list[list[int]], completions: list[list[int]]) -> list[list[tuple]]:
+        """Per row, per completion token: (its log-prob, the top ids by rank inside the vocabulary, their log-probs)."""
+        s = self.settings
+        size = max(1, s.max_sequences_per_request)
+        groups = [list(range(i, min(i + size, len(prompts)))) for i in range(0, len(prompts), size)]
+
+        def request(group: list[int]) -> list:
+            body = {
+                "model": s.model,
+                "prompt": [prompts[i] + completions[i] for i in group],
+                "max_tokens": 1,
+                "temperature": 0.0,
+                "prompt_logprobs": s.top_k,
+            }
+            choices = sorted(self._request("POST", "/v1/completions", body).get("choices", []),
+                             key=lambda c: c.get("index", 0))  # fmt: skip
+            if len(choices) != len(group):
+                raise TeacherServerError(f"the teacher server returned {len(choices)} choices for {len(group)} prompts")
+            return [self._parse(choice, prompts[i], completions[i]) for choice, i in zip(choices, group)]
+
+        if len(groups) == 1:
+            return request(groups[0])
+        with ThreadPoolExecutor(max_workers=max(1, min(s.max_concurrency, len(groups)))) as pool:
+            return [row for part in pool.map(request, groups) for row in part]
+
+    def _parse(self, choice: dict, prompt: list[int], completion: list[int]) -> list[tuple]:
+        entries = choice.get("prompt_logprobs")
+        if entries is None or len(entries) != len(prompt) + len(completion):
+            got = "none" if entries is None else len(entries)
+            raise TeacherServerError(
+                f"the teacher server returned {got} prompt log-probs for a sequence of {len(prompt) + len(completion)} "
+                "tokens; it must be a vLLM server that supports prompt_logprobs on /v1/completions"
+            )
+        out = []
+        for t, token_id in enumerate(completion):
+            entry = entries[len(prompt) + t]
+            if not entry or str(token_id) not in entry:
+                raise TeacherServerError(f"the teacher server gave no log-prob for completion token {token_id}")
+            token_lp = float(entry[str(token_id)]["logprob"])
+            ranked = sorted(
+                ((int(key), value) for key, value in entry.items()),
+                key=lambda item: (item[1].get("rank") or math.inf, -float(item[1]["logprob"])),
+            )
+            # The top-K by rank; the sampled token rides along when it ranks below K. Ids past the tokenizer
+            # (padded embedding rows) are left out of the support: their mass joins the tail.
+            ranked = [(i, float(v["logprob"])) for i, v in ranked if (v.get("rank") or 0) <= self.settings.top_k]
+            ids = [i for i, _ in ranked if i < self.settings.vocab_size]
+            values = [lp for i, lp in ranked if i < self.settings.vocab_size]
+            out.append((token_lp, ids, values))
+        return out
+
+
+def _bucket_entropy(logprobs: list[float]) -> float:
+    """Entropy of the top-K plus the tail as one outcome: −Σ p log p − r log r, r = 1 − Σ p (a lower bound)."""
+    probs = [math.exp(lp) for lp in logprobs]
+    tail = max(0.0, 1.0 - sum(probs))
+    value = -sum(p * lp for p, lp in zip(probs, logprobs))
+    return value - (tail * math.log(tail) if tail > 0 else 0.0)
