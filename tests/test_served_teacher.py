@@ -16,11 +16,12 @@ sys.path.insert(0, os.path.dirname(__file__))
 import tiny  # noqa: E402
 
 from dopd.config import ConfigError, load_config  # noqa: E402
-from dopd.kernels import Head, score_target  # noqa: E402
+from dopd.kernels import score_target  # noqa: E402
 from dopd.kernels import chunked as chunked_module  # noqa: E402
 from dopd.scoring import Completions, frozen_pass, pass_inputs  # noqa: E402
 from dopd.served_teacher import ServedTeacher, TeacherServerError, TeacherServerSettings  # noqa: E402
 from dopd.train import Trainer  # noqa: E402
+from test_train import pair  # noqa: E402,F401  (the tiny pair and prompts, built once per module)
 
 
 class FakeVLLM:
@@ -95,15 +96,6 @@ class FakeVLLM:
     def close(self):
         self.server.shutdown()
         self.server.server_close()
-
-
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("pair")
-    student, teacher = tiny.write_pair(str(directory))
-    padded = tiny.write_pair(str(directory / "padded"), teacher_vocab_pad=8)[1]
-    data = tiny.write_prompts(str(directory / "prompts.jsonl"), count=24)
-    return {"student": student, "teacher": teacher, "padded_teacher": padded, "data": data}
 
 
 @pytest.fixture(scope="module")
