@@ -4,6 +4,8 @@
 #   bash scripts/gpu_smoke.sh                      # Qwen3-0.6B student, Qwen3-1.7B teacher, 3 steps, 1 GPU
 #   NPROC=2 bash scripts/gpu_smoke.sh              # two processes (DDP, configs/accelerate/ddp.yaml)
 #   STUDENT=Qwen/Qwen3-1.7B TEACHER=Qwen/Qwen3-8B MODE=colocate LORA=true bash scripts/gpu_smoke.sh
+#   TEACHER_SERVER=http://localhost:8001 bash scripts/gpu_smoke.sh   # the teacher served by
+#       `CUDA_VISIBLE_DEVICES=1 vllm serve Qwen/Qwen3-1.7B --max-logprobs 128 --port 8001` (model.teacher_server)
 #
 # It installs nothing: when a package is missing it says which command to run and stops. The models come from the
 # Hugging Face hub by name (or a local path) on first use.
@@ -21,6 +23,7 @@ GPU_MEMORY=${GPU_MEMORY:-0.3}      # colocate: share of each GPU vLLM may take
 NPROC=${NPROC:-1}
 LORA=${LORA:-false}
 OUT=${OUT:-runs/gpu-smoke}
+TEACHER_SERVER=${TEACHER_SERVER:-}  # a vLLM server with the teacher (empty: the teacher loads in each process)
 
 python - <<'PY' || exit 1
 import importlib.util, sys
@@ -59,6 +62,9 @@ ARGS=(
   "logging.output_dir=$OUT/run" "logging.overwrite=true" "logging.progress_bar=false" "logging.sample_every=1"
   "checkpoint.save_every=0"
 )
+if [ -n "$TEACHER_SERVER" ]; then
+  ARGS+=("model.teacher_server.url=$TEACHER_SERVER")
+fi
 if [ "$NPROC" -gt 1 ]; then
   accelerate launch --config_file configs/accelerate/ddp.yaml --num_processes "$NPROC" -m dopd train "${ARGS[@]}"
 else
