@@ -1,7 +1,14 @@
 """The privilege-illusion lab: small tasks with privileged input, a tiny teacher/student pair, and evaluation."""
 
 from dopd.lab.evaluation import evaluate, render_lab_prompt
-from dopd.lab.models import LabPair, LabPairConfig, ModelSize, load_or_build_pair, measure_properties
+from dopd.lab.models import (
+    LabPair,
+    LabPairConfig,
+    ModelSize,
+    default_pair_config,
+    load_or_build_pair,
+    measure_properties,
+)
 from dopd.lab.tasks import (
     LAB_PRIVILEGED_TEMPLATE,
     PRIVILEGED_KINDS,
@@ -25,6 +32,7 @@ __all__ = [
     "ModelSize",
     "Task",
     "build_tokenizer",
+    "default_pair_config",
     "evaluate",
     "get_task",
     "load_or_build_pair",

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from ..config import load_config
 from ..train import Trainer
 from .evaluation import evaluate
-from .models import LabPairConfig, load_or_build_pair
+from .models import LabPairConfig, default_pair_config, load_or_build_pair
 from .tasks import LAB_PRIVILEGED_TEMPLATE, PRIVILEGED_KINDS, get_task
 
 DEFAULT_METHODS = ["opd", "opd-priv", "opsd", "dopd"]
@@ -126,7 +126,7 @@ def run_lab(config: LabConfig, log=print) -> dict:
     started = time.time()
     os.makedirs(config.out, exist_ok=True)
     task = get_task(config.task)
-    pair_config = LabPairConfig.from_dict({**LabPairConfig(task=config.task).to_dict(), **config.pair})
+    pair_config = LabPairConfig.from_dict({**default_pair_config(config.task).to_dict(), **config.pair})
     pair = load_or_build_pair(pair_config, cache_dir=config.cache_dir, log=log)
     validation = task.examples(config.n_validation, VALIDATION_SEED)
     test = task.examples(config.n_test, TEST_SEED)
