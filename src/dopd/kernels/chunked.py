@@ -452,16 +452,21 @@ class _LossRun:
                 if not q_written:
                     q_sum.zero_()
                     q_written = True
-                q = extra[0][part] if extra else q_sum[part]  # one full-vocabulary term: q lands in q_sum at once
+                # The term's own run of rows: the target's span also holds the tokens of its Top-K terms (DOPD's LH
+                # beside HT), where this term's coefficient is 0 and its full-vocabulary work would be wasted.
+                first, last = _nonzero_span([coefficient])
+                own = slice(part.start + first, part.start + last)
+                coefficient, weight = coefficient[first:last], weight[first:last]
+                q = extra[0][own] if extra else q_sum[own]  # one full-vocabulary term: q lands in q_sum at once
                 values, scale = full_divergence_(
-                    term.divergence, self.objective.config.jsd_beta, coefficient, logprobs_CV[part], probs_CV[part],
-                    target_lp, q, self.workspace.scratch,
+                    term.divergence, self.objective.config.jsd_beta, coefficient, logprobs_CV[own], probs_CV[own],
+                    target_lp[first:last], q, self.workspace.scratch,
                 )  # fmt: skip
                 if extra:
-                    q_sum[part].add_(q)
+                    q_sum[own].add_(q)
                 applies = coefficient.nonzero().squeeze(-1)
-                state.add(applies + part.start, values[applies], coefficient[applies], weight[applies])
-                state.scale_C[part] += scale
+                state.add(applies + own.start, values[applies], coefficient[applies], weight[applies])
+                state.scale_C[own] += scale
         return q_sum if q_written else None
 
     def _target_logprobs(self, name: str, start: int, buffer_RV: Tensor) -> Tensor:
