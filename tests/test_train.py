@@ -226,6 +226,52 @@ def test_cli_help_lists_every_key_and_errors_are_one_line(pair, tmp_path):
     assert len(run.stderr.strip().splitlines()) == 1
 
 
+def _default_text(value) -> str | None:
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    return None if value is None else str(value)
+
+
+def test_cli_help_defaults_are_the_settings_defaults():
+    """Every `default X` in the help of `dopd lab`, `hints` and `eval` is the default of the dataclass field the
+    option sets (LabConfig, HintsSpec, EvalSpec), so the help cannot drift from what the command does."""
+    import argparse
+    import codecs
+    import dataclasses
+    import re
+
+    from dopd.cli import build_parser
+    from dopd.evaluate import EvalSpec
+    from dopd.hints import HintsSpec
+    from dopd.lab.runner import LabConfig
+
+    subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    checked = 0
+    for command, spec in (("lab", LabConfig), ("hints", HintsSpec), ("eval", EvalSpec)):
+        fields = {f.name: f for f in dataclasses.fields(spec)}
+        for action in subparsers.choices[command]._actions:
+            match = re.search(r"\bdefault ('[^']*'|[^\s):]+)", action.help or "")
+            if not match or action.dest not in fields:
+                continue
+            item = fields[action.dest]
+            value = item.default_factory() if item.default_factory is not dataclasses.MISSING else item.default
+            if value is dataclasses.MISSING:  # a required field: the command line fills it (e.g. a timestamped --out)
+                continue
+            expected = _default_text(value)
+            if expected is None:  # the help describes what None means
+                continue
+            shown = match.group(1).rstrip(",")
+            if shown.startswith("'"):
+                shown = codecs.decode(shown.strip("'"), "unicode_escape")
+            try:
+                same = float(shown) == float(expected)
+            except ValueError:
+                same = shown == expected
+            assert same, f"dopd {command} {action.option_strings[0]}: help says {shown!r}, {spec.__name__} has {expected!r}"
+            checked += 1
+    assert checked >= 25
+
+
 @pytest.mark.slow
 def test_two_processes_match_one(pair, tmp_path):
     """`accelerate launch --num_processes 2 --cpu`: the first step's loss equals one process's, within 1e-5, and
