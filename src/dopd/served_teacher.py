@@ -138,31 +138,40 @@ class ServedTeacher:
         completions = [row[:n] for row, n in zip(completion_ids.tolist(), lengths)]
         rows = self._score_rows(prompts, completions)
         B, T = completion_ids.shape
-        token = torch.zeros(B, T, dtype=torch.float32)
-        entropy = torch.zeros(B, T, dtype=torch.float32)
+        width = self.settings.top_k
+        token = torch.zeros(B, T, dtype=torch.float64)
+        values = torch.full((B, T, width), -math.inf, dtype=torch.float64)
+        ids = torch.zeros(B, T, width, dtype=torch.long)
+        kept = torch.full((B, T), width, dtype=torch.long)  # entries inside the vocabulary, per position
+        for b, (token_lps, row_ids, row_values, counts) in enumerate(rows):
+            n = len(token_lps)
+            if n:
+                token[b, :n] = torch.tensor(token_lps, dtype=torch.float64)
+                ids[b, :n] = torch.tensor(row_ids, dtype=torch.long)
+                values[b, :n] = torch.tensor(row_values, dtype=torch.float64)
+                kept[b, :n] = torch.tensor(counts, dtype=torch.long)
         top_k = top_k or 0
-        topk_lp = torch.zeros(B, T, top_k, dtype=torch.float32)
-        topk_ids = torch.zeros(B, T, top_k, dtype=torch.long)
-        for b, positions in enumerate(rows):
-            for t, (token_lp, ids, values) in enumerate(positions):
-                if len(ids) < top_k:
-                    raise TeacherServerError(
-                        f"the served teacher gave {len(ids)} log-probs inside the vocabulary at a completion token, "
-                        f"fewer than objective.top_k = {top_k}; raise model.teacher_server.top_k (and the server's "
-                        "--max-logprobs) or lower objective.top_k"
-                    )
-                token[b, t] = token_lp
-                entropy[b, t] = _bucket_entropy(values)
-                if top_k:
-                    topk_ids[b, t] = torch.tensor(ids[:top_k])
-                    topk_lp[b, t] = torch.tensor(values[:top_k], dtype=torch.float32)
+        fewest = min(kept[mask.bool()].tolist(), default=width)
+        if top_k and fewest < top_k:
+            raise TeacherServerError(
+                f"the served teacher gave {fewest} log-probs inside the vocabulary at a "
+                f"completion token, fewer than objective.top_k = {top_k}; raise model.teacher_server.top_k (and the "
+                "server's --max-logprobs) or lower objective.top_k"
+            )
+        valid = mask.bool()
+        probs = values.exp()  # exp(-inf) = 0 at the padding entries
+        tail = (1.0 - probs.sum(-1)).clamp(min=0.0)
+        plogp = torch.where(probs > 0, probs * values, torch.zeros_like(probs)).sum(-1)
+        entropy = -plogp - torch.where(tail > 0, tail * tail.log(), torch.zeros_like(tail))
         return TargetScores(
-            token_logprobs=token.to(device), entropy=entropy.to(device),
-            topk_logprobs=topk_lp.to(device) if top_k else None, topk_ids=topk_ids.to(device) if top_k else None,
+            token_logprobs=token.masked_fill(~valid, 0.0).float().to(device),
+            entropy=entropy.masked_fill(~valid, 0.0).float().to(device),
+            topk_logprobs=values[..., :top_k].masked_fill(~valid[..., None], 0.0).float().to(device) if top_k else None,
+            topk_ids=ids[..., :top_k].to(device) if top_k else None,
         )  # fmt: skip
 
-    def _score_rows(self, prompts: list[list[int]], completions: list[list[int]]) -> list[list[tuple]]:
-        """Per row, per completion token: (its log-prob, the top ids by rank inside the vocabulary, their log-probs)."""
+    def _score_rows(self, prompts: list[list[int]], completions: list[list[int]]) -> list[tuple]:
+        """`_parse` of every row, in order, from requests of `max_sequences_per_request` rows."""
         s = self.settings
         size = max(1, s.max_sequences_per_request)
         groups = [list(range(i, min(i + size, len(prompts)))) for i in range(0, len(prompts), size)]
@@ -186,7 +195,9 @@ class ServedTeacher:
         with ThreadPoolExecutor(max_workers=max(1, min(s.max_concurrency, len(groups)))) as pool:
             return [row for part in pool.map(request, groups) for row in part]
 
-    def _parse(self, choice: dict, prompt: list[int], completion: list[int]) -> list[tuple]:
+    def _parse(self, choice: dict, prompt: list[int], completion: list[int]) -> tuple:
+        """One sequence's completion positions: (token log-probs, top ids [T, W], their log-probs [T, W], entries
+        inside the vocabulary per position); W = the requested K, rows padded with id 0 and log-prob −inf."""
         entries = choice.get("prompt_logprobs")
         if entries is None or len(entries) != len(prompt) + len(completion):
             got = "none" if entries is None else len(entries)
@@ -194,28 +205,20 @@ class ServedTeacher:
                 f"the teacher server returned {got} prompt log-probs for a sequence of {len(prompt) + len(completion)} "
                 "tokens; it must be a vLLM server that supports prompt_logprobs on /v1/completions"
             )
-        out = []
+        k, vocab = self.settings.top_k, self.settings.vocab_size
+        token_lps, all_ids, all_values, counts = [], [], [], []
         for t, token_id in enumerate(completion):
             entry = entries[len(prompt) + t]
-            if not entry or str(token_id) not in entry:
+            own = entry.get(str(token_id)) if entry else None
+            if own is None:
                 raise TeacherServerError(f"the teacher server gave no log-prob for completion token {token_id}")
-            token_lp = float(entry[str(token_id)]["logprob"])
-            ranked = sorted(
-                ((int(key), value) for key, value in entry.items()),
-                key=lambda item: (item[1].get("rank") or math.inf, -float(item[1]["logprob"])),
-            )
-            # The top-K by rank; the sampled token rides along when it ranks below K. Ids past the tokenizer
+            token_lps.append(float(own["logprob"]))
+            # The top-K by rank (the sampled token rides along when it ranks below K). Ids past the tokenizer
             # (padded embedding rows) are left out of the support: their mass joins the tail.
-            ranked = [(i, float(v["logprob"])) for i, v in ranked if (v.get("rank") or 0) <= self.settings.top_k]
-            ids = [i for i, _ in ranked if i < self.settings.vocab_size]
-            values = [lp for i, lp in ranked if i < self.settings.vocab_size]
-            out.append((token_lp, ids, values))
-        return out
-
-
-def _bucket_entropy(logprobs: list[float]) -> float:
-    """Entropy of the top-K plus the tail as one outcome: −Σ p log p − r log r, r = 1 − Σ p (a lower bound)."""
-    probs = [math.exp(lp) for lp in logprobs]
-    tail = max(0.0, 1.0 - sum(probs))
-    value = -sum(p * lp for p, lp in zip(probs, logprobs))
-    return value - (tail * math.log(tail) if tail > 0 else 0.0)
+            ranked = [(value.get("rank") or 0, int(key), float(value["logprob"])) for key, value in entry.items()]
+            ranked = sorted(r for r in ranked if r[0] <= k and r[1] < vocab)
+            padding = k - len(ranked)
+            all_ids.append([r[1] for r in ranked] + [0] * padding)
+            all_values.append([r[2] for r in ranked] + [-math.inf] * padding)
+            counts.append(len(ranked))
+        return token_lps, all_ids, all_values, counts
