@@ -82,6 +82,22 @@ def test_teacher_untouched_in_memory(pair, tmp_path):
     assert not any(p.requires_grad for p in trainer.teacher.parameters())
 
 
+def test_eval_mode_turns_every_module_to_eval_and_restores_each_one():
+    from dopd.scoring import eval_mode
+
+    model = tiny.build_model(12)
+    model.train()
+    model.model.layers[0].eval()  # a part the caller keeps in eval stays in eval
+    before = {name: m.training for name, m in model.named_modules()}
+    for _ in range(2):  # the second time from the kept module list
+        with eval_mode(model):
+            assert not any(m.training for m in model.modules())
+        assert {name: m.training for name, m in model.named_modules()} == before
+    with pytest.raises(RuntimeError), eval_mode(model):
+        raise RuntimeError("a failing pass")
+    assert {name: m.training for name, m in model.named_modules()} == before
+
+
 def _step_routing(trainer):
     prompts = trainer.local_prompts()
     return prompts, trainer.engine.generate([trainer.prompts.student_ids[p] for p in prompts], 2)

@@ -10,6 +10,8 @@ chunk by chunk without full-vocabulary logits.
 
 from __future__ import annotations
 
+import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -65,11 +67,8 @@ def pass_inputs(prompts: list[list[int]], completions: Completions, pad_id: int)
     lengths = completions.mask.sum(-1).tolist()
     rows = [p + c[:n] for p, c, n in zip(prompts, completions.ids.tolist(), lengths)]
     width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(rows), width), dtype=torch.long)
-    for row, tokens in enumerate(rows):
-        input_ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-        attention[row, : len(tokens)] = 1
+    input_ids = torch.tensor([r + [pad_id] * (width - len(r)) for r in rows], dtype=torch.long)
+    attention = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], dtype=torch.long)
     steps = torch.arange(completions.ids.shape[1])
     prompt_lengths = torch.tensor([len(p) for p in prompts])
     positions = (prompt_lengths[:, None] - 1 + steps[None, :]).clamp(max=width - 1)
@@ -87,6 +86,36 @@ def output_head(model: torch.nn.Module, vocab_size: int) -> tuple[Tensor, Tensor
 
 def _whole(tensor: Tensor | None) -> Tensor | None:
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+_MODULES: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[torch.nn.Module, ...]]" = weakref.WeakKeyDictionary()
+
+
+@contextmanager
+def eval_mode(model: torch.nn.Module):
+    """`model.eval()` for the block, then each module's mode as it was. The same flags as `eval()`/`train()`, set on
+    a module list taken at the first call per model (adapters are added before training starts): `train()` walks
+    the module tree twice per pass, a few ms a step on small models.
+    Models with hub kernels (`use_kernels`), whose `train()` also swaps kernels, go through `eval()`/`train()`."""
+    if getattr(model, "use_kernels", False):
+        was_training = model.training
+        model.eval()
+        try:
+            yield
+        finally:
+            model.train(was_training)
+        return
+    modules = _MODULES.get(model)
+    if modules is None:
+        modules = _MODULES[model] = tuple(model.modules())
+    training = [module for module in modules if module.training]
+    for module in training:
+        module.training = False
+    try:
+        yield
+    finally:
+        for module in training:
+            module.training = True
 
 
 def _on(tensors: dict[str, Tensor], device) -> dict[str, Tensor]:
@@ -141,19 +170,17 @@ def frozen_pass(
         captured["hidden"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
 
     hook = model.get_decoder().register_forward_hook(keep)
-    was_training = model.training
-    model.eval()  # a scorer without dropout noise (the privileged student shares the training module)
     try:
-        model(
-            input_ids=inputs.input_ids.to(device),
-            attention_mask=inputs.attention_mask.to(device),
-            use_cache=False,
-            logits_to_keep=1,
-            **_on(inputs.vision, device),
-        )
+        with eval_mode(model):  # a scorer without dropout noise (the privileged student shares the training module)
+            model(
+                input_ids=inputs.input_ids.to(device),
+                attention_mask=inputs.attention_mask.to(device),
+                use_cache=False,
+                logits_to_keep=1,
+                **_on(inputs.vision, device),
+            )
     finally:
         hook.remove()
-        model.train(was_training)
     weight, bias = head if head is not None else output_head(model, vocab_size)
     hidden = _gather_positions(captured["hidden"], inputs.positions).to(weight.dtype)
     return Head(hidden.detach(), weight.detach(), None if bias is None else bias.detach())

@@ -410,6 +410,7 @@ class Trainer:
         # No top-K here (top_k=None): routing reads only the sampled token, and the loss computes a target's top-K
         # for just the tokens whose Top-K term applies (LH: teacher; LL, HS: self), from the heads kept here.
         temperature = self.config.objective.temperature
+        inner = self.inner  # unwrapping walks the engine's wrappers: once per step, not per micro-batch
         batches = []
         for sequences in self.micro_batches(prompts, rollouts):
             owners = [prompts[rollouts.prompt_index[i]] for i in sequences]
@@ -418,7 +419,7 @@ class Trainer:
             if self.objective.needs_self:
                 privileged = bool(self.config.objective.self_privileged)
                 inputs = self.pass_inputs(self.prompts.self_ids, owners, completions, privileged)
-                self_head = frozen_pass(self.inner, inputs, self.vocab_size, self.student_head)
+                self_head = frozen_pass(inner, inputs, self.vocab_size, self.student_head)
                 self_scores = score_target(
                     self_head, completions.ids, completions.mask, None, temperature, self.chunk_size
                 )
@@ -484,12 +485,12 @@ class Trainer:
         rank = self.accelerator.process_index
         generator = torch.Generator().manual_seed((self.config.train.seed * 1_000_003 + step) * 1009 + rank)
         gather = self.gather if self.config.objective.threshold_scope == "batch" else None
-        outputs = []
+        outputs, inner = [], self.inner
         for number, batch in enumerate(batches):
             inputs = self.pass_inputs(self.prompts.student_ids, batch.owners, batch.completions, privileged=False)
             last = number == len(batches) - 1
             with nullcontext() if last else self.accelerator.no_sync(self.student):
-                student = trainable_pass(self.student, self.inner, inputs, self.vocab_size, self.student_head)
+                student = trainable_pass(self.student, inner, inputs, self.vocab_size, self.student_head)
                 ids = batch.completions.ids.to(student.hidden.device)
                 mask = batch.completions.mask.to(student.hidden.device)
                 if batch.self_head is not None:  # the same weights, read live: a sharded head kept since scoring
