@@ -109,13 +109,13 @@ def eval_mode(model: torch.nn.Module):
     if modules is None:
         modules = _MODULES[model] = tuple(model.modules())
     training = [module for module in modules if module.training]
-    for module in training:
-        module.training = False
+    for module in training:  # the attribute `Module.train` sets, written without `Module.__setattr__`'s checks
+        module.__dict__["training"] = False
     try:
         yield
     finally:
         for module in training:
-            module.training = True
+            module.__dict__["training"] = True
 
 
 def _on(tensors: dict[str, Tensor], device) -> dict[str, Tensor]:

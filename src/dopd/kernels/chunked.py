@@ -412,7 +412,10 @@ class _LossRun:
             # copy; the tokens are grouped by term), then of those rows.
             run = slice(int(applies[0]), int(applies[-1]) + 1)
             support = topk_inputs(self.objective, target.rows(run), lambda: full_RV[run], lambda: logprobs_RV[run])
-            entry_ids, support_mask, target_support = (tensor[applies - run.start] for tensor in support)
+            if applies.numel() == run.stop - run.start:  # the term applies to every row of its run
+                entry_ids, support_mask, target_support = support
+            else:
+                entry_ids, support_mask, target_support = (tensor[applies - run.start] for tensor in support)
             student = logprobs_RV[applies[:, None], entry_ids]
             if (term.tail or c.topk_tail) == "renormalize" and c.topk_support != "union":  # the closed form
                 values, grad = support_divergence(term.divergence, c.jsd_beta, coefficient, student, target_support)
