@@ -15,13 +15,13 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 import tiny  # noqa: E402
 
-from dopd.config import ConfigError, load_config  # noqa: E402
+from dopd.config import ConfigError  # noqa: E402
 from dopd.kernels import score_target  # noqa: E402
 from dopd.kernels import chunked as chunked_module  # noqa: E402
 from dopd.scoring import Completions, frozen_pass, pass_inputs  # noqa: E402
 from dopd.served_teacher import ServedTeacher, TeacherServerError, TeacherServerSettings  # noqa: E402
 from dopd.train import Trainer  # noqa: E402
-from test_train import pair  # noqa: E402,F401  (the tiny pair and prompts, built once per module)
+from test_train import make_config, pair  # noqa: E402,F401  (the tiny pair and prompts, built once per module)
 
 
 class FakeVLLM:
@@ -187,12 +187,8 @@ def test_server_problems_are_one_clear_error(pair, server):
 
 
 def config_for(pair, out, url, *extra):
-    return load_config(overrides=[
-        f"model.student={pair['student']}", "model.teacher=teacher", f"model.teacher_server.url={url}",
-        f"data.path={pair['data']}", f"logging.output_dir={out}", "train.steps=2", "train.prompts_per_step=4",
-        "train.micro_batch_size=3", "rollout.num_generations=2", "rollout.max_new_tokens=6", "objective.top_k=8",
-        "optim.lr=1e-2", "logging.progress_bar=false", "logging.sample_every=1", "checkpoint.save_every=0", *extra,
-    ])  # fmt: skip
+    """test_train's tiny run with the teacher served by `url` under the name `teacher`."""
+    return make_config(pair, out, "model.teacher=teacher", f"model.teacher_server.url={url}", *extra)
 
 
 @pytest.mark.parametrize(
@@ -214,8 +210,7 @@ def test_settings_a_served_teacher_cannot_meet_fail_at_load(pair, tmp_path, over
 def test_config_resolves_the_full_vocabulary_fallback(pair, tmp_path):
     config = config_for(pair, tmp_path / "run", "http://127.0.0.1:9")
     assert config.objective.teacher_full == "topk_bucket"
-    local = load_config(overrides=[f"model.student={pair['student']}", f"model.teacher={pair['teacher']}",
-                                   f"data.path={pair['data']}", f"logging.output_dir={tmp_path / 'local'}"])  # fmt: skip
+    local = make_config(pair, tmp_path / "local")
     assert local.objective.teacher_full is None  # a local teacher keeps the full-vocabulary JS
 
 
