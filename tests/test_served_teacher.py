@@ -34,7 +34,8 @@ class FakeVLLM:
 
         self.model = AutoModelForCausalLM.from_pretrained(model_path).eval()
         self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(model_path)
-        self.name, self.max_logprobs, self.requests = name, max_logprobs, []
+        self.name, self.max_logprobs, self.requests, self.max_model_len = name, max_logprobs, [], 2048
+        self.busy = 0  # POST requests still to answer with 503
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -51,12 +52,16 @@ class FakeVLLM:
 
             def do_GET(self):
                 if self.path == "/v1/models":
-                    return self.reply(200, {"object": "list", "data": [{"id": fake.name, "object": "model"}]})
+                    card = {"id": fake.name, "object": "model", "max_model_len": fake.max_model_len}
+                    return self.reply(200, {"object": "list", "data": [card]})
                 self.reply(404, {"object": "error", "message": f"no route {self.path}", "code": 404})
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 fake.requests.append((self.path, body))
+                if fake.busy:  # a server still loading the model (newer vLLM's error body)
+                    fake.busy -= 1
+                    return self.reply(503, {"error": {"message": "Service is loading", "code": 503}})
                 if body.get("model") != fake.name:
                     return self.reply(404, {"object": "error", "message": f"The model `{body.get('model')}` does "
                                             "not exist.", "type": "NotFoundError", "code": 404})  # fmt: skip
@@ -182,6 +187,16 @@ def test_server_problems_are_one_clear_error(pair, server):
     other = tiny.build_tokenizer(extra_words=["distillation"])  # the probe text holds this word
     with pytest.raises(TeacherServerError, match="share one tokenizer"):
         client(server.url, V).check(other)
+    short = client(server.url, V)
+    short.settings.max_length = 3000
+    with pytest.raises(TeacherServerError, match="max_model_len is 2048.*restart it with --max-model-len 3000"):
+        short.check(tokenizer)
+    server.busy = 1  # a 503 is retried; with no attempt left it is one clear error with the server's message
+    prompts, completions = batch(tokenizer)
+    client(server.url, V, retries=2).score(prompts, completions.ids, completions.mask, 8)
+    server.busy = 1
+    with pytest.raises(TeacherServerError, match="HTTP 503: Service is loading"):
+        client(server.url, V, retries=1).score(prompts, completions.ids, completions.mask, 8)
     with pytest.raises(TeacherServerError, match="did not answer /v1/models after 1 attempt"):
         client("http://127.0.0.1:9", V).check(tokenizer)  # nothing listens on the discard port
 

@@ -40,6 +40,7 @@ import torch
 
 from .objectives import TargetScores
 
+_RETRY_STATUS = {502, 503, 504}  # a proxy or a server that is starting or busy
 PROBE_TEXT = "On-policy distillation: 12 + 30 = 42. Ünïcödé, 中文, emoji 🙂, tabs\tand  spaces."
 
 
@@ -58,6 +59,7 @@ class TeacherServerSettings:
     max_sequences_per_request: int = 32
     max_concurrency: int = 4
     api_key: str | None = None
+    max_length: int | None = None  # longest teacher prompt + completion + 1 a run sends (checked against the server)
 
 
 class ServedTeacher:
@@ -85,8 +87,12 @@ class ServedTeacher:
             try:
                 with urllib.request.urlopen(request, timeout=s.timeout) as response:
                     return json.loads(response.read().decode())
-            except urllib.error.HTTPError as error:  # the server answered: retrying will not help
-                raise TeacherServerError(self._explain(route, error.code, error.read().decode(errors="replace")))
+            except urllib.error.HTTPError as error:
+                text = error.read().decode(errors="replace")
+                if error.code not in _RETRY_STATUS or attempt + 1 >= max(1, s.retries):
+                    raise TeacherServerError(self._explain(route, error.code, text)) from None
+                last = error  # busy or restarting: worth another attempt
+                time.sleep(min(2.0**attempt, 10.0))
             except (urllib.error.URLError, ConnectionError, TimeoutError) as error:
                 last = error
                 time.sleep(min(2.0**attempt, 10.0))
@@ -97,7 +103,9 @@ class ServedTeacher:
 
     def _explain(self, route: str, status: int, text: str) -> str:
         try:
-            message = json.loads(text).get("message") or text
+            body = json.loads(text)
+            error = body.get("error")  # newer servers: {"error": {"message": ...}}
+            message = body.get("message") or (error.get("message") if isinstance(error, dict) else error) or text
         except (json.JSONDecodeError, AttributeError):
             message = text
         hint = ""
@@ -112,11 +120,17 @@ class ServedTeacher:
     def check(self, tokenizer) -> None:
         """Stop before training when the server is down, serves another model or tokenizer, or caps log-probs."""
         s = self.settings
-        served = [entry.get("id") for entry in self._request("GET", "/v1/models").get("data", [])]
-        if s.model not in served:
+        cards = {entry.get("id"): entry for entry in self._request("GET", "/v1/models").get("data", [])}
+        if s.model not in cards:
             raise TeacherServerError(
-                f"the teacher server at {self.base} serves {served}, not {s.model!r}; set model.teacher_server.model "
-                "to one of them"
+                f"the teacher server at {self.base} serves {list(cards)}, not {s.model!r}; set "
+                "model.teacher_server.model to one of them"
+            )
+        length = cards[s.model].get("max_model_len")
+        if s.max_length and isinstance(length, int) and length < s.max_length:
+            raise TeacherServerError(
+                f"the served teacher's max_model_len is {length}, but a run sends up to data.max_prompt_length + "
+                f"rollout.max_new_tokens + 1 = {s.max_length} tokens; restart it with --max-model-len {s.max_length}"
             )
         probe = tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]
         answer = self._request("POST", "/tokenize", {"model": s.model, "prompt": PROBE_TEXT, "add_special_tokens": False})

@@ -346,6 +346,7 @@ class Trainer:
             url=ts.url, model=ts.model or self.config.model.teacher, top_k=top_k, vocab_size=len(self.tokenizer),
             timeout=ts.timeout, retries=ts.retries, max_sequences_per_request=ts.max_sequences_per_request,
             max_concurrency=ts.max_concurrency, api_key=ts.api_key,
+            max_length=self.config.data.max_prompt_length + self.config.rollout.max_new_tokens + 1,
         )  # fmt: skip
         client = ServedTeacher(settings)
         try:
