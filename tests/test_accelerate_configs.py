@@ -14,7 +14,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import tiny  # noqa: E402
 
 from dopd.config import ConfigError, load_config  # noqa: E402
-from dopd.engines import check_engine, engine_name  # noqa: E402
+from dopd.engines import check_engine, configure_deepspeed, engine_name, teacher_fsdp_plugin  # noqa: E402
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs", "accelerate")
 
@@ -92,6 +92,23 @@ def test_fsdp2_config_wraps_qwen3_decoder_layers(monkeypatch):
     check_engine(dopd_config("train.mixed_precision=bf16", "model.lora.enabled=true"), accelerator)
     with pytest.raises(ConfigError, match="checkpoint.resume under fsdp2 is not supported yet"):
         check_engine(dopd_config("train.mixed_precision=bf16", "checkpoint.resume=true"), accelerator)
+    # A teacher of another architecture (Qwen3-MoE, same tokenizer) is wrapped by its own layer class: the shared
+    # plugin, set up for the student, names the student's class, which the teacher does not have.
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeDecoderLayer
+
+    teacher = Qwen3MoeForCausalLM(Qwen3MoeConfig(
+        vocab_size=40, hidden_size=16, intermediate_size=32, moe_intermediate_size=8, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=8, num_experts=4, num_experts_per_tok=2,
+    ))  # fmt: skip
+    with pytest.raises(ValueError, match="Could not find the transformer layer class Qwen3DecoderLayer"):
+        fsdp2_prepare_auto_wrap_policy(plugin, teacher)
+    own = teacher_fsdp_plugin(plugin, teacher)
+    assert own is not plugin and plugin.transformer_cls_names_to_wrap == ["Qwen3DecoderLayer"]  # left as it was
+    policy = fsdp2_prepare_auto_wrap_policy(own, teacher)
+    wrapped = [type(m) for m in teacher.modules() if policy(m)]
+    assert wrapped and set(wrapped) == {Qwen3MoeDecoderLayer}
     monkeypatch.setenv("FSDP_VERSION", "1")
     with pytest.raises(ConfigError, match="FSDP version 1 is not supported.*set fsdp_version: 2"):
         fsdp1 = fake_accelerator("FSDP", fsdp=FullyShardedDataParallelPlugin())
@@ -110,14 +127,29 @@ def test_deepspeed_zero3_config(monkeypatch):
     plugin = DeepSpeedPlugin()  # reads the launch environment, as each process does (DeepSpeed itself not needed)
     assert plugin.zero_stage == 3 and plugin.deepspeed_config["gradient_accumulation_steps"] == 1
     accelerator = fake_accelerator("DEEPSPEED", deepspeed=plugin)
-    lora = ["train.mixed_precision=bf16", "model.lora.enabled=true"]
+    one_batch = ["train.prompts_per_step=8", "rollout.num_generations=4", "train.micro_batch_size=32"]
+    lora = ["train.mixed_precision=bf16", "model.lora.enabled=true", *one_batch]
     check_engine(dopd_config(*lora), accelerator)
     with pytest.raises(ConfigError, match="ZeRO-3 with a fully trained student is not supported.*FSDP2.*LoRA"):
-        check_engine(dopd_config("train.mixed_precision=bf16"), accelerator)
-    with pytest.raises(ConfigError, match="ZeRO-3 with a fully trained student"):  # an adapted head trains too
-        check_engine(dopd_config(*lora, "model.lora.target_modules=[q_proj,lm_head]"), accelerator)
+        check_engine(dopd_config("train.mixed_precision=bf16", *one_batch), accelerator)
     with pytest.raises(ConfigError, match="clips gradients at 1.0 but optim.max_grad_norm = 0.5"):
         check_engine(dopd_config(*lora, "optim.max_grad_norm=0.5"), accelerator)
+    # accelerate steps DeepSpeed's engine after every backward: more than one micro-batch a step is refused
+    with pytest.raises(ConfigError, match="one micro-batch per process.*set train.micro_batch_size=32"):
+        check_engine(dopd_config(*lora, "train.micro_batch_size=8"), accelerator)
+    with pytest.raises(ConfigError, match="train.max_tokens_per_micro_batch=0"):
+        check_engine(dopd_config(*lora, "train.max_tokens_per_micro_batch=4096"), accelerator)
+    accelerator.num_processes = 8  # 8 prompts x 4 over 8 processes: 4 sequences each
+    check_engine(dopd_config(*lora[:2], "train.prompts_per_step=8", "train.micro_batch_size=4"), accelerator)
+    del accelerator.num_processes
+    # What the config leaves at auto and accelerate would take from a DataLoader (prepare fails without one)
+    assert plugin.is_auto("train_micro_batch_size_per_gpu")
+    configure_deepspeed(dopd_config(*lora), accelerator)
+    assert plugin.deepspeed_config["train_micro_batch_size_per_gpu"] == 32
+    assert plugin.deepspeed_config["gradient_clipping"] == 1.0  # the file's value is kept
+    plugin.deepspeed_config["gradient_clipping"] = "auto"
+    configure_deepspeed(dopd_config(*lora, "optim.max_grad_norm=null"), accelerator)
+    assert plugin.deepspeed_config["gradient_clipping"] == 0.0  # accelerate would clip at 1.0
     plugin.deepspeed_config["gradient_accumulation_steps"] = 4
     with pytest.raises(ConfigError, match="gradient_accumulation_steps = 4; dopd accumulates micro-batches itself"):
         check_engine(dopd_config(*lora), accelerator)

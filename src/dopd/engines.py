@@ -70,18 +70,59 @@ def check_engine(config: Config, accelerator) -> None:
                 "itself (train.micro_batch_size), so set it to 1 or auto"
             )
         clipping = ds.get("gradient_clipping", "auto")
-        if clipping != "auto" and clipping != config.optim.max_grad_norm:
+        if clipping != "auto" and clipping != (config.optim.max_grad_norm or 0.0):
             raise ConfigError(
                 f"the DeepSpeed config clips gradients at {clipping} but optim.max_grad_norm = "
                 f"{config.optim.max_grad_norm}; DeepSpeed does the clipping, so make them equal"
             )
+        t = config.train
+        per_process = t.prompts_per_step // max(processes, 1) * config.rollout.num_generations
+        if t.max_tokens_per_micro_batch or t.micro_batch_size < per_process:
+            raise ConfigError(
+                "under DeepSpeed each step must be one micro-batch per process: accelerate steps DeepSpeed's engine "
+                "after every backward, so accumulating micro-batches would take an optimizer step per micro-batch; "
+                f"set train.micro_batch_size={per_process} (this process's sequences) and "
+                "train.max_tokens_per_micro_batch=0, or use FSDP2 (configs/accelerate/fsdp2.yaml)"
+            )
         lora = config.model.lora
-        if zero_stage(accelerator) == 3 and (not lora.enabled or "lm_head" in lora.target_modules):
+        if zero_stage(accelerator) == 3 and not lora.enabled:
             raise ConfigError(
                 "DeepSpeed ZeRO-3 with a fully trained student is not supported: the loss reads the student's output "
                 "head outside the forward, where ZeRO-3 has freed it; use FSDP2 (configs/accelerate/fsdp2.yaml) or "
                 "LoRA (model.lora.enabled=true, whose head is frozen)"
             )
+
+
+def configure_deepspeed(config: Config, accelerator) -> None:
+    """Fill what a DeepSpeed config leaves at `auto` and accelerate would take from a DataLoader (the trainer
+    passes none, and `prepare` then fails) or fill with its own default: the micro-batch (the process's sequences
+    of a step, one micro-batch) and the clipping (`optim.max_grad_norm`; accelerate would clip at 1.0)."""
+    if engine_name(accelerator) != "deepspeed":
+        return
+    ds = accelerator.state.deepspeed_plugin.deepspeed_config
+    if ds.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+        ds["train_micro_batch_size_per_gpu"] = config.train.micro_batch_size
+    if ds.get("gradient_clipping", "auto") == "auto":
+        ds["gradient_clipping"] = config.optim.max_grad_norm or 0.0  # 0: DeepSpeed does not clip
+
+
+def teacher_fsdp_plugin(plugin, teacher: torch.nn.Module):
+    """The FSDP2 plugin to shard the teacher with: the student's, except that a layer-class wrap policy takes the
+    teacher's own layer classes (`_no_split_modules`). The shared plugin holds the student's classes after the
+    student is prepared, and a teacher of another architecture (a Qwen3-MoE teacher of a dense student) has none
+    of them. Size-based or no wrap policy: the plugin as it is."""
+    import copy
+    import functools
+
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+    policy = plugin.auto_wrap_policy
+    if (policy.func if isinstance(policy, functools.partial) else policy) is not transformer_auto_wrap_policy:
+        return plugin
+    own = copy.copy(plugin)
+    own.auto_wrap_policy = transformer_auto_wrap_policy
+    own.transformer_cls_names_to_wrap = list(getattr(teacher, "_no_split_modules", None) or [])
+    return own
 
 
 def prepare_teacher(teacher: torch.nn.Module, accelerator) -> torch.nn.Module:
@@ -93,7 +134,12 @@ def prepare_teacher(teacher: torch.nn.Module, accelerator) -> torch.nn.Module:
     if engine == "fsdp2":
         from accelerate.utils import fsdp2_prepare_model
 
-        return fsdp2_prepare_model(accelerator, teacher)
+        state, plugin = accelerator.state, accelerator.state.fsdp_plugin
+        state.fsdp_plugin = teacher_fsdp_plugin(plugin, teacher)
+        try:
+            return fsdp2_prepare_model(accelerator, teacher)
+        finally:
+            state.fsdp_plugin = plugin
     if engine == "deepspeed":
         from trl.models import prepare_deepspeed
 

@@ -31,7 +31,7 @@ import torch
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, is_image_text, to_yaml, validate
 from .data import PromptOrder, PromptSet, build_prompt_set, check_columns, load_rows
-from .engines import check_engine, frozen_head, prepare_teacher
+from .engines import check_engine, configure_deepspeed, frozen_head, prepare_teacher
 from .kernels import Head, chunked_objective, score_target
 from .lora import add_adapters, load_adapters, require_peft
 from .objectives import Objective, TargetScores, check_top_k, compute_batch_thresholds, compute_objective
@@ -282,6 +282,7 @@ class Trainer:
         optimizer, scheduler = build_optimizer(student, config)
         # The schedule is stepped once per optimizer step by us: accelerate's prepared scheduler would step once per
         # process, running the schedule num_processes times faster.
+        configure_deepspeed(config, self.accelerator)
         self.student, self.optimizer = self.accelerator.prepare(student, optimizer)
         self.scheduler = scheduler
         self.teacher = prepare_teacher(teacher, self.accelerator) if teacher is not None else None
