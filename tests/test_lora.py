@@ -77,6 +77,16 @@ def test_bad_lora_settings_fail(pair, tmp_path, monkeypatch):  # noqa: F811
         make_config(pair, tmp_path / "run", "model.lora.enabled=true", "model.lora.r=0")
     with pytest.raises(ConfigError, match=r"model.lora.target_modules = \['attn_qkv'\] does not fit the student"):
         Trainer(make_config(pair, tmp_path / "run", "model.lora.enabled=true", "model.lora.target_modules=[attn_qkv]"))
+    # The loss reads the output head outside the forward: an adapter there would never train.
+    with pytest.raises(ConfigError, match="target_modules has lm_head.*would never train"):
+        make_config(pair, tmp_path / "run", "model.lora.enabled=true", "model.lora.target_modules=[q_proj,lm_head]")
+    from dopd.config import LoraConfig
+    from dopd.lora import add_adapters
+    from transformers import AutoModelForCausalLM
+
+    student = AutoModelForCausalLM.from_pretrained(pair["student"])
+    with pytest.raises(ConfigError, match="puts an adapter on the output head"):  # past the config's check
+        add_adapters(student, LoraConfig(enabled=True, target_modules=["q_proj", "lm_head"]))
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "peft" else real(name, *a))
     with pytest.raises(ConfigError, match=r'model.lora.enabled needs peft, .*: pip install "dopd\[lora\]"'):

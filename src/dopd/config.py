@@ -339,6 +339,11 @@ def _check_lora(lora: LoraConfig) -> None:
         raise ConfigError(f"model.lora.dropout = {lora.dropout} must be in [0, 1)")
     if not lora.target_modules:
         raise ConfigError("model.lora.target_modules is empty; name the modules to adapt, e.g. [q_proj, v_proj]")
+    if "lm_head" in lora.target_modules:
+        raise ConfigError(
+            "model.lora.target_modules has lm_head: the loss reads the output head outside the forward, so an "
+            "adapter on it would never train; leave lm_head out (the head stays frozen under LoRA)"
+        )
 
 
 def is_image_text(config: Config) -> bool:

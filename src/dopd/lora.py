@@ -40,10 +40,16 @@ def add_adapters(model, lora: LoraConfig, exclude_modules: str | None = None):
         task_type="CAUSAL_LM",
     )
     try:
-        return get_peft_model(model, settings)
+        wrapped = get_peft_model(model, settings)
     except ValueError as error:  # PEFT's message when no module matches
         first = str(error).splitlines()[0]
         raise ConfigError(f"model.lora.target_modules = {list(lora.target_modules)} does not fit the student: {first}")
+    if hasattr(wrapped.get_output_embeddings(), "lora_A"):  # a pattern that also matched the head under another name
+        raise ConfigError(
+            f"model.lora.target_modules = {list(lora.target_modules)} puts an adapter on the output head, which the "
+            "loss reads outside the forward (the adapter would never train); name the modules to exclude it"
+        )
+    return wrapped
 
 
 def load_adapters(model, directory: str):
