@@ -199,3 +199,19 @@ def test_shipped_pair_reproduces_its_stored_accuracy():
         for kind in ("none", "hints"):
             result = evaluate(model, pair.tokenizer, task, examples, kind=kind, batch_size=150)
             assert abs(result["answer_accuracy"] - stored[role][kind]) <= 0.01, (role, kind)
+
+
+def test_sft_bound_script_runs_on_the_shipped_pair():
+    """scripts/lab_sft_bound.py (the supervised reference point of docs/lab_design.md) at a tiny size."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "lab_sft_bound.py"
+    spec = importlib.util.spec_from_file_location("lab_sft_bound", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    result = script.main(["--steps", "1", "--prompts-per-step", "4", "--per-prompt", "2", "--lr-grid", "1e-4",
+                          "--n-test", "10"])  # fmt: skip
+    assert set(result["runs"]) == {"teacher@0.0001", "reference@0.0001"}
+    assert all(0.0 <= value <= 1.0 for value in result["runs"].values())
+    assert result["sequences_per_step"] == 8 and 0.0 <= result["student"] <= 1.0
