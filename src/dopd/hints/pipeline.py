@@ -68,11 +68,12 @@ class HintsSpec:
     model: str | None = None
     api_key: str | None = None
     concurrency: int = 8
-    retries: int = 5
-    retry_wait: float = 1.0
-    timeout: float = 120.0
-    temperature: float = 0.0
-    max_tokens: int = 1024
+    # The served model's settings take the client's own defaults, so that the two cannot drift apart.
+    retries: int = ChatClient.retries
+    retry_wait: float = ChatClient.retry_wait
+    timeout: float = ChatClient.timeout
+    temperature: float = ChatClient.temperature
+    max_tokens: int = ChatClient.max_tokens
     max_hints: int = 8
     verify: bool = True
     boxes_column: str = "boxes"
