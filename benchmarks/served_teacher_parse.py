@@ -70,7 +70,7 @@ def main(argv=None) -> dict:
         start = time.perf_counter()
         answer = json.loads(body)
         decode_s.append(time.perf_counter() - start)
-        client._request = lambda method, route, request=None, answer=answer: answer  # the parsed answer, no network
+        client._request = lambda route, body=None, answer=answer: answer  # the parsed answer, no network
         start = time.perf_counter()
         client.score(prompts, batch.ids, batch.mask, args.top_k)
         score_s.append(time.perf_counter() - start)

@@ -30,17 +30,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
+from .hints.client import ChatClient, ServerError
 from .objectives import TargetScores
 
-_RETRY_STATUS = {502, 503, 504}  # a proxy or a server that is starting or busy
 PROBE_TEXT = "On-policy distillation: 12 + 30 = 42. Ünïcödé, 中文, emoji 🙂, tabs\tand  spaces."
 
 
@@ -70,36 +67,25 @@ class ServedTeacher:
         self.settings = settings
         self.base = settings.url.rstrip("/")
         if self.base.endswith("/v1"):
-            self.base = self.base[: -len("/v1")]
+            self.base = self.base[: -len("/v1")]  # /tokenize sits at the root, the OpenAI routes under /v1
+        # The project's JSON-over-HTTP client (retries with backoff, Retry-After, no proxy for a local server).
+        self.client = ChatClient(self.base, settings.model, settings.api_key or os.environ.get("VLLM_API_KEY"),
+                                 timeout=settings.timeout, retries=max(1, settings.retries) - 1)  # fmt: skip
 
     # ------------------------------------------------------------------------------------------------ HTTP
 
-    def _request(self, method: str, route: str, body: dict | None = None) -> dict:
-        s = self.settings
-        data = None if body is None else json.dumps(body).encode()
-        headers = {"Content-Type": "application/json"}
-        key = s.api_key or os.environ.get("VLLM_API_KEY")
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        last: Exception | None = None
-        for attempt in range(max(1, s.retries)):
-            request = urllib.request.Request(self.base + route, data=data, headers=headers, method=method)
-            try:
-                with urllib.request.urlopen(request, timeout=s.timeout) as response:
-                    return json.loads(response.read().decode())
-            except urllib.error.HTTPError as error:
-                text = error.read().decode(errors="replace")
-                if error.code not in _RETRY_STATUS or attempt + 1 >= max(1, s.retries):
-                    raise TeacherServerError(self._explain(route, error.code, text)) from None
-                last = error  # busy or restarting: worth another attempt
-                time.sleep(min(2.0**attempt, 10.0))
-            except (urllib.error.URLError, ConnectionError, TimeoutError) as error:
-                last = error
-                time.sleep(min(2.0**attempt, 10.0))
-        raise TeacherServerError(
-            f"the teacher server at {self.base} did not answer {route} after {max(1, s.retries)} attempt(s) "
-            f"({last}); start it (vllm serve TEACHER --max-logprobs {s.top_k}) or fix model.teacher_server.url"
-        )
+    def _request(self, route: str, body: dict | None = None) -> dict:
+        """GET (`body` None) or POST `route`; a failure is one `TeacherServerError` that says what to fix."""
+        try:
+            return self.client.request(route, body)
+        except ServerError as error:
+            if error.status is not None:
+                raise TeacherServerError(self._explain(route, error.status, error.body or str(error))) from None
+            raise TeacherServerError(
+                f"the teacher server at {self.base} did not answer {route} after {self.client.retries + 1} "
+                f"attempt(s) ({error}); start it (vllm serve TEACHER --max-logprobs {self.settings.top_k}) or fix "
+                "model.teacher_server.url"
+            ) from None
 
     def _explain(self, route: str, status: int, text: str) -> str:
         try:
@@ -120,7 +106,7 @@ class ServedTeacher:
     def check(self, tokenizer) -> None:
         """Stop before training when the server is down, serves another model or tokenizer, or caps log-probs."""
         s = self.settings
-        cards = {entry.get("id"): entry for entry in self._request("GET", "/v1/models").get("data", [])}
+        cards = {entry.get("id"): entry for entry in self._request("/v1/models").get("data", [])}
         if s.model not in cards:
             raise TeacherServerError(
                 f"the teacher server at {self.base} serves {list(cards)}, not {s.model!r}; set "
@@ -133,7 +119,8 @@ class ServedTeacher:
                 f"rollout.max_new_tokens + 1 = {s.max_length} tokens; restart it with --max-model-len {s.max_length}"
             )
         probe = tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]
-        answer = self._request("POST", "/tokenize", {"model": s.model, "prompt": PROBE_TEXT, "add_special_tokens": False})
+        probe_body = {"model": s.model, "prompt": PROBE_TEXT, "add_special_tokens": False}
+        answer = self._request("/tokenize", probe_body)
         if list(answer.get("tokens", [])) != list(probe):
             raise TeacherServerError(
                 f"the served teacher {s.model!r} tokenizes a probe text into {len(answer.get('tokens', []))} ids and "
@@ -198,7 +185,7 @@ class ServedTeacher:
                 "temperature": 0.0,
                 "prompt_logprobs": s.top_k,
             }
-            choices = sorted(self._request("POST", "/v1/completions", body).get("choices", []),
+            choices = sorted(self._request("/v1/completions", body).get("choices", []),
                              key=lambda c: c.get("index", 0))  # fmt: skip
             if len(choices) != len(group):
                 raise TeacherServerError(f"the teacher server returned {len(choices)} choices for {len(group)} prompts")

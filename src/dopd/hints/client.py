@@ -21,11 +21,11 @@ from .rules import _THINK, _numbered, contains_answer, states_computed_value
 
 class ServerError(RuntimeError):
     """A request to the served model failed for good (after its retries, or a status that retrying cannot fix);
-    `status` is the last HTTP status, None when no answer came."""
+    `status` is the last HTTP status, None when no answer came; `body` the last answer's text, if any."""
 
-    def __init__(self, message: str, status: int | None = None):
+    def __init__(self, message: str, status: int | None = None, body: str | None = None):
         super().__init__(message)
-        self.status = status
+        self.status, self.body = status, body
 
 
 _RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
@@ -83,7 +83,7 @@ class ChatClient:
     def request(self, path: str, payload: dict | None = None) -> dict:
         """POST `payload` (GET without one) to `base_url + path`; the decoded JSON answer."""
         data = None if payload is None else json.dumps(payload).encode("utf-8")
-        last_error, last_status = "", None
+        last_error, last_status, last_body = "", None, None
         for attempt in range(self.retries + 1):
             request = urllib.request.Request(self.base_url + path, data=data, headers=self._headers(),
                                              method="GET" if payload is None else "POST")
@@ -92,17 +92,20 @@ class ChatClient:
             try:
                 return self._open(request)
             except urllib.error.HTTPError as error:
-                body = error.read().decode("utf-8", "replace")[:300]
+                last_body = error.read().decode("utf-8", "replace")
+                body = last_body[:300]
                 if error.code not in _RETRY_STATUS:
                     raise ServerError(f"{self.base_url + path} answered {error.code} {error.reason}: {body}",
-                                      error.code) from None
+                                      error.code, last_body) from None
                 last_error, last_status = f"{error.code} {error.reason}: {body}", error.code
                 retry_after = error.headers.get("Retry-After")
             except (urllib.error.URLError, TimeoutError, ConnectionError, OSError, ValueError) as error:
                 last_error, last_status = f"{type(error).__name__}: {getattr(error, 'reason', error)}", None
+                last_body = None
             if attempt < self.retries:
                 self._wait(attempt, retry_after)
-        raise ServerError(f"{self.base_url + path} failed {self.retries + 1} times; last: {last_error}", last_status)
+        raise ServerError(f"{self.base_url + path} failed {self.retries + 1} times; last: {last_error}", last_status,
+                          last_body)
 
     def chat(self, messages: list[dict]) -> tuple[str, bool]:
         """The reply's text (a `<think>` block removed) and whether it was cut by `max_tokens`."""
