@@ -143,7 +143,7 @@ class ServedTeacher:
         token = torch.zeros(B, T, dtype=torch.float64)
         values = torch.full((B, T, width), -math.inf, dtype=torch.float64)
         ids = torch.zeros(B, T, width, dtype=torch.long)
-        kept = torch.full((B, T), width, dtype=torch.long)  # entries inside the vocabulary, per position
+        kept = torch.zeros(B, T, dtype=torch.long)  # entries inside the vocabulary, per position
         for b, (token_lps, row_ids, row_values, counts) in enumerate(rows):
             n = len(token_lps)
             if n:
@@ -151,21 +151,21 @@ class ServedTeacher:
                 ids[b, :n] = torch.tensor(row_ids, dtype=torch.long)
                 values[b, :n] = torch.tensor(row_values, dtype=torch.float64)
                 kept[b, :n] = torch.tensor(counts, dtype=torch.long)
-        top_k = top_k or 0
-        fewest = min(kept[mask.bool()].tolist(), default=width)
+        top_k, valid = top_k or 0, mask.bool()
+        kept = kept[valid]
+        fewest = int(kept.min()) if kept.numel() else width
         if top_k and fewest < top_k:
             raise TeacherServerError(
                 f"the served teacher gave {fewest} log-probs inside the vocabulary at a "
                 f"completion token, fewer than objective.top_k = {top_k}; raise model.teacher_server.top_k (and the "
                 "server's --max-logprobs) or lower objective.top_k"
             )
-        valid = mask.bool()
         probs = values.exp()  # exp(-inf) = 0 at the padding entries
         tail = (1.0 - probs.sum(-1)).clamp(min=0.0)
         plogp = torch.where(probs > 0, probs * values, torch.zeros_like(probs)).sum(-1)
         entropy = -plogp - torch.where(tail > 0, tail * tail.log(), torch.zeros_like(tail))
         return TargetScores(
-            token_logprobs=token.masked_fill(~valid, 0.0).float().to(device),
+            token_logprobs=token.float().to(device),  # zeros at padding: only completion positions were written
             entropy=entropy.masked_fill(~valid, 0.0).float().to(device),
             topk_logprobs=values[..., :top_k].masked_fill(~valid[..., None], 0.0).float().to(device) if top_k else None,
             topk_ids=ids[..., :top_k].to(device) if top_k else None,
