@@ -19,38 +19,29 @@ prompts, beside the student's and the teacher's.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import random
 import time
 
 import torch
 
-from dopd.lab.evaluation import evaluate, render_lab_prompt
+from dopd.lab.evaluation import evaluate, generate_completions, render_lab_prompt
 from dopd.lab.models import default_pair_config, load_or_build_pair, sft_batch
 from dopd.lab.runner import LabConfig, TEST_SEED, TRAIN_SEED
 from dopd.lab.tasks import Example, get_task
 
 
-@torch.no_grad()
 def teacher_samples(pair, examples: list[Example], per_prompt: int, max_new_tokens: int, seed: int) -> list[str]:
     """`per_prompt` completions per example, sampled from the teacher at temperature 1 without privileged input."""
-    tokenizer, completions = pair.tokenizer, []
     torch.manual_seed(seed)
-    prompts = [render_lab_prompt(tokenizer, ex, "none") for ex in examples for _ in range(per_prompt)]
-    for start in range(0, len(prompts), 128):
-        batch = tokenizer(prompts[start : start + 128], return_tensors="pt", padding=True, add_special_tokens=False)
-        output = pair.teacher.generate(**batch, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
-                                       max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                       eos_token_id=tokenizer.eos_token_id)  # fmt: skip
-        completions += tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
-    return completions
+    prompts = [render_lab_prompt(pair.tokenizer, ex, "none") for ex in examples for _ in range(per_prompt)]
+    return generate_completions(pair.teacher, pair.tokenizer, prompts, max_new_tokens=max_new_tokens, sample=True)
 
 
 def fine_tune(pair, batches: list[list[Example]], lr: float):
     """A copy of the student trained on the batches in order, one AdamW step each."""
-    student = type(pair.student)(pair.student.config)
-    student.load_state_dict(pair.student.state_dict())
-    student.train()
+    student = copy.deepcopy(pair.student).train()
     optimizer = torch.optim.AdamW(student.parameters(), lr=lr)
     for examples in batches:
         loss = student(**sft_batch(pair.tokenizer, examples, ["none"] * len(examples))).loss

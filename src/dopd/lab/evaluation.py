@@ -22,9 +22,11 @@ def render_lab_prompt(tokenizer: Any, example: Example, kind: str = "none") -> s
 
 @torch.no_grad()
 def generate_completions(
-    model: Any, tokenizer: Any, prompts: Sequence[str], batch_size: int = 128, max_new_tokens: int = 64
+    model: Any, tokenizer: Any, prompts: Sequence[str], batch_size: int = 128, max_new_tokens: int = 64,
+    sample: bool = False,
 ) -> list[str]:
-    """Greedy completions (special tokens removed) of already rendered prompts, left-padded in batches."""
+    """Completions (special tokens removed) of already rendered prompts, left-padded in batches: greedy, or with
+    `sample` drawn at temperature 1 from the whole distribution (seed torch's generator first)."""
     if tokenizer.padding_side != "left":
         raise ValueError("batched generation needs tokenizer.padding_side == 'left'")
     was_training = model.training
@@ -36,7 +38,7 @@ def generate_completions(
         )
         output = model.generate(
             **batch,
-            do_sample=False,
+            **({"do_sample": True, "temperature": 1.0, "top_p": 1.0, "top_k": 0} if sample else {"do_sample": False}),
             max_new_tokens=max_new_tokens,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
