@@ -10,13 +10,15 @@ import subprocess
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from dopd.cli import main
-from dopd.config import ConfigError
-from dopd.hints import (
+sys.path.insert(0, os.path.dirname(__file__))
+import tiny  # noqa: E402
+
+from dopd.cli import main  # noqa: E402
+from dopd.config import ConfigError  # noqa: E402
+from dopd.hints import (  # noqa: E402
     ChatClient,
     HintsSpec,
     ServerError,
@@ -236,12 +238,6 @@ def test_empty_values_and_existing_outputs_are_refused(tmp_path):
 # --------------------------------------------------------------------- an OpenAI-compatible server on loopback
 
 
-class QuietServer(ThreadingHTTPServer):
-    def handle_error(self, request, client_address):
-        if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):  # a killed client
-            super().handle_error(request, client_address)
-
-
 class ChatServer:
     """A real HTTP server on 127.0.0.1 that speaks the `/v1/chat/completions` and `/v1/models` API.
 
@@ -256,36 +252,19 @@ class ChatServer:
         self.arrivals = []  # time.monotonic() at which each of those requests arrived, in the same order
         self.hits = 0
         self.lock = threading.Lock()
-        server = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
+        def get(path):
+            if path == "/v1/models":
+                return 200, {"object": "list", "data": [{"id": "tiny-teacher", "object": "model"}]}
+            return 404, {"error": {"message": "not found"}}
 
-            def do_GET(self):
-                if self.path == "/v1/models":
-                    return self.reply(200, {"object": "list", "data": [{"id": "tiny-teacher", "object": "model"}]})
-                self.reply(404, {"error": {"message": "not found"}})
+        def post(path, body):
+            if path != "/v1/chat/completions":
+                return 404, {"error": {"message": "not found"}}
+            return self.answer(body)
 
-            def do_POST(self):
-                if self.path != "/v1/chat/completions":
-                    return self.reply(404, {"error": {"message": "not found"}})
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                status, payload = server.answer(body)
-                self.reply(status, payload)
-
-            def reply(self, status, payload):
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.httpd = QuietServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-        self.thread.start()
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.httpd, root = tiny.serve_json(get, post)
+        self.url = root + "/v1"
 
     def answer(self, body):
         arrived = time.monotonic()

@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
@@ -36,53 +34,35 @@ class FakeVLLM:
         self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(model_path)
         self.name, self.max_logprobs, self.requests, self.max_model_len = name, max_logprobs, [], 2048
         self.busy = 0  # POST requests still to answer with 503
-        fake = self
+        self.server, self.url = tiny.serve_json(self.get, self.post)
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
+    def get(self, path: str) -> tuple[int, dict]:
+        if path == "/v1/models":
+            card = {"id": self.name, "object": "model", "max_model_len": self.max_model_len}
+            return 200, {"object": "list", "data": [card]}
+        return 404, {"object": "error", "message": f"no route {path}", "code": 404}
 
-            def reply(self, status: int, body: dict) -> None:
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def do_GET(self):
-                if self.path == "/v1/models":
-                    card = {"id": fake.name, "object": "model", "max_model_len": fake.max_model_len}
-                    return self.reply(200, {"object": "list", "data": [card]})
-                self.reply(404, {"object": "error", "message": f"no route {self.path}", "code": 404})
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                fake.requests.append((self.path, body))
-                if fake.busy:  # a server still loading the model (newer vLLM's error body)
-                    fake.busy -= 1
-                    return self.reply(503, {"error": {"message": "Service is loading", "code": 503}})
-                if body.get("model") != fake.name:
-                    return self.reply(404, {"object": "error", "message": f"The model `{body.get('model')}` does "
-                                            "not exist.", "type": "NotFoundError", "code": 404})  # fmt: skip
-                if self.path == "/tokenize":
-                    ids = fake.tokenizer(body["prompt"], add_special_tokens=body.get("add_special_tokens", True))
-                    return self.reply(200, {"tokens": ids["input_ids"], "count": len(ids["input_ids"])})
-                if self.path == "/v1/completions":
-                    k = body.get("prompt_logprobs")
-                    if k is not None and k > fake.max_logprobs:
-                        message = f"Requested prompt logprobs of {k}, which is greater than max allowed: {fake.max_logprobs}"
-                        return self.reply(400, {"object": "error", "message": message, "type": "BadRequestError",
-                                                "code": 400})  # fmt: skip
-                    prompts = body["prompt"] if isinstance(body["prompt"][0], list) else [body["prompt"]]
-                    choices = [{"index": i, "text": "", "logprobs": None, "finish_reason": "length",
-                                "prompt_logprobs": fake.prompt_logprobs(p, k)} for i, p in enumerate(prompts)]  # fmt: skip
-                    return self.reply(200, {"object": "text_completion", "model": fake.name, "choices": choices})
-                self.reply(404, {"object": "error", "message": f"no route {self.path}", "code": 404})
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+    def post(self, path: str, body: dict) -> tuple[int, dict]:
+        self.requests.append((path, body))
+        if self.busy:  # a server still loading the model (newer vLLM's error body)
+            self.busy -= 1
+            return 503, {"error": {"message": "Service is loading", "code": 503}}
+        if body.get("model") != self.name:
+            message = f"The model `{body.get('model')}` does not exist."
+            return 404, {"object": "error", "message": message, "type": "NotFoundError", "code": 404}
+        if path == "/tokenize":
+            ids = self.tokenizer(body["prompt"], add_special_tokens=body.get("add_special_tokens", True))
+            return 200, {"tokens": ids["input_ids"], "count": len(ids["input_ids"])}
+        if path == "/v1/completions":
+            k = body.get("prompt_logprobs")
+            if k is not None and k > self.max_logprobs:
+                message = f"Requested prompt logprobs of {k}, which is greater than max allowed: {self.max_logprobs}"
+                return 400, {"object": "error", "message": message, "type": "BadRequestError", "code": 400}
+            prompts = body["prompt"] if isinstance(body["prompt"][0], list) else [body["prompt"]]
+            choices = [{"index": i, "text": "", "logprobs": None, "finish_reason": "length",
+                        "prompt_logprobs": self.prompt_logprobs(p, k)} for i, p in enumerate(prompts)]  # fmt: skip
+            return 200, {"object": "text_completion", "model": self.name, "choices": choices}
+        return 404, {"object": "error", "message": f"no route {path}", "code": 404}
 
     @torch.no_grad()
     def prompt_logprobs(self, ids: list[int], k: int) -> list:
@@ -117,7 +97,7 @@ def client(url: str, vocab_size: int, top_k: int = 8, name: str = "teacher", ret
 
 def batch(tokenizer):
     """Two prompts and right-padded completions of different lengths."""
-    prompts = [tokenizer("what is 3 plus 4 ?")["input_ids"], tokenizer("hint : add 4 then 5 . what is 9 ?")["input_ids"]]
+    prompts = [tokenizer(text)["input_ids"] for text in ("what is 3 plus 4 ?", "hint : add 4 then 5 . what is 9 ?")]
     completions = Completions.from_lists([tokenizer("7 . answer 7")["input_ids"], tokenizer("9")["input_ids"]], 0)
     return prompts, completions
 

@@ -153,3 +153,41 @@ def install_fake_vllm(monkeypatch):
     monkeypatch.setattr(generation, "SamplingParams", lambda **kwargs: dict(kwargs), raising=False)
     monkeypatch.setattr(backend, "require_vllm", lambda device=None: None)
     return FakeLLM
+
+
+def serve_json(get, post):
+    """A local HTTP server on a free port that answers JSON, for fake model servers: `get(path)` and
+    `post(path, body)` return (status, payload). A client that hangs up mid-answer (a test's killed request) is not
+    reported. Returns the server (stop it with `shutdown()` then `server_close()`) and its root URL."""
+    import json
+    import sys
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Server(ThreadingHTTPServer):
+        def handle_error(self, request, client_address):
+            if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+                super().handle_error(request, client_address)
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def reply(self, answer) -> None:
+            status, payload = answer
+            data = json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):
+            self.reply(get(self.path))
+
+        def do_POST(self):
+            self.reply(post(self.path, json.loads(self.rfile.read(int(self.headers["Content-Length"])))))
+
+    httpd = Server(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
+    return httpd, f"http://127.0.0.1:{httpd.server_address[1]}"
