@@ -56,15 +56,15 @@ def main(argv=None) -> dict:
     import torch
 
     from dopd.scoring import Completions
-    from dopd.served_teacher import ServedTeacher, TeacherServerSettings
+    from dopd.config import TeacherServerConfig
+    from dopd.served_teacher import ServedTeacher
 
     torch.set_num_threads(1)
     body, prompts, completions = synthetic_answer(
         args.sequences, args.prompt_tokens, args.completion_tokens, args.top_k, args.vocab, args.seed
     )
     batch = Completions.from_lists(completions, 0)
-    client = ServedTeacher(TeacherServerSettings(url="http://unused", model="teacher", top_k=args.top_k,
-                                                 vocab_size=args.vocab))  # fmt: skip
+    client = ServedTeacher(TeacherServerConfig(url="http://unused"), "teacher", args.top_k, args.vocab)
     decode_s, score_s = [], []
     for _ in range(args.repetitions):
         start = time.perf_counter()

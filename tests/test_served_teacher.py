@@ -13,11 +13,11 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 import tiny  # noqa: E402
 
-from dopd.config import ConfigError  # noqa: E402
+from dopd.config import ConfigError, TeacherServerConfig  # noqa: E402
 from dopd.kernels import score_target  # noqa: E402
 from dopd.kernels import chunked as chunked_module  # noqa: E402
 from dopd.scoring import Completions, frozen_pass, pass_inputs  # noqa: E402
-from dopd.served_teacher import ServedTeacher, TeacherServerError, TeacherServerSettings  # noqa: E402
+from dopd.served_teacher import ServedTeacher, TeacherServerError  # noqa: E402
 from dopd.train import Trainer  # noqa: E402
 from test_train import make_config, pair  # noqa: E402,F401  (the tiny pair and prompts, built once per module)
 
@@ -91,8 +91,8 @@ def server(pair):
 
 
 def client(url: str, vocab_size: int, top_k: int = 8, name: str = "teacher", retries: int = 1, per_request: int = 32):
-    return ServedTeacher(TeacherServerSettings(url=url, model=name, top_k=top_k, vocab_size=vocab_size, timeout=30,
-                                               retries=retries, max_sequences_per_request=per_request))  # fmt: skip
+    server = TeacherServerConfig(url=url, timeout=30, retries=retries, max_sequences_per_request=per_request)
+    return ServedTeacher(server, name, top_k, vocab_size)
 
 
 def batch(tokenizer):
@@ -168,7 +168,7 @@ def test_server_problems_are_one_clear_error(pair, server):
     with pytest.raises(TeacherServerError, match="share one tokenizer"):
         client(server.url, V).check(other)
     short = client(server.url, V)
-    short.settings.max_length = 3000
+    short.max_length = 3000
     with pytest.raises(TeacherServerError, match="max_model_len is 2048.*restart it with --max-model-len 3000"):
         short.check(tokenizer)
     server.busy = 1  # a 503 is retried; with no attempt left it is one clear error with the server's message

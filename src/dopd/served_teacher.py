@@ -31,10 +31,10 @@ import json
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import torch
 
+from .config import TeacherServerConfig
 from .hints.client import ChatClient, ServerError
 from .objectives import TargetScores
 
@@ -45,32 +45,26 @@ class TeacherServerError(RuntimeError):
     """The served teacher could not be reached or answered something unusable; the message says what to fix."""
 
 
-@dataclass
-class TeacherServerSettings:
-    url: str  # e.g. http://10.0.0.3:8001 (the /v1 routes are added)
-    model: str  # the served model name
-    top_k: int  # prompt log-probs requested per position
-    vocab_size: int  # ids at or beyond it (embedding rows padded past the tokenizer) are not part of the support
-    timeout: float = 600.0
-    retries: int = 3
-    max_sequences_per_request: int = 32
-    max_concurrency: int = 4
-    api_key: str | None = None
-    max_length: int | None = None  # longest teacher prompt + completion + 1 a run sends (checked against the server)
-
-
 class ServedTeacher:
     """Scores completions with a vLLM server. `score` returns the same `TargetScores` a local teacher's pass gives,
-    with `topk_*` filled and no full log-probs."""
+    with `topk_*` filled and no full log-probs.
 
-    def __init__(self, settings: TeacherServerSettings):
-        self.settings = settings
-        self.base = settings.url.rstrip("/")
+    `server` holds the run's `model.teacher_server` settings; the rest is what the run resolves: the served
+    model's name, the log-probs to request per position (`top_k`), the vocabulary (ids at or beyond `vocab_size`,
+    embedding rows padded past the tokenizer, are not part of the support) and the longest teacher prompt +
+    completion + 1 a run sends (`max_length`, checked against the server's context)."""
+
+    def __init__(self, server: TeacherServerConfig, model: str, top_k: int, vocab_size: int,
+                 max_length: int | None = None):  # fmt: skip
+        self.server, self.model, self.top_k, self.vocab_size, self.max_length = (
+            server, model, top_k, vocab_size, max_length
+        )
+        self.base = server.url.rstrip("/")
         if self.base.endswith("/v1"):
             self.base = self.base[: -len("/v1")]  # /tokenize sits at the root, the OpenAI routes under /v1
         # The project's JSON-over-HTTP client (retries with backoff, Retry-After, no proxy for a local server).
-        self.client = ChatClient(self.base, settings.model, settings.api_key or os.environ.get("VLLM_API_KEY"),
-                                 timeout=settings.timeout, retries=max(1, settings.retries) - 1)  # fmt: skip
+        self.client = ChatClient(self.base, model, server.api_key or os.environ.get("VLLM_API_KEY"),
+                                 timeout=server.timeout, retries=max(1, server.retries) - 1)  # fmt: skip
 
     # ------------------------------------------------------------------------------------------------ HTTP
 
@@ -83,7 +77,7 @@ class ServedTeacher:
                 raise TeacherServerError(self._explain(route, error.status, error.body or str(error))) from None
             raise TeacherServerError(
                 f"the teacher server at {self.base} did not answer {route} after {self.client.retries + 1} "
-                f"attempt(s) ({error}); start it (vllm serve TEACHER --max-logprobs {self.settings.top_k}) or fix "
+                f"attempt(s) ({error}); start it (vllm serve TEACHER --max-logprobs {self.top_k}) or fix "
                 "model.teacher_server.url"
             ) from None
 
@@ -96,7 +90,7 @@ class ServedTeacher:
             message = text
         hint = ""
         if "logprobs" in str(message).lower() and "max" in str(message).lower():
-            hint = f"; restart the server with --max-logprobs {self.settings.top_k} or more"
+            hint = f"; restart the server with --max-logprobs {self.top_k} or more"
         elif status == 404 and "model" in str(message).lower():
             hint = "; set model.teacher_server.model to a model the server serves"
         return f"the teacher server answered {route} with HTTP {status}: {str(message).strip()[:500]}{hint}"
@@ -105,25 +99,24 @@ class ServedTeacher:
 
     def check(self, tokenizer) -> None:
         """Stop before training when the server is down, serves another model or tokenizer, or caps log-probs."""
-        s = self.settings
         cards = {entry.get("id"): entry for entry in self._request("/v1/models").get("data", [])}
-        if s.model not in cards:
+        if self.model not in cards:
             raise TeacherServerError(
-                f"the teacher server at {self.base} serves {list(cards)}, not {s.model!r}; set "
+                f"the teacher server at {self.base} serves {list(cards)}, not {self.model!r}; set "
                 "model.teacher_server.model to one of them"
             )
-        length = cards[s.model].get("max_model_len")
-        if s.max_length and isinstance(length, int) and length < s.max_length:
+        length = cards[self.model].get("max_model_len")
+        if self.max_length and isinstance(length, int) and length < self.max_length:
             raise TeacherServerError(
                 f"the served teacher's max_model_len is {length}, but a run sends up to data.max_prompt_length + "
-                f"rollout.max_new_tokens + 1 = {s.max_length} tokens; restart it with --max-model-len {s.max_length}"
+                f"rollout.max_new_tokens + 1 = {self.max_length} tokens; restart it with --max-model-len {self.max_length}"
             )
         probe = tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]
-        probe_body = {"model": s.model, "prompt": PROBE_TEXT, "add_special_tokens": False}
+        probe_body = {"model": self.model, "prompt": PROBE_TEXT, "add_special_tokens": False}
         answer = self._request("/tokenize", probe_body)
         if list(answer.get("tokens", [])) != list(probe):
             raise TeacherServerError(
-                f"the served teacher {s.model!r} tokenizes a probe text into {len(answer.get('tokens', []))} ids and "
+                f"the served teacher {self.model!r} tokenizes a probe text into {len(answer.get('tokens', []))} ids and "
                 f"the student's tokenizer into {len(probe)} ids (or other ids); on-policy distillation scores the "
                 "student's tokens with the teacher, so both must share one tokenizer"
             )
@@ -139,7 +132,7 @@ class ServedTeacher:
         completions = [row[:n] for row, n in zip(completion_ids.tolist(), lengths)]
         rows = self._score_rows(prompts, completions)
         B, T = completion_ids.shape
-        width = self.settings.top_k
+        width = self.top_k
         token = torch.zeros(B, T, dtype=torch.float64)
         values = torch.full((B, T, width), -math.inf, dtype=torch.float64)
         ids = torch.zeros(B, T, width, dtype=torch.long)
@@ -173,17 +166,17 @@ class ServedTeacher:
 
     def _score_rows(self, prompts: list[list[int]], completions: list[list[int]]) -> list[tuple]:
         """`_parse` of every row, in order, from requests of `max_sequences_per_request` rows."""
-        s = self.settings
+        s = self.server
         size = max(1, s.max_sequences_per_request)
         groups = [list(range(i, min(i + size, len(prompts)))) for i in range(0, len(prompts), size)]
 
         def request(group: list[int]) -> list:
             body = {
-                "model": s.model,
+                "model": self.model,
                 "prompt": [prompts[i] + completions[i] for i in group],
                 "max_tokens": 1,
                 "temperature": 0.0,
-                "prompt_logprobs": s.top_k,
+                "prompt_logprobs": self.top_k,
             }
             choices = sorted(self._request("/v1/completions", body).get("choices", []),
                              key=lambda c: c.get("index", 0))  # fmt: skip
@@ -206,7 +199,7 @@ class ServedTeacher:
                 f"the teacher server returned {got} prompt log-probs for a sequence of {len(prompt) + len(completion)} "
                 "tokens; it must be a vLLM server that supports prompt_logprobs on /v1/completions"
             )
-        k, vocab = self.settings.top_k, self.settings.vocab_size
+        k, vocab = self.top_k, self.vocab_size
         token_lps, all_ids, all_values, counts = [], [], [], []
         for t, token_id in enumerate(completion):
             entry = entries[len(prompt) + t]

@@ -273,7 +273,7 @@ class Trainer:
         teacher = load_model(config.model.teacher, config, "teacher") if local_teacher else None
         self.vocab_size = common_vocab_size(student, teacher, self.tokenizer)
         if self.served_teacher is not None:
-            self.served_teacher.settings.vocab_size = self.vocab_size
+            self.served_teacher.vocab_size = self.vocab_size
         try:
             check_top_k(self.objective, self.vocab_size)
         except ValueError as error:
@@ -340,16 +340,11 @@ class Trainer:
         ts, objective = self.config.model.teacher_server, self.objective
         if not ts.url:
             return None
-        from .served_teacher import ServedTeacher, TeacherServerError, TeacherServerSettings
+        from .served_teacher import ServedTeacher, TeacherServerError
 
         top_k = ts.top_k or (self.config.objective.top_k if objective.top_k_for("teacher") else 1)
-        settings = TeacherServerSettings(
-            url=ts.url, model=ts.model or self.config.model.teacher, top_k=top_k, vocab_size=len(self.tokenizer),
-            timeout=ts.timeout, retries=ts.retries, max_sequences_per_request=ts.max_sequences_per_request,
-            max_concurrency=ts.max_concurrency, api_key=ts.api_key,
-            max_length=self.config.data.max_prompt_length + self.config.rollout.max_new_tokens + 1,
-        )  # fmt: skip
-        client = ServedTeacher(settings)
+        max_length = self.config.data.max_prompt_length + self.config.rollout.max_new_tokens + 1
+        client = ServedTeacher(ts, ts.model or self.config.model.teacher, top_k, len(self.tokenizer), max_length)
         try:
             client.check(self.tokenizer)
         except TeacherServerError as error:
@@ -357,7 +352,7 @@ class Trainer:
         if self.accelerator.is_main_process:
             fallback = [t.label for t in objective.terms if t.target == "teacher" and t.tail == "bucket"]
             logger.warning(
-                "teacher served by %s (%s, top-%d log-probs per token)%s", ts.url, settings.model, top_k,
+                "teacher served by %s (%s, top-%d log-probs per token)%s", ts.url, client.model, top_k,
                 f"; the teacher's full-vocabulary term(s) {', '.join(fallback)} run on its top-{top_k} with a tail "
                 "bucket (objective.teacher_full=topk_bucket)" if fallback else "",
             )  # fmt: skip
