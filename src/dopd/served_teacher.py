@@ -109,14 +109,16 @@ class ServedTeacher:
         if self.max_length and isinstance(length, int) and length < self.max_length:
             raise TeacherServerError(
                 f"the served teacher's max_model_len is {length}, but a run sends up to data.max_prompt_length + "
-                f"rollout.max_new_tokens + 1 = {self.max_length} tokens; restart it with --max-model-len {self.max_length}"
+                f"rollout.max_new_tokens + 1 = {self.max_length} tokens; restart it with --max-model-len "
+                f"{self.max_length}"
             )
         probe = tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]
         probe_body = {"model": self.model, "prompt": PROBE_TEXT, "add_special_tokens": False}
         answer = self._request("/tokenize", probe_body)
-        if list(answer.get("tokens", [])) != list(probe):
+        served = list(answer.get("tokens", []))
+        if served != list(probe):
             raise TeacherServerError(
-                f"the served teacher {self.model!r} tokenizes a probe text into {len(answer.get('tokens', []))} ids and "
+                f"the served teacher {self.model!r} tokenizes a probe text into {len(served)} ids and "
                 f"the student's tokenizer into {len(probe)} ids (or other ids); on-policy distillation scores the "
                 "student's tokens with the teacher, so both must share one tokenizer"
             )
