@@ -9,17 +9,21 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3ForCausalLM
 
 from dopd.lab import models
 from dopd.lab.evaluation import evaluate, render_lab_prompt
+from dopd.lab import pretraining
 from dopd.lab.models import (
     PRETRAINED_DIR,
     LabPairConfig,
     ModelSize,
+    WeakPairError,
     check_properties,
+    choose_student,
     default_pair_config,
+    describe_weakness,
     load_or_build_pair,
-    make_model,
+    pair_config_with,
     shipped_config,
-    sft_batch,
 )
+from dopd.lab.pretraining import make_model, sft_batch
 from dopd.lab.tasks import PRIVILEGED_KINDS, Example, get_task
 from dopd.lab.tokenizer import build_tokenizer
 
@@ -30,7 +34,10 @@ TINY = LabPairConfig(
     student_steps=2,
     batch_size=4,
     warmup_steps=1,
+    student_checkpoints=(),  # a student of its own
 )
+# The student as an earlier state of the teacher's pretraining: too little training for any property to hold.
+TINY_CHECKPOINTS = dataclasses.replace(TINY, teacher_steps=4, student_checkpoints=(1, 3))
 
 
 class AnswerBook(torch.nn.Module):
@@ -114,6 +121,7 @@ def test_cache_builds_once_and_rebuilds_on_a_changed_config(tmp_path, monkeypatc
         raise AssertionError("the cached pair should have been loaded, not trained")
 
     monkeypatch.setattr(models, "pretrain", no_training)
+    monkeypatch.setattr(pretraining, "pretrain", no_training)
     second = load_or_build_pair(TINY, cache_dir=tmp_path, log=None)
     assert not second.built and second.path == first.path and second.config == TINY
     for a, b in zip(first.student.parameters(), second.student.parameters()):
@@ -132,19 +140,56 @@ def test_cache_root_from_environment(tmp_path, monkeypatch):
     assert pair.path == tmp_path / "lab" / TINY.config_hash()
 
 
-def test_check_properties_can_fail():
-    def table(teacher, student):
-        return {
-            role: {kind: {"answer_accuracy": v[i], "full_match": v[i]} for i, kind in enumerate(PRIVILEGED_KINDS)}
-            for role, v in (("teacher", teacher), ("student", student))
-        }
+def table(teacher, student):
+    return {
+        role: {kind: {"answer_accuracy": v[i], "full_match": v[i]} for i, kind in enumerate(PRIVILEGED_KINDS)}
+        for role, v in (("teacher", teacher), ("student", student))
+    }
 
+
+def test_check_properties_can_fail():
     good = check_properties(table([0.6, 0.9, 0.8, 0.95], [0.2, 0.8, 0.5, 0.9]))
     assert good["a_teacher_gap"] and good["b_privilege_helps"]
     small_gap = check_properties(table([0.4, 0.9, 0.8, 0.95], [0.2, 0.8, 0.5, 0.9]))
     assert not small_gap["a_teacher_gap"]
     student_ignores_hints = check_properties(table([0.6, 0.9, 0.8, 0.95], [0.2, 0.8, 0.22, 0.9]))
     assert not student_ignores_hints["b_privilege_helps"]
+
+
+def test_choose_student_keeps_the_latest_checkpoint_that_meets_the_properties():
+    teacher = table([0.8, 0.8, 1.0, 1.0], [0, 0, 0, 0])["teacher"]
+    student = {  # none, answer, hints, solution
+        300: [0.10, 0.10, 0.15, 0.15],  # gap holds, hints not read
+        600: [0.30, 0.30, 0.60, 0.55],  # both hold
+        900: [0.50, 0.50, 0.80, 0.75],  # both hold: the latest
+        1200: [0.70, 0.70, 0.95, 0.90],  # too close to the teacher
+    }
+    candidates = {step: table(v, v)["teacher"] for step, v in student.items()}
+    chosen, checks = choose_student(teacher, candidates)
+    assert chosen == 900 and checks[1200]["a_teacher_gap"] is False and checks[300]["b_privilege_helps"] is False
+    del candidates[600], candidates[900]
+    chosen, _ = choose_student(teacher, candidates)  # none meets both: the nearest (hints +5 against gap +10 short)
+    assert chosen == 300
+
+
+def test_a_weak_pair_stops_with_the_failed_property(tmp_path):
+    pair = load_or_build_pair(TINY_CHECKPOINTS, cache_dir=tmp_path, log=None)  # built, kept, marked weak
+    assert pair.built and pair.weak and pair.properties["student_selection"]["chosen_step"] in (1, 3)
+    with pytest.raises(WeakPairError) as error:
+        load_or_build_pair(TINY_CHECKPOINTS, cache_dir=tmp_path, log=None, allow_weak=False)
+    message = str(error.value)
+    assert "\n" not in message and "--allow-weak-pair" in message
+    assert "(a) teacher - student gap" in message or "(b) privileged input raises" in message
+    assert message == describe_weakness(pair.properties, TINY_CHECKPOINTS.task)
+
+
+def test_pair_settings_from_the_command_line():
+    config = pair_config_with(TINY, ["teacher_steps=10", "student_checkpoints=[4, 8]", "teacher={layers: 2}"])
+    assert config.teacher_steps == 10 and config.student_checkpoints == (4, 8) and config.teacher.layers == 2
+    with pytest.raises(ValueError, match="KEY one of"):
+        pair_config_with(TINY, ["teacher_stepz=10"])
+    with pytest.raises(ValueError, match="strictly between 0 and teacher_steps"):
+        pair_config_with(TINY, ["student_checkpoints=[5]"])
 
 
 DEFAULT_TASK = LabPairConfig().task
@@ -161,7 +206,9 @@ def test_shipped_pair_loads_and_has_the_properties():
     pair = load_or_build_pair(LabPairConfig(), cache_dir="/nonexistent", log=None)
     assert not pair.built and pair.path == PRETRAINED_DIR / DEFAULT_TASK
     assert isinstance(pair.teacher, Qwen3ForCausalLM) and isinstance(pair.student, Qwen3ForCausalLM)
-    assert pair.teacher.num_parameters() > pair.student.num_parameters()
+    chosen = pair.properties["student_selection"]["chosen_step"]
+    assert chosen in LabPairConfig().student_checkpoints  # an earlier state of the teacher's pretraining
+    assert pair.teacher.num_parameters() == pair.student.num_parameters()
     for role in ("teacher", "student"):
         assert (pair.path / role / "model.safetensors").stat().st_size < 1_000_000
         assert AutoTokenizer.from_pretrained(pair.path / role).chat_template == pair.tokenizer.chat_template
@@ -199,19 +246,3 @@ def test_shipped_pair_reproduces_its_stored_accuracy():
         for kind in ("none", "hints"):
             result = evaluate(model, pair.tokenizer, task, examples, kind=kind, batch_size=150)
             assert abs(result["answer_accuracy"] - stored[role][kind]) <= 0.01, (role, kind)
-
-
-def test_sft_bound_script_runs_on_the_shipped_pair():
-    """scripts/lab_sft_bound.py (the supervised reference point of docs/lab_design.md) at a tiny size."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / "lab_sft_bound.py"
-    spec = importlib.util.spec_from_file_location("lab_sft_bound", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    result = script.main(["--steps", "1", "--prompts-per-step", "4", "--per-prompt", "2", "--lr-grid", "1e-4",
-                          "--n-test", "10"])  # fmt: skip
-    assert set(result["runs"]) == {"teacher@0.0001", "reference@0.0001"}
-    assert all(0.0 <= value <= 1.0 for value in result["runs"].values())
-    assert result["sequences_per_step"] == 8 and 0.0 <= result["student"] <= 1.0

@@ -1,4 +1,5 @@
-"""`dopd lab --quick` end to end: the shipped pair, every default method, a well-formed results.json."""
+"""`dopd lab`: method overrides and their errors, the statistics on hand-made runs, a weak pair's stop, the quick
+lab end to end, and the same numbers from the same command."""
 
 from __future__ import annotations
 
@@ -10,45 +11,153 @@ import sys
 
 import pytest
 
-from dopd.lab.runner import DEFAULT_METHODS, LabConfig, _check
+from dopd.cli import _split_methods
+from dopd.lab.models import WeakPairError
+from dopd.lab.results import choose_rates, paired
+from dopd.lab.runner import LabConfig, check_lab_config, method_specs, parse_method, run_lab, standard_error
+
+TINY_PAIR = ["teacher={layers: 1, hidden: 16, heads: 2, kv_heads: 1, intermediate: 32}", "teacher_steps=4",
+             "student_checkpoints=[2]", "batch_size=4", "warmup_steps=1"]  # fmt: skip
 
 
-def test_lab_config_errors_name_the_option():
-    with pytest.raises(ValueError, match="--privilege 'none' is unknown"):
-        _check(LabConfig(privilege=["none"]))
-    with pytest.raises(ValueError, match="--methods has 'dpod'; known: dopd"):
-        _check(LabConfig(methods=["dpod"]))
+def test_method_overrides_parse():
+    spec = parse_method("dopd[self_weights=ema,self_ema_decay=0.9]")
+    assert spec.method == "dopd" and dict(spec.overrides) == {"self_weights": "ema", "self_ema_decay": 0.9}
+    assert dict(parse_method("dopd[regimes=LH+HT]").overrides) == {"regimes": ["LH", "HT"]}
+    assert dict(parse_method("dopd[regimes=HT]").overrides) == {"regimes": ["HT"]}
+    assert dict(parse_method("opsd[objective.self_weights=live]").overrides) == {"self_weights": "live"}
+    assert parse_method("opd").overrides == () and parse_method("opd").label == "opd"
+    assert _split_methods("opd,dopd[beta_w=0.2,beta_l=0.5], opsd") == ["opd", "dopd[beta_w=0.2,beta_l=0.5]", "opsd"]
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("dpod", "--methods has 'dpod'; known: dopd"),
+        ("dopd[self_weight=frozen]", "'self_weight=frozen' is not KEY=VALUE with KEY an objective key"),
+        ("dopd[self_weights=stale]", "objective.self_weights = 'stale' is unknown"),
+        ("dopd[regimes=LH+XX]", "objective.regimes entry = 'XX' is unknown"),
+        ("dopd[beta_w=0.3", "overrides go in brackets"),
+        ("dopd[method=opd]", "the method is the name before the brackets"),
+        ("dopd[top_k=0]", "objective.top_k = 0 must be at least 1"),
+    ],
+)
+def test_bad_override_fails_with_one_line(text, message):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[")) as error:
+        parse_method(text)
+    assert "\n" not in str(error.value) and text in str(error.value)
+
+
+def test_references_come_first_and_once():
+    labels = [s.label for s in method_specs(LabConfig(methods=["dopd", "opd", "dopd[self_weights=live]"]))]
+    assert labels == ["sft", "opd", "dopd", "dopd[self_weights=live]"]
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"seeds": [0, 0]}, "--seeds"),
+        ({"seeds": [-1]}, "--seeds"),
+        ({"steps": -5}, "--steps = -5 must be at least 1"),
+        ({"lr_grid": [0.0]}, "--lr-grid"),
+        ({"privilege": ["none"]}, "--privilege 'none' is unknown"),
+        ({"task": "nosuch"}, "lab task 'nosuch' is unknown"),
+        ({"pair": ["teacher_stepz=3"]}, "--pair"),
+        ({"workers": 0}, "--workers = 0 must be at least 1"),
+    ],
+)
+def test_lab_options_are_checked_before_any_work(tmp_path, change, message):
+    with pytest.raises(ValueError, match=message):
+        check_lab_config(LabConfig(out=str(tmp_path / "lab"), **change))
+    assert not (tmp_path / "lab").exists()
+
+
+def test_cli_refuses_bad_lab_options_with_one_line(tmp_path):
+    out = tmp_path / "lab"
+    for args in (["--seeds", "a,b"], ["--steps", "-5"], ["--methods", "dopd[self_weight=x]"], ["--quick", "--full"]):
+        run = subprocess.run([sys.executable, "-m", "dopd", "lab", "--out", str(out), *args],
+                             capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert run.returncode == 2, (args, run.stderr)
+        lines = run.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("dopd: error:") and "Traceback" not in run.stderr, args
+        assert not out.exists()
+
+
+def _record(label, lr, seed, validation, test):
+    return {"label": label, "lr": lr, "seed": seed, "validation_accuracy": validation,
+            "test": {"answer_accuracy": test}}  # fmt: skip
+
+
+def test_rates_and_paired_differences_by_hand():
+    records = [
+        _record("a", 1e-4, 0, 0.50, 0.50), _record("a", 1e-4, 1, 0.52, 0.54),
+        _record("a", 3e-4, 0, 0.60, 0.61), _record("a", 3e-4, 1, 0.58, 0.59),
+        _record("b", 1e-4, 0, 0.70, 0.72), _record("b", 1e-4, 1, 0.72, 0.70),
+        _record("b", 3e-4, 0, 0.40, 0.41), _record("b", 3e-4, 1, 0.44, 0.43),
+    ]  # fmt: skip
+    common, own, by_rate = choose_rates(records, ["a", "b"], [1e-4, 3e-4])
+    assert by_rate[1e-4] == pytest.approx(0.61) and by_rate[3e-4] == pytest.approx(0.505)
+    assert common == 1e-4 and own == {"a": 3e-4, "b": 1e-4}
+    difference = paired(records, "a", "b", 1e-4)
+    assert difference["per_seed"] == pytest.approx([-0.22, -0.16])
+    assert difference["mean"] == pytest.approx(-0.19) and difference["se"] == pytest.approx(0.03)
+    assert standard_error([1.0, 2.0, 3.0]) == pytest.approx(1 / math.sqrt(3)) and standard_error([5.0]) == 0.0
+    tied = [_record("a", lr, 0, 0.5, 0.5) for lr in (3e-4, 1e-4)]
+    assert choose_rates(tied, ["a"], [3e-4, 1e-4])[0] == 1e-4  # a tie goes to the smaller rate
+
+
+def test_a_weak_pair_stops_the_lab_before_any_run(tmp_path):
+    config = LabConfig(out=str(tmp_path / "lab"), cache_dir=str(tmp_path / "cache"), pair=TINY_PAIR)
+    with pytest.raises(WeakPairError, match="--allow-weak-pair"):
+        run_lab(config, log=lambda *_: None)
+    assert not (tmp_path / "lab").exists()
+
+
+QUICK = ["--quick", "--methods", "dopd,opsd[self_weights=live]", "--workers", "2"]
+
+
+def _lab(out, *args):
+    run = subprocess.run([sys.executable, "-m", "dopd", "lab", "--out", str(out), *args],
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run.stdout, json.loads((out / "results.json").read_text())
+
+
+def _without_timing(value):
+    """The results with wall times and output paths taken out: what the same command must reproduce."""
+    if isinstance(value, dict):
+        return {k: _without_timing(v) for k, v in value.items() if k not in ("timing", "seconds", "run_dir", "out", "workers")}
+    if isinstance(value, list):
+        return [_without_timing(v) for v in value]
+    return value
 
 
 @pytest.mark.slow
-def test_quick_lab_writes_results(tmp_path):
-    out = tmp_path / "lab"
-    run = subprocess.run(
-        [sys.executable, "-m", "dopd", "lab", "--quick", "--out", str(out), "--cache-dir", str(tmp_path / "cache")],
-        capture_output=True, text=True, timeout=900,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert "gap recovery" in run.stdout and "results:" in run.stdout
-    results = json.loads((out / "results.json").read_text())
-    assert results["task"] == "order" and results["seeds"] == [0]
-    for role in ("teacher", "student"):
-        for kind in ("none", "hints"):
-            for key in ("answer_accuracy", "full_match"):
-                assert 0.0 <= results[role][kind][key] <= 1.0
-    methods = results["kinds"]["hints"]["methods"]
-    assert list(methods) == DEFAULT_METHODS
-    for name, summary in methods.items():
-        assert len(summary["accuracy_per_seed"]) == 1
-        assert 0.0 <= summary["accuracy_mean"] <= 1.0 and summary["accuracy_std"] == 0.0
-        assert math.isfinite(summary["final_student_entropy"])
-        teacher, student = results["teacher"]["none"]["answer_accuracy"], results["student"]["none"]["answer_accuracy"]
-        expected = (summary["accuracy_mean"] - student) / (teacher - student)
-        assert summary["gap_recovery"] == pytest.approx(expected)
-        run_dir = out / "hints" / name / "seed_0"
-        assert (run_dir / "config.yaml").exists() and (run_dir / "samples.jsonl").exists()
-        lines = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
-        assert lines[0]["step"] == 0 and "eval/answer_accuracy" in lines[0]
-    assert sum(methods["dopd"]["regime_fractions"].values()) == pytest.approx(1.0)
-    for plot in ("accuracy.png", "entropy.png", "regimes.png"):
-        assert os.path.getsize(out / "hints" / plot) > 1000
-    assert "| dopd |" in (out / "results.md").read_text()
+def test_quick_lab_end_to_end_and_the_same_numbers_twice(tmp_path):
+    stdout, results = _lab(tmp_path / "first", *QUICK)
+    assert "Budget check" in stdout and "results:" in stdout and "wall time" in stdout
+    k = results["kinds"]["hints"]
+    labels = ["sft", "opd", "dopd", "opsd[self_weights=live]"]
+    assert list(k["methods"]) == labels and k["common_lr"] == 3e-4
+    assert set(k["references"]) == {"sft", "opd"} and isinstance(k["budget_moves_student"], bool)
+    teacher, student = results["teacher"]["none"], results["student"]["none"]
+    assert student["n_determined"] + student["n_undetermined"] == 200 and student["n_undetermined"] > 20
+    for label in labels:
+        m = k["main"][label]
+        assert len(m["accuracy_per_seed"]) == 1 and m["accuracy_se"] == 0.0
+        expected = (m["accuracy_mean"] - student["answer_accuracy"]) / (teacher["answer_accuracy"] - student["answer_accuracy"])
+        assert m["gap_recovery"] == pytest.approx(expected)
+        assert 0 <= m["determined_mean"] <= 1 and 0 <= m["undetermined_mean"] <= 1
+        run = next(r for r in k["runs"] if r["label"] == label)
+        assert len(run["curves"]["completion_length"]) == 6 and len(run["curves"]["early_eos"]) == 6
+        assert os.path.exists(os.path.join(run["run_dir"], "config.yaml"))
+    assert set(k["paired_differences"]["dopd"]) == {"sft", "opd", "opsd[self_weights=live]"}
+    assert sum(k["main"]["dopd"]["regime_fractions"].values()) == pytest.approx(1.0)
+    assert results["pair"]["weak"] is False and results["pair"]["allowed_weak"] is False
+    assert results["pair"]["properties"]["checks"]["a_teacher_gap"]
+    for plot in ("curves.png", "parts.png", "regimes.png"):
+        assert os.path.getsize(tmp_path / "first" / "hints" / plot) > 1000
+    assert "| dopd |" in (tmp_path / "first" / "results.md").read_text()
+
+    _, again = _lab(tmp_path / "second", *QUICK, "--workers", "1")  # one process this time: the same numbers
+    assert _without_timing(again) == _without_timing(results)

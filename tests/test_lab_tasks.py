@@ -15,6 +15,7 @@ from dopd.lab.tasks import (
     Example,
     MIXED_ARITH_LEVELS,
     LookupTask,
+    read_as_written,
     OrderTask,
     Task,
     extract_answer,
@@ -117,6 +118,29 @@ def test_order_example_by_hand():
     assert ex.prompt == "Q:6+(4+(2-1-1)+9)="  # written from 6+(4+(2-(1-1))+9): the minus' parentheses left out
     assert ex.completion == "1-1=0;2-0=2;4+2=6;6+9=15;6+15=21;A:21"  # read left to right it would be 19
     assert ex.privileged["hints"] == "1-1;2-_;4+_;_+9;6+_"
+
+
+def test_read_as_written_by_hand():
+    assert read_as_written("6+(4+(2-1-1)+9)") == 19 and read_as_written("7-3+2") == 6
+    assert read_as_written("7-(3+2)") == 2 and read_as_written("12") == 12 and read_as_written("(1+2)-(3-1)") == 1
+    with pytest.raises(ValueError):
+        read_as_written("7*3")
+
+
+def test_determined_flag_on_hand_made_examples():
+    ex = OrderTask().examples(3, seed=0)[2]  # 6+(4+(2-(1-1))+9) = 21 written 6+(4+(2-1-1)+9), read as 19
+    assert ex.determined is False
+    same_either_way = [e for e in OrderTask().examples(300, seed=1) if "-" not in e.prompt]
+    assert same_either_way and all(e.determined for e in same_either_way)  # nothing hidden without a minus
+    assert all(e.determined for e in ArithmeticTask().examples(300, seed=1))  # every parenthesis written
+    assert all(e.determined for e in LookupTask().examples(50, seed=1))
+
+
+def test_determined_flag_is_the_written_reading():
+    examples = OrderTask().examples(1000, seed=5)
+    for ex in examples:
+        assert ex.determined == (eval(ex.prompt[len("Q:") : -1]) == int(ex.answer))
+    assert 0.25 < sum(not e.determined for e in examples) / len(examples) < 0.4
 
 
 @pytest.mark.parametrize("task", [ArithmeticTask(), OrderTask()], ids=["arith", "order"])

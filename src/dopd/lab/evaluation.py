@@ -59,7 +59,9 @@ def evaluate(
     max_new_tokens: int | None = None,
     n_samples: int = 3,
 ) -> dict[str, Any]:
-    """{"answer_accuracy", "full_match" (fractions), "n", "samples" (the first few prompt/completion pairs)}."""
+    """{"answer_accuracy", "full_match" (fractions), "n", "samples" (the first few prompt/completion pairs), and
+    "parts": answer accuracy on the examples whose prompt determines the answer and on the others, with their
+    counts, when the examples carry the `determined` flag}."""
     task = get_task(task)
     if not examples:
         raise ValueError("evaluate() needs at least one example")
@@ -70,10 +72,26 @@ def evaluate(
     completions = generate_completions(model, tokenizer, prompts, batch_size, max_new_tokens)
     results = [task.check(ex, text) for ex, text in zip(examples, completions)]
     n = len(results)
-    return {
+    report = {
         "answer_accuracy": sum(r.answer_correct for r in results) / n,
         "full_match": sum(r.full_match for r in results) / n,
         "n": n,
         "kind": kind,
         "samples": [{"prompt": p, "completion": c} for p, c in zip(prompts[:n_samples], completions[:n_samples])],
     }
+    if any(ex.determined is not None for ex in examples):
+        report["parts"] = accuracy_by_part(examples, [r.answer_correct for r in results])
+    return report
+
+
+def accuracy_by_part(examples: Sequence[Example], correct: Sequence[bool]) -> dict[str, float | int | None]:
+    """Answer accuracy on the examples whose prompt determines the answer and on the others (None where a part
+    is empty), with the count of each part. Examples without the flag count as determined."""
+    parts: dict[str, list[bool]] = {"determined": [], "undetermined": []}
+    for example, ok in zip(examples, correct):
+        parts["undetermined" if example.determined is False else "determined"].append(bool(ok))
+    out: dict[str, float | int | None] = {}
+    for name, values in parts.items():
+        out[name] = sum(values) / len(values) if values else None
+        out[f"n_{name}"] = len(values)
+    return out

@@ -4,8 +4,13 @@ The pair must show what DOPD needs (spec, "Setting"): a teacher clearly better t
 privileged input, privileged input that both models read (otherwise the privileged-student pass equals the plain
 one), and a student with headroom. Tiny models read privileged input only when reading it pays off during
 pretraining (lab notes), so the SFT data mixes the privileged kinds on problems (nested expressions) that the
-models cannot solve dependably without them. Student and teacher share tokenizer and data; the student has fewer
-and narrower layers and fewer steps.
+models cannot solve dependably without them. Student and teacher share tokenizer and data.
+
+The student is an earlier state of the teacher's own pretraining (`LabPairConfig.student_checkpoints`): the latest
+checkpoint that still leaves the required gap and reads the privileged input. Such a student has the teacher's
+capacity and is on the path the teacher took, so a distillation budget of minutes can close a measurable part of
+the gap (a smaller student pretrained to convergence moved by a few points at most: docs/lab_design.md). A pair
+with a student of its own (`student_checkpoints=()`, `student` size and `student_steps`) is still supported.
 
 `load_or_build_pair(config)` returns the pair shipped in `dopd/lab/pretrained/<task>` when `config` is the shipped
 one, else a cached build (`$DOPD_CACHE` or `~/.cache/dopd/lab`, one directory per config hash), else trains it and
@@ -15,12 +20,9 @@ writes it atomically. `python -m dopd.lab.models --help` rebuilds and measures a
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import json
-import math
 import os
-import random
 import shutil
 import sys
 import tempfile
@@ -30,15 +32,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dopd.lab.evaluation import evaluate, render_lab_prompt
+from dopd.lab.evaluation import evaluate
+from dopd.lab.pretraining import EVAL_SEED, ModelSize, Recipe, make_model, pretrain
 from dopd.lab.tasks import PRIVILEGED_KINDS, Task, get_task
 from dopd.lab.tokenizer import build_tokenizer
 
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"
-EVAL_SEED = 12345  # held-out prompts: measure_properties draws from this seed, pretraining skips these prompts
-N_HELDOUT = 2000
 # Property thresholds (task brief): (a) teacher - student without privileged input; (b) gain from privilege.
 MIN_TEACHER_GAP = 0.25
 MIN_PRIVILEGE_GAIN = 0.10
@@ -47,23 +48,18 @@ COMPLETE_MARKER = "lab_pair.json"
 
 
 @dataclass(frozen=True)
-class ModelSize:
-    layers: int
-    hidden: int
-    heads: int = 4
-    kv_heads: int = 2
-    intermediate: int = 128
-
-
-@dataclass(frozen=True)
 class LabPairConfig:
-    """Everything that decides the pretrained pair; its hash names the cache directory."""
+    """Everything that decides the pretrained pair; its hash names the cache directory.
+
+    The student is either an earlier state of the teacher's own pretraining (`student_checkpoints`: the steps
+    whose weights are candidates; the build keeps the latest one that meets the properties), or, when that is
+    empty, a model of its own (`student` size, `student_steps`)."""
 
     task: str = "order"
     teacher: ModelSize = ModelSize(layers=3, hidden=64, intermediate=192)
     student: ModelSize = ModelSize(layers=2, hidden=48, intermediate=128)
     teacher_steps: int = 2400
-    student_steps: int = 2400  # at 1,500 steps the student read the hints too weakly (run o1, docs/lab_design.md)
+    student_steps: int = 2400
     batch_size: int = 32
     lr: float = 2e-3
     warmup_steps: int = 100
@@ -71,10 +67,22 @@ class LabPairConfig:
     # Fractions of pretraining examples shown with each privileged kind.
     kind_mix: tuple[tuple[str, float], ...] = (("none", 0.4), ("answer", 0.1), ("hints", 0.3), ("solution", 0.2))
     seed: int = 0
+    student_checkpoints: tuple[int, ...] = (600, 900, 1200, 1500, 1800)
+
+    def __post_init__(self):
+        bad = [step for step in self.student_checkpoints if not 0 < step < self.teacher_steps]
+        if bad:
+            raise ValueError(f"student_checkpoints {bad} must lie strictly between 0 and teacher_steps "
+                             f"({self.teacher_steps})")  # fmt: skip
+
+    def recipe(self, role: str) -> Recipe:
+        steps = self.teacher_steps if role == "teacher" else self.student_steps
+        return Recipe(steps, self.batch_size, self.lr, self.warmup_steps, self.weight_decay, self.kind_mix)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["kind_mix"] = [list(item) for item in self.kind_mix]
+        d["student_checkpoints"] = list(self.student_checkpoints)
         return d
 
     @classmethod
@@ -83,6 +91,7 @@ class LabPairConfig:
         d["teacher"] = ModelSize(**d["teacher"])
         d["student"] = ModelSize(**d["student"])
         d["kind_mix"] = tuple((str(k), float(w)) for k, w in d["kind_mix"])
+        d["student_checkpoints"] = tuple(int(step) for step in d.get("student_checkpoints", ()))
         return cls(**d)
 
     def config_hash(self) -> str:
@@ -104,90 +113,26 @@ class LabPair:
     config: LabPairConfig | None = None
     built: bool = False  # True when this call trained the pair, False when it was loaded
 
-
-def make_model(size: ModelSize, tokenizer: Any, seed: int) -> Qwen3ForCausalLM:
-    if size.hidden % size.heads or size.heads % size.kv_heads:
-        raise ValueError(f"model size {size}: hidden must divide by heads and heads by kv_heads")
-    config = Qwen3Config(
-        vocab_size=len(tokenizer),
-        hidden_size=size.hidden,
-        intermediate_size=size.intermediate,
-        num_hidden_layers=size.layers,
-        num_attention_heads=size.heads,
-        num_key_value_heads=size.kv_heads,
-        head_dim=size.hidden // size.heads,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-    )
-    torch.manual_seed(seed)
-    model = Qwen3ForCausalLM(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.bos_token_id = tokenizer.bos_token_id
-    return model
+    @property
+    def weak(self) -> bool:
+        """True when the pair was kept although it fails a property (built with allow_weak)."""
+        checks = self.properties.get("checks", {})
+        return bool(checks) and not (checks.get("a_teacher_gap") and checks.get("b_privilege_helps"))
 
 
-def sft_batch(tokenizer: Any, examples: list, kinds: list[str]) -> dict[str, torch.Tensor]:
-    """Right-padded input_ids / attention_mask / labels; the loss falls on completion tokens and eos only."""
-    rows = []
-    for example, kind in zip(examples, kinds):
-        prompt_ids = tokenizer(render_lab_prompt(tokenizer, example, kind), add_special_tokens=False)["input_ids"]
-        completion_ids = tokenizer(example.completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        rows.append((prompt_ids, completion_ids))
-    length = max(len(p) + len(c) for p, c in rows)
-    input_ids = torch.full((len(rows), length), tokenizer.pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
-    labels = torch.full((len(rows), length), -100, dtype=torch.long)
-    for i, (p, c) in enumerate(rows):
-        input_ids[i, : len(p) + len(c)] = torch.tensor(p + c)
-        attention_mask[i, : len(p) + len(c)] = 1
-        labels[i, len(p) : len(p) + len(c)] = torch.tensor(c)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+class WeakPairError(ValueError):
+    """A pair that fails a required property; the message names the property, the figures and the way on."""
 
 
-def pretrain(
-    model: Any, tokenizer: Any, task: Task, config: LabPairConfig, steps: int, seed: int, log: Any = None
-) -> list[dict[str, float]]:
-    """Plain SFT with AdamW, linear warmup then cosine decay; returns the logged losses."""
-    rng = random.Random(seed)
-    heldout = {ex.prompt for ex in task.examples(N_HELDOUT, EVAL_SEED)}
-    kinds, weights = zip(*config.kind_mix)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.98), weight_decay=config.weight_decay)
-
-    def lr_factor(step: int) -> float:
-        if step < config.warmup_steps:
-            return (step + 1) / config.warmup_steps
-        progress = (step - config.warmup_steps) / max(1, steps - config.warmup_steps)
-        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-    model.train()
-    history, running, start = [], 0.0, time.time()
-    for step in range(steps):
-        examples = []
-        while len(examples) < config.batch_size:
-            example = task.sample(rng)
-            if example.prompt not in heldout:
-                examples.append(example)
-        batch = sft_batch(tokenizer, examples, rng.choices(kinds, weights, k=len(examples)))
-        loss = model(**batch).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        running += loss.item()
-        if (step + 1) % 100 == 0 or step + 1 == steps:
-            n = (step % 100) + 1
-            history.append({"step": step + 1, "loss": running / n, "seconds": round(time.time() - start, 1)})
-            running = 0.0
-            if log:
-                log(f"  step {step + 1}/{steps} loss {history[-1]['loss']:.4f} ({history[-1]['seconds']} s)")
-    model.eval()
-    return history
+def measure_accuracy(
+    model: Any, tokenizer: Any, task: Task, examples: list, batch_size: int = 150
+) -> dict[str, dict[str, float]]:
+    """One model's answer accuracy and full match without and with each privileged kind."""
+    accuracy = {}
+    for kind in PRIVILEGED_KINDS:
+        result = evaluate(model, tokenizer, task, examples, kind=kind, batch_size=batch_size)
+        accuracy[kind] = {"answer_accuracy": result["answer_accuracy"], "full_match": result["full_match"]}
+    return accuracy
 
 
 def measure_properties(
@@ -200,14 +145,12 @@ def measure_properties(
     """
     task = get_task(task if task is not None else pair.config.task)
     examples = task.examples(n_eval, seed)
-    accuracy: dict[str, dict[str, dict[str, float]]] = {}
-    for role, model in (("teacher", pair.teacher), ("student", pair.student)):
-        accuracy[role] = {}
-        for kind in PRIVILEGED_KINDS:
-            result = evaluate(model, pair.tokenizer, task, examples, kind=kind, batch_size=batch_size)
-            accuracy[role][kind] = {"answer_accuracy": result["answer_accuracy"], "full_match": result["full_match"]}
-    checks = check_properties(accuracy)
-    return {"task": task.name, "n_eval": n_eval, "eval_seed": seed, "accuracy": accuracy, "checks": checks}
+    accuracy = {
+        role: measure_accuracy(model, pair.tokenizer, task, examples, batch_size)
+        for role, model in (("teacher", pair.teacher), ("student", pair.student))
+    }
+    return {"task": task.name, "n_eval": n_eval, "eval_seed": seed, "accuracy": accuracy,
+            "checks": check_properties(accuracy)}  # fmt: skip
 
 
 def check_properties(accuracy: dict[str, dict[str, dict[str, float]]]) -> dict[str, Any]:
@@ -232,6 +175,48 @@ def check_properties(accuracy: dict[str, dict[str, dict[str, float]]]) -> dict[s
         **gains,
         "thresholds": {"min_teacher_gap": MIN_TEACHER_GAP, "min_privilege_gain": MIN_PRIVILEGE_GAIN},
     }
+
+
+def _shortfall(checks: dict[str, Any]) -> float:
+    """How far a candidate is from meeting both properties (0 when it meets them): the larger of the missing
+    points of the gap and of the smallest required gain."""
+    gains = [checks[f"{r}_{k}_gain"] for r in ("teacher", "student") for k in REQUIRED_PRIVILEGE_KINDS]
+    return max(0.0, MIN_TEACHER_GAP - checks["teacher_minus_student"], MIN_PRIVILEGE_GAIN - min(gains))
+
+
+def choose_student(teacher: dict, candidates: dict[int, dict]) -> tuple[int, dict[int, dict]]:
+    """The candidate student to keep: the latest checkpoint that meets both properties against `teacher` (the most
+    trained student that still leaves the gap and reads the privileged input), else the one nearest to meeting
+    them. `teacher` and each candidate: `measure_accuracy` tables. Returns the step and each candidate's checks."""
+    checks = {step: check_properties({"teacher": teacher, "student": acc}) for step, acc in candidates.items()}
+    meeting = [step for step, c in checks.items() if c["a_teacher_gap"] and c["b_privilege_helps"]]
+    if meeting:
+        return max(meeting), checks
+    return min(checks, key=lambda step: (_shortfall(checks[step]), -step)), checks
+
+
+def describe_weakness(properties: dict[str, Any], task: str) -> str:
+    """One line: which property the pair fails, with its figures, and the ways on."""
+    checks, accuracy = properties["checks"], properties["accuracy"]
+    failed = []
+    if not checks["a_teacher_gap"]:
+        failed.append(
+            f"(a) teacher - student gap {100 * checks['teacher_minus_student']:+.1f} points < "
+            f"+{100 * MIN_TEACHER_GAP:.0f} (teacher {accuracy['teacher']['none']['answer_accuracy']:.3f}, student "
+            f"{accuracy['student']['none']['answer_accuracy']:.3f} without privileged input)"
+        )
+    if not checks["b_privilege_helps"]:
+        low = [
+            f"{role} {kind} {100 * checks[f'{role}_{kind}_gain']:+.1f}"
+            for role in ("teacher", "student")
+            for kind in REQUIRED_PRIVILEGE_KINDS
+            if checks[f"{role}_{kind}_gain"] < MIN_PRIVILEGE_GAIN
+        ]
+        failed.append(f"(b) privileged input raises {', '.join(low)} points < +{100 * MIN_PRIVILEGE_GAIN:.0f}")
+    return (
+        f"the lab pair of task {task!r} fails {' and '.join(failed)}; pass --allow-weak-pair to compare methods "
+        "on it anyway (the results say so), or change its pretraining with --pair KEY=VALUE"
+    )
 
 
 def default_cache_root() -> Path:
@@ -267,52 +252,90 @@ def load_pair(path: str | Path) -> LabPair:
     )
 
 
+def _pretrain_teacher_and_student(config: LabPairConfig, task: Task, tokenizer, n_eval: int, log) -> dict:
+    """The pretrained models, their histories and timings, and (with checkpoints) the candidates' measurements."""
+    timings, histories = {}, {}
+    teacher = make_model(config.teacher, tokenizer, config.seed)
+    if log:
+        log(f"pretraining teacher {config.teacher} ({teacher.num_parameters():,} parameters) for "
+            f"{config.teacher_steps} steps")  # fmt: skip
+    start = time.time()
+    histories["teacher"], kept = pretrain(
+        teacher, tokenizer, task, config.recipe("teacher"), config.seed + 1000, log, config.student_checkpoints
+    )
+    timings["teacher_seconds"] = round(time.time() - start, 1)
+    selection = None
+    if config.student_checkpoints:
+        start = time.time()
+        examples = task.examples(n_eval, EVAL_SEED)
+        teacher_accuracy = measure_accuracy(teacher, tokenizer, task, examples)
+        candidate, measured = make_model(config.teacher, tokenizer, config.seed), {}
+        for step, state in kept.items():
+            candidate.load_state_dict(state)
+            measured[step] = measure_accuracy(candidate.eval(), tokenizer, task, examples)
+        chosen, checks = choose_student(teacher_accuracy, measured)
+        candidate.load_state_dict(kept[chosen])
+        student = candidate.eval()
+        timings["selection_seconds"] = round(time.time() - start, 1)
+        selection = {"chosen_step": chosen, "candidates": {str(step): checks[step] for step in measured}}
+        if log:
+            log(f"student: the teacher's state after {chosen} steps (candidates {list(kept)})")
+    else:
+        student = make_model(config.student, tokenizer, config.seed + 1)
+        if log:
+            log(f"pretraining student {config.student} ({student.num_parameters():,} parameters) for "
+                f"{config.student_steps} steps")  # fmt: skip
+        start = time.time()
+        histories["student"], _ = pretrain(student, tokenizer, task, config.recipe("student"), config.seed + 2000, log)
+        timings["student_seconds"] = round(time.time() - start, 1)
+    return {"teacher": teacher, "student": student, "histories": histories, "timings": timings,
+            "selection": selection}  # fmt: skip
+
+
 def build_pair(
     config: LabPairConfig, out_dir: str | Path, n_eval: int = 0, log: Any = print, command: str | None = None
 ) -> LabPair:
-    """Pretrain teacher then student and save them to `out_dir`; with n_eval > 0 also measure the properties.
+    """Pretrain the pair and save it to `out_dir`; with n_eval > 0 also measure the properties (a student chosen
+    among the teacher's checkpoints is always measured, on at least 300 prompts).
 
     Writes into a temporary sibling directory and renames it at the end, so a directory holding the marker
-    file is always complete.
+    file is always complete. A pair that fails a property is written too (so that `--allow-weak-pair` need not
+    train it again); `load_or_build_pair` decides whether it may be used.
     """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     task = get_task(config.task)
     tokenizer = build_tokenizer()
-    timings, histories, models = {}, {}, {}
-    for offset, role in enumerate(("teacher", "student")):
-        size, steps = getattr(config, role), getattr(config, f"{role}_steps")
-        model = make_model(size, tokenizer, config.seed + offset)
-        if log:
-            log(f"pretraining {role} {size} ({model.num_parameters():,} parameters) for {steps} steps")
-        start = time.time()
-        histories[role] = pretrain(model, tokenizer, task, config, steps, config.seed + 1000 * (offset + 1), log)
-        timings[f"{role}_seconds"] = round(time.time() - start, 1)
-        models[role] = model
-    pair = LabPair(models["teacher"], models["student"], tokenizer, out_dir, config=config, built=True)
+    if config.student_checkpoints:
+        n_eval = max(n_eval, 300)
+    built = _pretrain_teacher_and_student(config, task, tokenizer, n_eval, log)
+    timings = built["timings"]
+    pair = LabPair(built["teacher"], built["student"], tokenizer, out_dir, config=config, built=True)
     if n_eval:
         start = time.time()
         pair.properties = measure_properties(pair, task, n_eval)
         timings["measure_seconds"] = round(time.time() - start, 1)
+        if built["selection"]:
+            pair.properties["student_selection"] = built["selection"]
         if log:
-            log(json.dumps(pair.properties, indent=1))
+            log(json.dumps(pair.properties["checks"], indent=1))
     meta = {
         "config": config.to_dict(),
         "config_hash": config.config_hash(),
         "properties": pair.properties,
         "timings": timings,
         "torch_threads": torch.get_num_threads(),
-        "losses": {role: h[-1]["loss"] for role, h in histories.items() if h},
+        "losses": {role: h[-1]["loss"] for role, h in built["histories"].items() if h},
         "command": command,
         "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
     }
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         for role in ("teacher", "student"):
-            models[role].save_pretrained(tmp / role)
+            getattr(pair, role).save_pretrained(tmp / role)
             tokenizer.save_pretrained(tmp / role)  # so AutoTokenizer works on a model path too
         tokenizer.save_pretrained(tmp / "tokenizer")
-        (tmp / "history.json").write_text(json.dumps(histories))
+        (tmp / "history.json").write_text(json.dumps(built["histories"]))
         (tmp / COMPLETE_MARKER).write_text(json.dumps(meta, indent=1))
         if out_dir.exists():
             shutil.rmtree(out_dir)
@@ -324,46 +347,77 @@ def build_pair(
 
 
 def load_or_build_pair(
-    config: LabPairConfig | None = None, cache_dir: str | Path | None = None, n_eval: int = 0, log: Any = print
+    config: LabPairConfig | None = None,
+    cache_dir: str | Path | None = None,
+    n_eval: int = 0,
+    log: Any = print,
+    allow_weak: bool = True,
 ) -> LabPair:
-    """The shipped pair if `config` is the shipped one, else the cached build, else a new build (then cached)."""
+    """The shipped pair if `config` is the shipped one, else the cached build, else a new build (then cached).
+    With `allow_weak=False` a pair that fails a required property raises `WeakPairError` (one line)."""
     config = config or LabPairConfig()
     shipped = shipped_config(config.task)
     if shipped is not None and shipped.config_hash() == config.config_hash():
-        return load_pair(PRETRAINED_DIR / config.task)
-    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_root()
-    path = root / config.config_hash()
-    if (path / COMPLETE_MARKER).exists():
-        return load_pair(path)
-    if log:
-        log(f"no pretrained lab pair for this config: building it into {path}")
-    return build_pair(config, path, n_eval=n_eval, log=log)
+        pair = load_pair(PRETRAINED_DIR / config.task)
+    else:
+        root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_root()
+        path = root / config.config_hash()
+        if (path / COMPLETE_MARKER).exists():
+            pair = load_pair(path)
+        else:
+            if log:
+                log(f"no pretrained lab pair for this config: building it into {path}")
+            pair = build_pair(config, path, n_eval=n_eval, log=log)
+    if not allow_weak and pair.weak:
+        raise WeakPairError(describe_weakness(pair.properties, config.task))
+    return pair
+
+
+def pair_config_with(base: LabPairConfig, settings: list[str]) -> LabPairConfig:
+    """`base` with `KEY=VALUE` settings (values in YAML: `teacher_steps=2000`, `student_checkpoints=[900,1200]`,
+    `teacher={layers: 2, hidden: 64}`); an unknown key or a value of the wrong shape raises one clear ValueError."""
+    import yaml
+
+    values = base.to_dict()
+    for item in settings:
+        key, sep, text = item.partition("=")
+        if not sep or key not in values:
+            known = ", ".join(values)
+            raise ValueError(f"--pair {item!r}: expected KEY=VALUE with KEY one of {known}")
+        value = yaml.safe_load(text)
+        values[key] = {**values[key], **value} if isinstance(values[key], dict) and isinstance(value, dict) else value
+    try:
+        return LabPairConfig.from_dict(values)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"--pair {' '.join(settings)}: {error}") from None
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Pretrain the lab's teacher/student pair and measure its properties.")
     parser.add_argument("--task", default="order")
     parser.add_argument("--out", default=None, help="output directory (default: the cache directory of the config)")
-    parser.add_argument("--seed", type=int, default=None, help="default: the shipped pair's seed (0)")
-    parser.add_argument("--teacher-steps", type=int, default=None)
-    parser.add_argument("--student-steps", type=int, default=None)
-    parser.add_argument("--n-eval", type=int, default=500)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--pair", action="append", default=[], metavar="KEY=VALUE",
+                        help="a LabPairConfig field to change, e.g. --pair teacher_steps=2000 (repeatable)")
+    parser.add_argument("--like-shipped", action="store_true",
+                        help="start from the config of the pair shipped for the task instead of today's defaults")
+    parser.add_argument("--n-eval", type=int, default=300)
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    changes: dict[str, Any] = {}  # on top of the task's default pair, so no flag reproduces the shipped pair
-    if args.seed is not None:
-        changes["seed"] = args.seed
-    if args.teacher_steps is not None:
-        changes["teacher_steps"] = args.teacher_steps
-    if args.student_steps is not None:
-        changes["student_steps"] = args.student_steps
-    config = dataclasses.replace(default_pair_config(args.task), **changes)
+    base = default_pair_config(args.task) if args.like_shipped else LabPairConfig(task=args.task)
+    try:
+        config = pair_config_with(base, args.pair)
+    except ValueError as error:
+        parser.error(str(error))
     out = Path(args.out) if args.out else default_cache_root() / config.config_hash()
-    command = "python -m dopd.lab.models " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python scripts/pretrain_lab.py " + " ".join(argv if argv is not None else sys.argv[1:])
     start = time.time()
     pair = build_pair(config, out, n_eval=args.n_eval, command=command)
-    print(f"wrote {pair.path} in {time.time() - start:.0f} s; checks: {pair.properties.get('checks')}")
+    checks = pair.properties.get("checks", {})
+    print(f"wrote {pair.path} in {time.time() - start:.0f} s; properties hold: "
+          f"{bool(checks.get('a_teacher_gap') and checks.get('b_privilege_helps'))}")  # fmt: skip
+    if pair.weak:
+        print(describe_weakness(pair.properties, config.task))
 
 
 if __name__ == "__main__":

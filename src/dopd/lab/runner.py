@@ -1,30 +1,48 @@
-"""`dopd lab`: every method distils the same tiny student from the same tiny teacher, with the same budget, and
-the lab reports which one closes the gap (the paper's comparison, in minutes on a CPU).
+"""`dopd lab`: every method distils the same tiny student from the same tiny teacher with the same budget, and the
+lab reports which one closes the gap, on which part of the problems (the paper's comparison, in minutes on a CPU).
 
-For each privileged kind: a learning-rate search with the same grid and step budget for every method (picked
-on a validation set), then every method × seed at its picked rate, the held-out accuracy without privileged
-input evaluated along the way. Every run is a `dopd train` run directory under the lab's output directory.
-Results: `results.json`, `results.md` and plots (accuracy, student entropy and DOPD's regime fractions against
-step). Nothing here favours a method: budgets, rollouts per step, evaluation and selection are the same for all.
+The lab is an instrument, built from the properties it must have:
+
+- a pair that shows the effect: a teacher well above the student without privileged input, and privileged input
+  that both read (checked before anything runs; a pair that fails stops the lab unless `--allow-weak-pair`);
+- a budget that moves the student, shown before methods are compared: every run includes two references,
+  `sft` (supervised fine-tuning on the plain teacher's samples) and `opd` (vanilla OPD), with the same budget,
+  seeds and prompts as the methods; the results say whether they recover the required share of the gap;
+- skill and information reported apart: accuracy on the test prompts whose prompt determines the answer and on
+  those where only the privileged input does;
+- no learning-rate confound: every method × rate × seed is run; the main table compares all methods at the one
+  rate that is best on validation over all methods together, a second table at each method's own best rate;
+- statistics: mean ± standard error over seeds, enough test prompts for a standard error of the accuracy of at
+  most 1.5 points, DOPD against each other method as a paired difference over the same seeds; the same command
+  gives the same numbers.
+
+Runs go to `<out>/<kind>/<label>/lr<rate>/seed_<seed>/` (each a `dopd train` run directory), in parallel worker
+processes of one thread each. Results: `results.json`, `results.md` and plots (lab/results.py, lab/plots.py).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
+import multiprocessing
 import os
-import statistics
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
-from ..config import load_config
-from ..train import Trainer
-from .evaluation import evaluate
-from .models import LabPairConfig, default_pair_config, load_or_build_pair
+from .models import WeakPairError, default_pair_config, describe_weakness, load_or_build_pair, pair_config_with
 from .tasks import LAB_PRIVILEGED_TEMPLATE, PRIVILEGED_KINDS, get_task
 
-DEFAULT_METHODS = ["opd", "opd-priv", "opsd", "dopd"]
+REFERENCES = ("sft", "opd")  # the runs that show the budget moves the student
+DEFAULT_METHODS = ["sft", "opd", "opd-priv", "opsd", "dopd"]
+FULL_ABLATIONS = [
+    "dopd[self_weights=live]", "dopd[self_weights=ema]", "dopd[self_weights=lagged]", "opsd[self_weights=live]",
+    "dopd[regimes=LH+HT]", "dopd[routing=false]",
+]  # fmt: skip
 TRAIN_SEED, VALIDATION_SEED, TEST_SEED = 101, 202, 303
+# Required shares of the teacher-student gap recovered by the references at the common rate.
+MIN_RECOVERY = {"sft": 0.40, "opd": 0.25}
 
 
 @dataclass
@@ -33,268 +51,353 @@ class LabConfig:
     privilege: list[str] = field(default_factory=lambda: ["hints"])
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    steps: int = 60
-    prompts_per_step: int = 16
+    steps: int = 40
+    prompts_per_step: int = 32
     num_generations: int = 4
-    # A fresh AdamW moves every weight by about lr per step: 1e-4 already matches the end of the pair's pretraining
-    # schedule, so the grid reaches a decade lower. The same grid and search steps for every method.
-    lr_grid: list[float] = field(default_factory=lambda: [1e-5, 1e-4])
-    search_steps: int = 30
-    eval_every: int = 20
-    n_train: int = 2000
-    n_validation: int = 200
-    n_test: int = 300
+    # Warm-up then cosine decay, as in pretraining; the same grid for every method.
+    lr_grid: list[float] = field(default_factory=lambda: [1e-4, 3e-4])
+    warmup_steps: int = 4
+    eval_every: int = 10  # steps between validation accuracies of the curves
+    n_train: int = 4000
+    n_validation: int = 300
+    n_test: int = 1200  # a binomial standard error of at most 1.45 points
     top_k: int = 16
     out: str = ""
     cache_dir: str | None = None
-    threads: int = 1  # torch threads: tiny models gain nothing from more, and contended threads thrash
-    pair: dict = field(default_factory=dict)  # LabPairConfig fields to change (another pair: built and cached)
+    threads: int = 1  # torch threads per worker: tiny models gain nothing from more
+    workers: int = 2  # runs in parallel processes
+    pair: list[str] = field(default_factory=list)  # LabPairConfig changes, KEY=VALUE (another pair: built, cached)
+    allow_weak_pair: bool = False
 
     @staticmethod
-    def quick(**overrides) -> "LabConfig":
-        """The same pipeline at the size of a first look (and CI): one seed, one rate, fewer steps."""
-        values = dict(seeds=[0], steps=12, lr_grid=[3e-5], search_steps=0, eval_every=6, n_train=400, n_test=100,
-                      n_validation=50, prompts_per_step=8)
+    def quick(**overrides) -> LabConfig:
+        """The same pipeline at the size of a first look (and CI): one seed, one rate, a few steps."""
+        values = {"seeds": [0], "steps": 6, "lr_grid": [3e-4], "warmup_steps": 1, "eval_every": 3, "n_train": 400,
+                  "n_validation": 100, "n_test": 200, "prompts_per_step": 8}  # fmt: skip
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return LabConfig(**values)
+
+    @staticmethod
+    def full(**overrides) -> LabConfig:
+        """Five seeds and the ablations of the privileged self's weights and of the routing."""
+        values = {"seeds": [0, 1, 2, 3, 4], "methods": DEFAULT_METHODS + FULL_ABLATIONS}
         values.update({k: v for k, v in overrides.items() if v is not None})
         return LabConfig(**values)
 
 
-def _check(config: LabConfig) -> None:
-    from ..objectives import METHODS
+# ----------------------------------------------------------------------------------------------- methods
 
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A method of `--methods` with objective overrides: `dopd[self_weights=frozen]`, `dopd[regimes=LH+HT]`."""
+
+    label: str
+    method: str
+    overrides: tuple[tuple[str, object], ...] = ()
+
+
+def parse_method(text: str) -> MethodSpec:
+    """`name` or `name[key=value,key=value]`: every `objective.*` key, values in YAML, `+` joining list items.
+    Raises ValueError with one line when the method, a key or a value cannot work."""
+    import yaml
+
+    from ..objectives import METHODS, ObjectiveConfig, build_objective
+
+    label = text.strip()
+    name, bracket, rest = label.partition("[")
+    if bracket and not rest.endswith("]"):
+        raise ValueError(f"--methods {label!r}: overrides go in brackets, e.g. dopd[self_weights=frozen]")
+    if name not in METHODS:
+        raise ValueError(f"--methods has {name!r}; known: {', '.join(METHODS)}")
+    overrides: dict[str, object] = {}
+    for item in filter(None, rest[:-1].split(",")) if bracket else ():
+        key, sep, value = item.partition("=")
+        key = key.strip().removeprefix("objective.")
+        if not sep or key not in ObjectiveConfig.__dataclass_fields__:
+            raise ValueError(f"--methods {label!r}: {item!r} is not KEY=VALUE with KEY an objective key "
+                             f"(e.g. self_weights, regimes, beta_w)")  # fmt: skip
+        if key == "method":
+            raise ValueError(f"--methods {label!r}: the method is the name before the brackets")
+        parsed = [yaml.safe_load(v) for v in value.split("+")] if "+" in value else yaml.safe_load(value)
+        if isinstance(getattr(ObjectiveConfig(), key), list) and not isinstance(parsed, list):
+            parsed = [parsed]
+        overrides[key] = parsed
+    try:
+        build_objective({"method": name, **overrides})
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"--methods {label!r}: {error}") from None
+    return MethodSpec(label, name, tuple(sorted(overrides.items())))
+
+
+def method_specs(config: LabConfig) -> list[MethodSpec]:
+    """The methods to run: the two references first (added when missing), then the others, each once."""
+    specs, seen = [], set()
+    for text in [*REFERENCES, *config.methods]:
+        spec = parse_method(text)
+        if spec.label not in seen:
+            seen.add(spec.label)
+            specs.append(spec)
+    return specs
+
+
+def check_lab_config(config: LabConfig) -> list[MethodSpec]:
+    """Every option that can be checked before any work, each failure one line naming the option."""
     get_task(config.task)
     for kind in config.privilege:
         if kind not in PRIVILEGED_KINDS or kind == "none":
             raise ValueError(f"--privilege {kind!r} is unknown; use one or more of answer, hints, solution")
-    for method in config.methods:
-        if method not in METHODS:
-            raise ValueError(f"--methods has {method!r}; known: {', '.join(METHODS)}")
-    if not config.seeds or not config.lr_grid:
-        raise ValueError("--seeds and --lr-grid need at least one value each")
+    if not config.privilege:
+        raise ValueError("--privilege needs at least one kind: hints, solution or answer")
+    if not config.seeds or len(set(config.seeds)) != len(config.seeds) or min(config.seeds) < 0:
+        raise ValueError(f"--seeds {config.seeds}: give distinct non-negative integers, e.g. 0,1,2")
+    if not config.lr_grid or min(config.lr_grid) <= 0 or len(set(config.lr_grid)) != len(config.lr_grid):
+        raise ValueError(f"--lr-grid {config.lr_grid}: give distinct positive rates, e.g. 1e-4,3e-4")
+    for key in ("steps", "prompts_per_step", "num_generations", "n_train", "n_validation", "n_test", "top_k",
+                "threads", "workers", "eval_every"):  # fmt: skip
+        if getattr(config, key) < 1:
+            raise ValueError(f"--{key.replace('_', '-')} = {getattr(config, key)} must be at least 1")
+    if not 0 <= config.warmup_steps <= config.steps:
+        raise ValueError(f"warmup_steps = {config.warmup_steps} must be between 0 and --steps = {config.steps}")
+    if not config.out:
+        raise ValueError("--out is required: the lab's output directory")
+    if os.path.exists(os.path.join(config.out, "results.json")):
+        raise ValueError(f"--out {config.out} already holds a lab's results; choose another directory")
+    pair_config_with(default_pair_config(config.task), config.pair)
+    return method_specs(config)
 
 
-def _run_config(config: LabConfig, pair_path, data_path: str, out: str, method: str, lr: float, seed: int,
-                steps: int, max_new_tokens: int):
+# -------------------------------------------------------------------------------------------------- runs
+
+
+@dataclass(frozen=True)
+class Job:
+    """One training run of the grid, with what a worker process needs to do it alone."""
+
+    spec: MethodSpec
+    lr: float
+    seed: int
+    kind: str
+    run_dir: str
+    pair_path: str
+    data_path: str
+    max_new_tokens: int
+    config: LabConfig
+
+
+def run_config(job: Job):
+    """The `dopd train` config of one run: the lab's budget and schedule, the method with its overrides."""
+    from ..config import load_config
+
+    c, pair = job.config, Path(job.pair_path)
+    task = get_task(c.task)
     return load_config(
-        model={"student": str(pair_path / "student"), "teacher": str(pair_path / "teacher")},
-        data={"path": data_path, "teacher_template": LAB_PRIVILEGED_TEMPLATE, "self_template": LAB_PRIVILEGED_TEMPLATE,
-              "max_prompt_length": 512},
-        rollout={"num_generations": config.num_generations, "max_new_tokens": max_new_tokens, "temperature": 1.0},
-        objective={"method": method, "top_k": config.top_k},
-        optim={"lr": lr, "schedule": "constant", "warmup_steps": 0},
-        train={"steps": steps, "prompts_per_step": config.prompts_per_step, "seed": seed, "device": "cpu",
-               "micro_batch_size": config.prompts_per_step * config.num_generations},
-        logging={"output_dir": out, "overwrite": True, "progress_bar": False, "sample_every": max(1, steps // 3),
-                 "num_samples": 4},
+        model={"student": str(pair / "student"), "teacher": str(pair / "teacher")},
+        data={"path": job.data_path, "teacher_template": LAB_PRIVILEGED_TEMPLATE,
+              "self_template": LAB_PRIVILEGED_TEMPLATE, "max_prompt_length": 512},  # fmt: skip
+        rollout={"num_generations": c.num_generations, "max_new_tokens": job.max_new_tokens, "temperature": 1.0},
+        objective={"method": job.spec.method, "top_k": c.top_k, **dict(job.spec.overrides)},
+        optim={"lr": job.lr, "schedule": "cosine", "warmup_steps": c.warmup_steps},
+        train={"steps": c.steps, "prompts_per_step": c.prompts_per_step, "seed": job.seed, "device": "cpu",
+               "micro_batch_size": c.prompts_per_step * c.num_generations},  # fmt: skip
+        logging={"output_dir": job.run_dir, "overwrite": True, "progress_bar": False,
+                 "sample_every": max(1, c.steps // 4), "num_samples": 4, "answer_pattern": task.answer_pattern},
         checkpoint={"save_every": 0},
     )
 
 
-def _accuracy(trainer, task, examples) -> dict[str, float]:
-    result = evaluate(trainer.inner, trainer.tokenizer, task, examples, kind="none")
-    return {"eval/answer_accuracy": result["answer_accuracy"], "eval/full_match": result["full_match"]}
+def _init_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    logging.getLogger("dopd").setLevel(logging.ERROR)  # the lab prints one line per run instead
 
 
-def _train_one(config, pair, data_path, out, method, lr, seed, steps, max_new_tokens, task, examples, every):
-    run = _run_config(config, pair.path, data_path, out, method, lr, seed, steps, max_new_tokens)
-    trainer = Trainer(run)
-    trainer.run(evaluate=lambda step, t: _accuracy(t, task, examples), evaluate_every=every)
-    lines = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
-    return lines
+def run_job(job: Job) -> dict:
+    """Train one run and evaluate it: validation accuracy along the way, validation and test at the end."""
+    from ..train import Trainer
+    from .evaluation import evaluate
+
+    started = time.time()
+    c = job.config
+    task = get_task(c.task)
+    validation, test = task.examples(c.n_validation, VALIDATION_SEED), task.examples(c.n_test, TEST_SEED)
+    final: dict = {}
+
+    def measure(step: int, trainer) -> dict[str, float]:
+        if step == 0:
+            return {}  # the student before training is measured once, by the lab
+        out = {"eval/validation_accuracy": evaluate(trainer.inner, trainer.tokenizer, task, validation)["answer_accuracy"]}
+        if step == c.steps:
+            result = evaluate(trainer.inner, trainer.tokenizer, task, test)
+            final.update(answer_accuracy=result["answer_accuracy"], full_match=result["full_match"],
+                         **result.get("parts", {}))  # fmt: skip
+            out["eval/test_accuracy"] = result["answer_accuracy"]
+        return out
+
+    trainer = Trainer(run_config(job))
+    trainer.run(evaluate=measure, evaluate_every=c.eval_every)
+    with open(os.path.join(job.run_dir, "metrics.jsonl")) as handle:
+        lines = [json.loads(line) for line in handle]
+    return summarize_run(job, lines, final, time.time() - started)
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+def summarize_run(job: Job, lines: list[dict], test: dict, seconds: float) -> dict:
+    """The record of one run: its final accuracies and the curves the plots and tables read."""
+    steps = [line for line in lines if line.get("step", 0) > 0 and "loss" in line]
+
+    def curve(key: str) -> list[list[float]]:
+        return [[line["step"], line[key]] for line in lines if key in line and line.get("step", 0) > 0]
+
+    last = steps[-1]
+    record = {
+        "label": job.spec.label,
+        "method": job.spec.method,
+        "lr": job.lr,
+        "seed": job.seed,
+        "validation_accuracy": lines[-1]["eval/validation_accuracy"],
+        "test": test,
+        "curves": {
+            "validation_accuracy": curve("eval/validation_accuracy"),
+            "completion_length": curve("completion_length/mean"),
+            "student_entropy": curve("entropy/student"),
+            "early_eos": curve("completion/early_eos"),
+        },
+        "final_student_entropy": last.get("entropy/student"),
+        "completion_length_first_last": [steps[0]["completion_length/mean"], last["completion_length/mean"]],
+        "collapse_step": last.get("collapse/step"),
+        "run_dir": job.run_dir,
+        "seconds": round(seconds, 1),
+    }
+    if "frac/LH" in last:
+        record["curves"]["regimes"] = {r: curve(f"frac/{r}") for r in ("LH", "LL", "HT", "HS")}
+        record["regime_fractions"] = {r: last[f"frac/{r}"] for r in ("LH", "LL", "HT", "HS")}
+    return record
 
 
-def _baselines(pair, task, examples, kinds) -> dict:
-    accuracy = {}
-    for role, model in (("teacher", pair.teacher), ("student", pair.student)):
-        accuracy[role] = {}
-        for kind in ["none", *kinds]:
-            result = evaluate(model, pair.tokenizer, task, examples, kind=kind)
-            accuracy[role][kind] = {"answer_accuracy": result["answer_accuracy"], "full_match": result["full_match"]}
-    return accuracy
+def _run_all(jobs: list[Job], workers: int, threads: int, log) -> list[dict]:
+    """Every job, in `workers` processes (one thread each), in the order given to start; results in job order."""
+    def done(record: dict) -> None:
+        test = record["test"]["answer_accuracy"]
+        collapse = f", collapse at step {record['collapse_step']:.0f}" if record["collapse_step"] else ""
+        log(f"  {record['label']} lr {record['lr']:g} seed {record['seed']}: test accuracy {test:.3f} "
+            f"({record['seconds']:.0f} s{collapse})")  # fmt: skip
+
+    if workers == 1 or len(jobs) == 1:
+        _init_worker(threads)
+        records = []
+        for job in jobs:
+            records.append(run_job(job))
+            done(records[-1])
+        return records
+    context = multiprocessing.get_context("spawn")
+    pool = context.Pool(min(workers, len(jobs)), initializer=_init_worker, initargs=(threads,))
+    try:
+        pending = [pool.apply_async(run_job, (job,)) for job in jobs]
+        records = []
+        for result in pending:
+            records.append(result.get())
+            done(records[-1])
+        pool.close()
+    except BaseException:
+        pool.terminate()
+        raise
+    finally:
+        pool.join()
+    return records
+
+
+# --------------------------------------------------------------------------------------------------- lab
 
 
 def run_lab(config: LabConfig, log=print) -> dict:
     """Run the comparison; returns the results dict also written to `results.json`."""
-    _check(config)
     import torch
 
+    from .evaluation import evaluate
+    from .results import build_results, write_results
+
+    specs = check_lab_config(config)
     torch.set_num_threads(config.threads)
     started = time.time()
-    os.makedirs(config.out, exist_ok=True)
     task = get_task(config.task)
-    pair_config = LabPairConfig.from_dict({**default_pair_config(config.task).to_dict(), **config.pair})
+    pair_config = pair_config_with(default_pair_config(config.task), config.pair)
     pair = load_or_build_pair(pair_config, cache_dir=config.cache_dir, log=log)
-    validation = task.examples(config.n_validation, VALIDATION_SEED)
-    test = task.examples(config.n_test, TEST_SEED)
-    baseline = _baselines(pair, task, test, config.privilege)
-    teacher_acc = baseline["teacher"]["none"]["answer_accuracy"]
-    student_acc = baseline["student"]["none"]["answer_accuracy"]
-    log(_describe_pair(baseline, config.privilege))
+    if pair.weak and not config.allow_weak_pair:
+        raise WeakPairError(describe_weakness(pair.properties, config.task))
+    os.makedirs(config.out, exist_ok=True)
+    validation, test = task.examples(config.n_validation, VALIDATION_SEED), task.examples(config.n_test, TEST_SEED)
+    baseline = {}
+    for role, model in (("teacher", pair.teacher), ("student", pair.student)):
+        baseline[role] = {"validation": evaluate(model, pair.tokenizer, task, validation)["answer_accuracy"]}
+        for kind in ["none", *config.privilege]:
+            result = evaluate(model, pair.tokenizer, task, test, kind=kind)
+            baseline[role][kind] = {"answer_accuracy": result["answer_accuracy"], "full_match": result["full_match"],
+                                    **result.get("parts", {})}  # fmt: skip
+    log(describe_baseline(baseline, config, pair))
     longest = max(len(pair.tokenizer(e.completion)["input_ids"]) for e in task.examples(200, TRAIN_SEED))
-    max_new_tokens = longest + 4
-    results = {
-        "task": config.task,
-        "seeds": config.seeds,
-        "config": asdict(config),
-        "pair": {"path": str(pair.path), "properties": pair.properties},
-        "teacher": baseline["teacher"],
-        "student": baseline["student"],
-        "kinds": {},
-    }
+    results = {"kinds": {}}
+    timing = {}
     for kind in config.privilege:
         kind_dir = os.path.join(config.out, kind)
         os.makedirs(kind_dir, exist_ok=True)
         data_path = os.path.join(kind_dir, "train.jsonl")
-        with open(data_path, "w") as handle:
-            for row in task.rows(config.n_train, TRAIN_SEED, kind):
-                handle.write(json.dumps(row) + "\n")
-        chosen, search = {}, {}
-        for method in config.methods:
-            scores = {}
-            if len(config.lr_grid) > 1 and config.search_steps > 0:
-                for lr in config.lr_grid:
-                    out = os.path.join(kind_dir, "search", f"{method}_lr{lr:g}")
-                    lines = _train_one(config, pair, data_path, out, method, lr, 1000, config.search_steps,
-                                       max_new_tokens, task, validation, 0)
-                    scores[lr] = lines[-1]["eval/answer_accuracy"]
-                    log(f"[{kind}] search {method} lr={lr:g}: validation accuracy {scores[lr]:.3f}")
-                best = max(scores.values())
-                chosen[method] = min(lr for lr, s in scores.items() if s == best)
-            else:
-                chosen[method] = config.lr_grid[0]
-            search[method] = {"scores": {f"{lr:g}": s for lr, s in scores.items()}, "chosen_lr": chosen[method]}
-        methods = {}
-        for method in config.methods:
-            per_seed, curves = [], []
-            for seed in config.seeds:
-                out = os.path.join(kind_dir, method, f"seed_{seed}")
-                lines = _train_one(config, pair, data_path, out, method, chosen[method], seed, config.steps,
-                                   max_new_tokens, task, test, config.eval_every)
-                curves.append(lines)
-                per_seed.append(lines[-1])
-                log(f"[{kind}] {method} seed {seed}: held-out accuracy {lines[-1]['eval/answer_accuracy']:.3f}")
-            methods[method] = _summarize_method(method, per_seed, curves, teacher_acc, student_acc, chosen[method])
-        results["kinds"][kind] = {"methods": methods, "search": search}
-        _plot(kind_dir, config, kind)
-    results["wall_seconds"] = round(time.time() - started, 1)
-    _write(config.out, results)
-    return results
-
-
-def _summarize_method(method, per_seed, curves, teacher_acc, student_acc, lr) -> dict:
-    accuracy = [line["eval/answer_accuracy"] for line in per_seed]
-    full = [line["eval/full_match"] for line in per_seed]
-    mean, std = _mean_std(accuracy)
-    gap = teacher_acc - student_acc
-    summary = {
-        "lr": lr,
-        "accuracy_per_seed": accuracy,
-        "accuracy_mean": mean,
-        "accuracy_std": std,
-        "full_match_per_seed": full,
-        "full_match_mean": _mean_std(full)[0],
-        "gap_recovery": (mean - student_acc) / gap if gap > 0 else math.nan,
-        "final_student_entropy": statistics.fmean(line.get("entropy/student", math.nan) for line in per_seed),
-    }
-    if method == "dopd":
-        summary["regime_fractions"] = {
-            r: statistics.fmean(line.get(f"frac/{r}", math.nan) for line in per_seed) for r in ("LH", "LL", "HT", "HS")
-        }
+        with open(data_path + ".tmp", "w") as handle:
+            handle.writelines(json.dumps(row) + "\n" for row in task.rows(config.n_train, TRAIN_SEED, kind))
+        os.replace(data_path + ".tmp", data_path)
+        jobs = [
+            Job(spec, lr, seed, kind, os.path.join(kind_dir, _safe(spec.label), f"lr{lr:g}", f"seed_{seed}"),
+                str(pair.path), data_path, longest + 4, config)
+            for spec in specs for lr in config.lr_grid for seed in config.seeds
+        ]  # fmt: skip
+        log(f"[{kind}] {len(jobs)} runs ({len(specs)} methods x {len(config.lr_grid)} rates x "
+            f"{len(config.seeds)} seeds) in {config.workers} processes")  # fmt: skip
+        kind_started = time.time()
+        records = _run_all(jobs, config.workers, config.threads, log)
+        timing[kind] = round(time.time() - kind_started, 1)
+        results["kinds"][kind] = records
+    timing["total"] = round(time.time() - started, 1)
+    summary = build_results(config, specs, pair, baseline, results["kinds"], timing)
+    write_results(config.out, summary)
     return summary
 
 
-def _describe_pair(baseline: dict, kinds: list[str]) -> str:
-    lines = ["pretrained pair, held-out answer accuracy (full-completion match):"]
-    for role in ("teacher", "student"):
-        cells = [f"{k}: {v['answer_accuracy']:.3f} ({v['full_match']:.3f})" for k, v in baseline[role].items()]
-        lines.append(f"  {role:<8} " + "  ".join(cells))
+def describe_baseline(baseline: dict, config: LabConfig, pair) -> str:
     teacher, student = baseline["teacher"], baseline["student"]
-    gap = teacher["none"]["answer_accuracy"] - student["none"]["answer_accuracy"]
-    lines.append(f"  teacher - student without privileged input: {100 * gap:+.1f} points (required: >= +25)")
-    for kind in kinds:
-        gains = [baseline[r][kind]["answer_accuracy"] - baseline[r]["none"]["answer_accuracy"] for r in baseline]
-        lines.append(f"  {kind} raises teacher by {100 * gains[0]:+.1f} and student by {100 * gains[1]:+.1f} points")
+    lines = [f"lab pair {pair.path} (student: {_student_origin(pair)}); test prompts ({config.n_test}), answer accuracy:"]
+    for role, values in (("teacher", teacher), ("student", student)):
+        cells = [f"{kind} {values[kind]['answer_accuracy']:.3f}" for kind in ["none", *config.privilege]]
+        parts = values["none"]
+        split = ""
+        if parts.get("undetermined") is not None:
+            split = f"  (without: determined {parts['determined']:.3f}, undetermined {parts['undetermined']:.3f})"
+        lines.append(f"  {role:<8} " + ", ".join(cells) + split)
+    checks = pair.properties.get("checks", {})
+    holds = bool(checks.get("a_teacher_gap") and checks.get("b_privilege_helps"))
+    lines.append(f"  pair properties (pretraining check, {pair.properties.get('n_eval', '?')} prompts): "
+                 f"{'hold' if holds else 'FAIL: ' + describe_weakness(pair.properties, config.task)}")  # fmt: skip
     return "\n".join(lines)
 
 
-def results_table(results: dict, kind: str) -> str:
-    teacher = results["teacher"]["none"]["answer_accuracy"]
-    student = results["student"]["none"]["answer_accuracy"]
-    rows = [
-        f"Task `{results['task']}`, privileged kind `{kind}`, seeds {results['seeds']}; held-out accuracy without "
-        f"privileged input. Teacher {teacher:.3f}, student before distillation {student:.3f}.",
-        "",
-        "| method | lr | answer accuracy (mean ± std) | full match | gap recovery | final student entropy |",
-        "|---|---|---|---|---|---|",
-    ]
-    for method, m in results["kinds"][kind]["methods"].items():
-        rows.append(
-            f"| {method} | {m['lr']:g} | {m['accuracy_mean']:.3f} ± {m['accuracy_std']:.3f} | "
-            f"{m['full_match_mean']:.3f} | {100 * m['gap_recovery']:.1f}% | {m['final_student_entropy']:.3f} |"
-        )
-    dopd = results["kinds"][kind]["methods"].get("dopd")
-    if dopd:
-        fractions = ", ".join(f"{r} {v:.2f}" for r, v in dopd["regime_fractions"].items())
-        rows += ["", f"DOPD regime fractions at the last step: {fractions}."]
-    return "\n".join(rows)
+def _student_origin(pair) -> str:
+    selection = pair.properties.get("student_selection")
+    if selection:
+        return f"the teacher's pretraining state after {selection['chosen_step']} steps"
+    return "a model of its own"
 
 
-def _write(out: str, results: dict) -> None:
-    tmp = os.path.join(out, "results.json.tmp")
-    with open(tmp, "w") as handle:
-        json.dump(results, handle, indent=1)
-    os.replace(tmp, os.path.join(out, "results.json"))
-    text = "\n\n".join(f"## {kind}\n\n{results_table(results, kind)}" for kind in results["kinds"])
-    with open(os.path.join(out, "results.md.tmp"), "w") as handle:
-        handle.write(f"# dopd lab: {results['task']}\n\n{text}\n\nWall time: {results['wall_seconds']} s.\n")
-    os.replace(os.path.join(out, "results.md.tmp"), os.path.join(out, "results.md"))
+def _safe(label: str) -> str:
+    """A directory name for a method label (`dopd[self_weights=frozen]` -> `dopd_self_weights-frozen`)."""
+    out = label.replace("[", "_").replace("]", "").replace("=", "-").replace(",", "_").replace("+", "-")
+    return "".join(ch for ch in out if ch.isalnum() or ch in "._-")
 
 
-def _plot(kind_dir: str, config: LabConfig, kind: str) -> None:
-    import matplotlib
+def standard_error(values: list[float]) -> float:
+    if len(values) < 2:
+        return 0.0
+    mean = sum(values) / len(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1) / len(values))
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    def curves(method: str, key: str):
-        out = []
-        for seed in config.seeds:
-            path = os.path.join(kind_dir, method, f"seed_{seed}", "metrics.jsonl")
-            lines = [json.loads(line) for line in open(path)]
-            out.append([(line["step"], line[key]) for line in lines if key in line])
-        return out
-
-    for key, name, ylabel in (("eval/answer_accuracy", "accuracy.png", "held-out accuracy (no privileged input)"),
-                              ("entropy/student", "entropy.png", "student entropy (nats/token)")):
-        figure, axis = plt.subplots(figsize=(6, 4))
-        for method in config.methods:
-            for number, points in enumerate(curves(method, key)):
-                if points:
-                    steps, values = zip(*points)
-                    axis.plot(steps, values, color=f"C{config.methods.index(method)}", alpha=0.8,
-                              label=method if number == 0 else None)
-        axis.set_xlabel("step")
-        axis.set_ylabel(ylabel)
-        axis.set_title(f"{config.task}, privileged kind {kind}")
-        axis.legend()
-        figure.tight_layout()
-        figure.savefig(os.path.join(kind_dir, name), dpi=110)
-        plt.close(figure)
-    if "dopd" in config.methods:
-        figure, axis = plt.subplots(figsize=(6, 4))
-        for number, regime in enumerate(("LH", "LL", "HT", "HS")):
-            for seed_number, points in enumerate(curves("dopd", f"frac/{regime}")):
-                if points:
-                    steps, values = zip(*points)
-                    axis.plot(steps, values, color=f"C{number}", alpha=0.8, label=regime if seed_number == 0 else None)
-        axis.set_xlabel("step")
-        axis.set_ylabel("fraction of tokens")
-        axis.set_title(f"DOPD regimes, privileged kind {kind}")
-        axis.legend()
-        figure.tight_layout()
-        figure.savefig(os.path.join(kind_dir, "regimes.png"), dpi=110)
-        plt.close(figure)
+def config_dict(config: LabConfig) -> dict:
+    return asdict(config)

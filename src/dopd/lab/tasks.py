@@ -35,6 +35,9 @@ class Example:
     answer: str
     completion: str  # worked steps ending in "A:<answer>", without eos
     privileged: dict[str, str] = field(default_factory=dict)  # keys "answer", "hints", "solution"
+    # Whether the prompt alone determines the answer (None: the task does not say). Where it does not, only the
+    # privileged input carries what is missing: the part of the problems where the privilege illusion lives.
+    determined: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -53,9 +56,13 @@ def extract_answer(completion_text: str) -> str | None:
 
 
 class Task(abc.ABC):
-    """A family of problems. Subclasses set `name` and implement `sample`."""
+    """A family of problems. Subclasses set `name` and implement `sample`; `sample` may set each example's
+    `determined` flag (whether its prompt alone determines the answer), which the lab reports accuracy by."""
 
     name: str = "task"
+    # What a finished completion ends with when it gives an answer (the collapse diagnostics count completions
+    # that stop before it).
+    answer_pattern: str = r"A:[^;\s|]+$"
 
     @abc.abstractmethod
     def sample(self, rng: random.Random) -> Example:
@@ -185,7 +192,42 @@ class ArithmeticTask(Task):
             answer=answer,
             completion=completion,
             privileged={"answer": answer, "hints": ";".join(hints), "solution": completion},
+            determined=read_as_written(expression) == acc,
         )
+
+
+def read_as_written(expression: str) -> int:
+    """The value of a +/- expression of non-negative integers and parentheses read by the usual rules (left to
+    right, parentheses first): what a reader who cannot see hidden parentheses computes."""
+    position = 0
+
+    def term() -> int:
+        nonlocal position
+        if expression[position] == "(":
+            position += 1
+            value = chain()
+            position += 1  # the closing parenthesis
+            return value
+        start = position
+        while position < len(expression) and expression[position].isdigit():
+            position += 1
+        if start == position:
+            raise ValueError(f"not a +/- expression at position {start}: {expression!r}")
+        return int(expression[start:position])
+
+    def chain() -> int:
+        nonlocal position
+        value = term()
+        while position < len(expression) and expression[position] in "+-":
+            sign = 1 if expression[position] == "+" else -1
+            position += 1
+            value += sign * term()
+        return value
+
+    value = chain()
+    if position != len(expression):
+        raise ValueError(f"unexpected {expression[position]!r} at position {position}: {expression!r}")
+    return value
 
 
 # `order`: the default problems, except that parentheses after a minus sign are never written, so the prompt alone
@@ -241,6 +283,7 @@ class LookupTask(Task):
             answer=digit,
             completion=completion,
             privileged={"answer": digit, "hints": hints, "solution": completion},
+            determined=True,
         )
 
 
