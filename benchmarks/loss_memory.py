@@ -162,8 +162,8 @@ def run_form(form: str, objective, inputs: dict, chunk_size: int | None):
     """Forward and backward of one form; returns the objective's output (gradients land in `.grad`)."""
     import torch
 
-    from dopd.kernels.chunked import Head, chunked_objective
-    from dopd.objectives import compute_objective
+    from dopd.kernels import Head, chunked_objective
+    from dopd.plain import compute_objective
 
     x = inputs
     if form == "plain":
@@ -236,7 +236,7 @@ def gradient_checks(out, inputs) -> dict:
 def child(args) -> dict:
     import torch
 
-    from dopd.kernels.chunked import default_chunk_size
+    from dopd.kernels import default_chunk_size
     from dopd.objectives import build_objective
 
     if args.threads:

@@ -55,7 +55,7 @@ def main(argv=None) -> dict:
 
     import torch
 
-    from dopd.scoring import Completions
+    from dopd.types import Completions
     from dopd.config import TeacherServerConfig
     from dopd.served_teacher import ServedTeacher
 

@@ -1,7 +1,8 @@
-"""Shared test setup."""
+"""Shared test setup: one torch thread, and the tiny teacher/student pair with its prompts (built once)."""
 
 import pytest
 import torch
+import tiny
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -12,3 +13,13 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def pair(tmp_path_factory):
+    """A tiny Qwen3 student and teacher (and a teacher with padded embeddings) saved by path, and 24 prompts."""
+    directory = tmp_path_factory.mktemp("pair")
+    student, teacher = tiny.write_pair(str(directory))
+    padded = tiny.write_pair(str(directory / "padded"), teacher_vocab_pad=8)[1]
+    data = tiny.write_prompts(str(directory / "prompts.jsonl"), count=24)
+    return {"student": student, "teacher": teacher, "padded_teacher": padded, "data": data, "dir": directory}

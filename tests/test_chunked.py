@@ -9,9 +9,13 @@ import pytest
 import torch
 
 from dopd import losses, objectives
-from dopd.kernels import chunked as chunked_module
-from dopd.kernels.chunked import Head, chunked_objective, score_target
-from dopd.objectives import TargetScores, build_objective, compute_batch_thresholds, compute_objective
+from dopd.kernels import scores as chunked_module
+from dopd.kernels import chunked_objective, score_target
+from dopd.objectives import build_objective
+from dopd.plain import compute_objective
+from dopd.terms import compute_batch_thresholds
+from dopd.types import Head, TargetScores
+from tiny import with_scope
 
 
 V, K = 11, 3
@@ -57,7 +61,8 @@ def plain(objective, case: Case, scale: float = 1.0, **kwargs):
     logits = hidden @ weight.T + bias
     self_logits = case.self_hidden @ case.weight.T + case.bias
     teacher_logits = case.teacher_hidden @ case.teacher_weight.T + case.teacher_bias
-    out = compute_objective(objective, logits, case.ids, case.mask, self_logits, teacher_logits, **kwargs)
+    out = compute_objective(objective, logits, case.ids, case.mask, self_logits_BTV=self_logits,
+                            teacher_logits_BTV=teacher_logits, **with_scope(kwargs))  # fmt: skip
     (scale * out.loss).backward()
     return out, (hidden.grad, weight.grad, bias.grad)
 
@@ -72,7 +77,7 @@ def chunked(objective, case: Case, chunk_size=None, scale: float = 1.0, **kwargs
         self_head=Head(case.self_hidden, case.weight, case.bias),
         teacher_head=Head(case.teacher_hidden, case.teacher_weight, case.teacher_bias),
         chunk_size=chunk_size,
-        **kwargs,
+        **with_scope(kwargs),
     )
     (scale * out.loss).backward()
     return out, (hidden.grad, weight.grad, bias.grad)
@@ -117,6 +122,7 @@ OPTIONS = [
     {"normalization": "minmax"},
     {"teacher_full": "topk_bucket"},
     {"method": "eopd", "teacher_full": "topk_bucket"},
+    {"method": "sft"},
 ]
 
 
@@ -181,7 +187,7 @@ def test_without_bias():
     hidden_p, weight_p = case.hidden.clone().requires_grad_(), case.weight.clone().requires_grad_()
     reference = compute_objective(
         objective, hidden_p @ weight_p.T, case.ids, case.mask,
-        case.self_hidden @ case.weight.T, case.teacher_hidden @ case.teacher_weight.T,
+        self_logits_BTV=case.self_hidden @ case.weight.T, teacher_logits_BTV=case.teacher_hidden @ case.teacher_weight.T,
     )  # fmt: skip
     reference.loss.backward()
     assert out.loss.item() == pytest.approx(reference.loss.item(), rel=1e-5)
@@ -249,7 +255,7 @@ def test_a_teacher_given_by_its_top_k_alone_matches_the_plain_form(option, monke
     out = chunked_objective(
         objective, Head(hidden, weight, bias), case.ids, case.mask,
         self_head=Head(case.self_hidden, case.weight, case.bias), teacher_scores=scores, chunk_size=3,
-        generator=torch.Generator().manual_seed(5),
+        **with_scope({"generator": torch.Generator().manual_seed(5)}),
     )  # fmt: skip
     out.loss.backward()
     assert expected[0].loss.item() != 0
@@ -327,18 +333,18 @@ def test_chunked_checks_its_inputs():
     narrow = Head(case.teacher_hidden, case.teacher_weight[:-1], case.teacher_bias[:-1])
     with pytest.raises(ValueError, match=r"11 rows and the teacher's has 10.*tokenizer"):
         chunked_objective(objective, Head(case.hidden, case.weight, case.bias), case.ids, case.mask,
-                          Head(case.self_hidden, case.weight, case.bias), narrow)  # fmt: skip
+                          self_head=Head(case.self_hidden, case.weight, case.bias), teacher_head=narrow)  # fmt: skip
     with pytest.raises(ValueError, match="needs the teacher's hidden states"):
         chunked_objective(objective, Head(case.hidden, case.weight, case.bias), case.ids, case.mask,
-                          Head(case.self_hidden, case.weight, case.bias))  # fmt: skip
+                          self_head=Head(case.self_hidden, case.weight, case.bias))  # fmt: skip
     with pytest.raises(ValueError, match="larger than the vocabulary"):
         chunked_objective(build_objective({"top_k": 12}), Head(case.hidden, case.weight, case.bias), case.ids,
-                          case.mask, Head(case.self_hidden, case.weight, case.bias),
-                          Head(case.teacher_hidden, case.teacher_weight, case.teacher_bias))  # fmt: skip
+                          case.mask, self_head=Head(case.self_hidden, case.weight, case.bias),
+                          teacher_head=Head(case.teacher_hidden, case.teacher_weight, case.teacher_bias))  # fmt: skip
 
 
 def test_num_sequences_matches_plain():
     objective = build_objective({"top_k": K})
     case = make_case()
     assert_same(plain(objective, case, num_sequences=7), chunked(objective, case, 2, num_sequences=7), rtol=1e-5)
-    assert objectives.METHODS == ("dopd", "opd", "opd-priv", "opsd", "gkd", "eopd")  # every method is in OPTIONS
+    assert objectives.METHODS == ("dopd", "opd", "opd-priv", "opsd", "gkd", "eopd", "sft")  # each is in OPTIONS

@@ -280,7 +280,13 @@ def test_unreadable_answers_and_other_reports_are_refused(answering_model, tmp_p
     with pytest.raises(ConfigError, match="neither an accuracy in \\[0, 1\\] nor an existing"):
         read_result(str(tmp_path / "missing.json"), "--teacher-result")
     assert not (tmp_path / "r.json").exists()
-    with pytest.raises(ConfigError, match="the model .* could not be loaded"):
+    with pytest.raises(ConfigError, match="--model .*no-model does not exist"):
         evaluate(EvalSpec(model=str(tmp_path / "no-model"), data=data, out=str(tmp_path / "r.json"), progress=False,
+                          tokenizer=answering_model))
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="the model .* could not be loaded"):
+        evaluate(EvalSpec(model=str(broken), data=data, out=str(tmp_path / "r.json"), progress=False,
                           tokenizer=answering_model))
     assert not (tmp_path / "r.json").exists()

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 pytest.importorskip("peft")
 sys.path.insert(0, os.path.dirname(__file__))
-from test_train import make_config, pair, train_stopped_at  # noqa: E402,F401  (the module-scoped tiny pair fixture)
+from tiny import make_config, train_stopped_at  # noqa: E402
 
 from dopd.config import ConfigError  # noqa: E402
 from dopd.train import Trainer, train  # noqa: E402
@@ -36,7 +36,8 @@ def test_lora_trains_only_adapter_weights(pair, tmp_path):  # noqa: F811
 
 
 def test_privileged_pass_runs_the_adapter(pair, tmp_path):  # noqa: F811
-    trainer = Trainer(make_config(pair, tmp_path / "run", *LORA, "rollout.temperature=0", "train.steps=2"))
+    trainer = Trainer(make_config(pair, tmp_path / "run", *LORA, "rollout.temperature=0", "train.steps=2",
+                                  "objective.self_weights=live"))  # fmt: skip
     trainer.run()  # a trained adapter, so that adapters on and off differ
     prompts = trainer.local_prompts()
     rollouts = trainer.engine.generate([trainer.prompts.student_ids[p] for p in prompts], 2)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_train import make_config, pair  # noqa: E402,F401  (the module-scoped tiny pair fixture)
+from tiny import make_config  # noqa: E402
 
 from dopd.scoring import pack_by_tokens, pass_inputs, trainable_pass  # noqa: E402
 from dopd.train import StepMetrics, Trainer  # noqa: E402

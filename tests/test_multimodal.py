@@ -91,7 +91,7 @@ def _privileged_scores(vl, tmp_path, name, *extra):
     trainer = Trainer(make_config(vl, tmp_path / name, *extra))
     prompts = list(range(len(trainer.prompts)))
     completions = [[3, 4, 5], [6, 7]]
-    from dopd.rollout import Rollouts
+    from dopd.types import Rollouts
 
     rollouts = Rollouts([p for p in prompts for _ in range(2)], completions * len(prompts), [False] * 2 * len(prompts))
     batches = trainer.score(prompts, rollouts)
@@ -112,7 +112,7 @@ def test_the_box_changes_the_privileged_passes_and_the_routing(vl, tmp_path):
     # Drawn on the image: the privileged passes read other pixels than the deployed student.
     drawn, self_c, _, _ = _privileged_scores(vl, tmp_path, "c", "data.box_column=boxes", "data.draw_box=true")
     assert not torch.allclose(self_a, self_c)
-    from dopd.scoring import Completions
+    from dopd.types import Completions
 
     completions = Completions.from_lists([[3, 4]], 0)
     plain = drawn.pass_inputs(drawn.prompts.self_ids, [0], completions, privileged=False).vision["pixel_values"]

@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from dopd import objectives, routing
-from dopd.objectives import build_objective, compute_objective
+from dopd.objectives import build_objective
+from dopd.plain import compute_objective
+from tiny import with_scope
 from dopd.routing import HS, HT, INVALID, LH, LL
 
 
@@ -141,7 +143,8 @@ def run(config=None, batch=None, **kwargs):
     student, ids, mask, self_logits, teacher_logits, _ = batch or hand_batch()
     student = student.clone().requires_grad_()
     objective = build_objective({"top_k": K, **(config or {})})
-    out = compute_objective(objective, student, ids, mask, self_logits, teacher_logits, **kwargs)
+    out = compute_objective(objective, student, ids, mask, self_logits_BTV=self_logits, teacher_logits_BTV=teacher_logits,
+                            **with_scope(kwargs))  # fmt: skip
     return out, student
 
 
@@ -396,7 +399,8 @@ def test_beta_w_not_below_beta_l_warns_for_dopd_only():
 def test_top_k_larger_than_vocabulary_raises():
     student, ids, mask, self_logits, teacher_logits, _ = hand_batch()
     with pytest.raises(ValueError, match=r"top_k = 8 is larger than the vocabulary \(4\)"):
-        compute_objective(build_objective({"top_k": 8}), student, ids, mask, self_logits, teacher_logits)
+        compute_objective(build_objective({"top_k": 8}), student, ids, mask, self_logits_BTV=self_logits,
+                          teacher_logits_BTV=teacher_logits)  # fmt: skip
     # A method without a Top-K term does not care about K.
     gkd = build_objective({"method": "gkd", "top_k": 8})
     assert compute_objective(gkd, student, ids, mask, teacher_logits_BTV=teacher_logits).loss.item() > 0
@@ -406,19 +410,22 @@ def test_mismatched_vocabulary_names_both_sizes_and_the_tokenizer():
     student, ids, mask, self_logits, teacher_logits, _ = hand_batch()
     wider = torch.cat([teacher_logits, teacher_logits[..., :1]], dim=-1)
     with pytest.raises(ValueError, match=r"student has 4 and the teacher has 5.*tokenizer"):
-        compute_objective(build_objective({"top_k": K}), student, ids, mask, self_logits, wider)
+        compute_objective(build_objective({"top_k": K}), student, ids, mask, self_logits_BTV=self_logits,
+                          teacher_logits_BTV=wider)  # fmt: skip
 
 
 def test_mismatched_sequence_lengths_raise():
     student, ids, mask, self_logits, teacher_logits, _ = hand_batch()
     objective = build_objective({"top_k": K})
     with pytest.raises(ValueError, match="sequence lengths differ.*teacher"):
-        compute_objective(objective, student, ids, mask, self_logits, teacher_logits[:, :3])
+        compute_objective(objective, student, ids, mask, self_logits_BTV=self_logits,
+                          teacher_logits_BTV=teacher_logits[:, :3])  # fmt: skip
     with pytest.raises(ValueError, match="sequence lengths differ"):
-        compute_objective(objective, student, ids[:, :3], mask[:, :3], self_logits, teacher_logits)
+        compute_objective(objective, student, ids[:, :3], mask[:, :3], self_logits_BTV=self_logits,
+                          teacher_logits_BTV=teacher_logits)  # fmt: skip
 
 
 def test_missing_pass_raises():
     student, ids, mask, self_logits, _, _ = hand_batch()
     with pytest.raises(ValueError, match="needs the teacher's logits"):
-        compute_objective(build_objective({"top_k": K}), student, ids, mask, self_logits)
+        compute_objective(build_objective({"top_k": K}), student, ids, mask, self_logits_BTV=self_logits)

@@ -24,11 +24,9 @@ from dopd.report import (  # noqa: E402
     REGIME_COLOURS,
     build_report,
     find_collapse,
-    find_runs,
-    load_run,
-    read_jsonl,
     token_view_html,
 )
+from dopd.run_dir import find_runs, load_run, read_jsonl  # noqa: E402
 from dopd.train import train  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, os.path.dirname(__file__))
 import tiny  # noqa: E402
-from test_train import make_config, pair  # noqa: E402,F401  (the module-scoped tiny pair fixture)
+from tiny import make_config  # noqa: E402
 
 from dopd.config import ConfigError, load_config  # noqa: E402
 from dopd.rollout.vllm import VLLMRollout, engine_settings  # noqa: E402

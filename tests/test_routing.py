@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from dopd import objectives, routing
+from dopd.plain import compute_objective
 from dopd.routing import HS, HT, INVALID, LH, LL
 
 
@@ -147,7 +148,7 @@ def test_degenerate_batches_give_finite_dopd_loss_and_gradients(case):
     teacher = self_logits.clone() if case == "equal_gaps" else torch.randn(*shape, vocab, generator=generator)
     ids = torch.randint(0, vocab, shape, generator=generator)
     objective = objectives.build_objective({"top_k": 3})
-    out = objectives.compute_objective(objective, student, ids, mask, self_logits, teacher)
+    out = compute_objective(objective, student, ids, mask, self_logits_BTV=self_logits, teacher_logits_BTV=teacher)
     out.loss.backward()
     assert torch.isfinite(out.loss) and torch.isfinite(student.grad).all()
     assert all(torch.isfinite(v).all() for v in out.metrics.values())

@@ -15,11 +15,12 @@ import tiny  # noqa: E402
 
 from dopd.config import ConfigError, TeacherServerConfig  # noqa: E402
 from dopd.kernels import score_target  # noqa: E402
-from dopd.kernels import chunked as chunked_module  # noqa: E402
-from dopd.scoring import Completions, frozen_pass, pass_inputs  # noqa: E402
+from dopd.kernels import scores as chunked_module  # noqa: E402
+from dopd.scoring import frozen_pass, pass_inputs  # noqa: E402
+from dopd.types import Completions  # noqa: E402
 from dopd.served_teacher import ServedTeacher, TeacherServerError  # noqa: E402
 from dopd.train import Trainer  # noqa: E402
-from test_train import make_config, pair  # noqa: E402,F401  (the tiny pair and prompts, built once per module)
+from tiny import make_config  # noqa: E402
 
 
 class FakeVLLM:
@@ -217,7 +218,7 @@ def test_training_with_a_served_teacher(pair, server, tmp_path, method, caplog):
     before = len(server.requests)
     with caplog.at_level("WARNING", logger="dopd"):
         trainer = Trainer(config)
-    assert trainer.teacher is None and trainer.teacher_head is None  # nothing of the teacher is loaded here
+    assert trainer.teacher is None and trainer.teacher_head_weights is None  # nothing of the teacher is loaded here
     if method == "dopd":
         assert "HT run on its top-8 with a tail bucket (objective.teacher_full=topk_bucket)" in caplog.text
     result = trainer.run()

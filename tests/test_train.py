@@ -9,50 +9,16 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 sys.path.insert(0, os.path.dirname(__file__))
 import tiny  # noqa: E402
 
-from dopd.config import ConfigError, DataConfig, load_config  # noqa: E402
+from dopd.config import ConfigError, DataConfig  # noqa: E402
+from tiny import make_config, train_stopped_at, weights  # noqa: E402
 from dopd.data import build_prompt_set, load_rows  # noqa: E402
 from dopd.objectives import METHODS  # noqa: E402
 from dopd.routing import assign_regimes  # noqa: E402
 from dopd.train import Trainer, train  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("pair")
-    student, teacher = tiny.write_pair(str(directory))
-    padded = tiny.write_pair(str(directory / "padded"), teacher_vocab_pad=8)[1]
-    data = tiny.write_prompts(str(directory / "prompts.jsonl"), count=24)
-    return {"student": student, "teacher": teacher, "padded_teacher": padded, "data": data, "dir": directory}
-
-
-def make_config(pair, out, *extra, **sections):
-    overrides = [
-        f"model.student={pair['student']}",
-        f"model.teacher={pair['teacher']}",
-        f"data.path={pair['data']}",
-        f"logging.output_dir={out}",
-        "train.steps=2",
-        "train.prompts_per_step=4",
-        "train.micro_batch_size=3",
-        "rollout.num_generations=2",
-        "rollout.max_new_tokens=6",
-        "objective.top_k=8",
-        "optim.lr=1e-2",
-        "logging.progress_bar=false",
-        "logging.sample_every=1",
-        "checkpoint.save_every=0",
-        *extra,
-    ]
-    return load_config(overrides=overrides, **sections)
-
-
-def weights(path):
-    return load_file(os.path.join(path, "model.safetensors"))
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -279,8 +245,9 @@ def test_cli_help_defaults_are_the_settings_defaults():
             shown = match.group(1).rstrip(",")
             if shown.startswith("'"):
                 shown = codecs.decode(shown.strip("'"), "unicode_escape")
-            try:
-                same = float(shown) == float(expected)
+            pairs = list(zip(shown.split(","), expected.split(",")))
+            try:  # numbers compare by value, item by item (1e-4 is 0.0001)
+                same = len(shown.split(",")) == len(expected.split(",")) and all(float(a) == float(b) for a, b in pairs)
             except ValueError:
                 same = shown == expected
             assert same, f"dopd {command} {action.option_strings[0]}: help says {shown!r}, {spec.__name__} has {expected!r}"
@@ -359,24 +326,3 @@ def test_learning_rate_schedule_steps_once_per_step(pair, tmp_path):
 def test_settings_that_cannot_work_fail_at_load(pair, tmp_path, override, message):
     with pytest.raises(ConfigError, match=message):
         make_config(pair, tmp_path / "run", override)
-
-
-def train_stopped_at(config, step: int) -> None:
-    """Run `train(config)` and stop it, as a kill would, when it is about to run `step`."""
-
-    class Stop(Exception):
-        pass
-
-    original = Trainer.step
-
-    def stopping(self, number):
-        if number == step:
-            raise Stop
-        return original(self, number)
-
-    Trainer.step = stopping
-    try:
-        with pytest.raises(Stop):
-            train(config)
-    finally:
-        Trainer.step = original

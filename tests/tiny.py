@@ -191,3 +191,71 @@ def serve_json(get, post):
     httpd = Server(("127.0.0.1", 0), Handler)
     threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
     return httpd, f"http://127.0.0.1:{httpd.server_address[1]}"
+
+
+# ------------------------------------------------------------------------------------------ trainer runs
+
+
+def make_config(pair: dict, out, *extra: str, **sections):
+    """A validated config for a two-step run on the tiny `pair` (the `pair` fixture), with dotted `extra` overrides."""
+    from dopd.config import load_config
+
+    overrides = [
+        f"model.student={pair['student']}",
+        f"model.teacher={pair['teacher']}",
+        f"data.path={pair['data']}",
+        f"logging.output_dir={out}",
+        "train.steps=2",
+        "train.prompts_per_step=4",
+        "train.micro_batch_size=3",
+        "rollout.num_generations=2",
+        "rollout.max_new_tokens=6",
+        "objective.top_k=8",
+        "optim.lr=1e-2",
+        "logging.progress_bar=false",
+        "logging.sample_every=1",
+        "checkpoint.save_every=0",
+        *extra,
+    ]
+    return load_config(overrides=overrides, **sections)
+
+
+def weights(path) -> dict:
+    """The tensors of a saved model directory."""
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(path, "model.safetensors"))
+
+
+def train_stopped_at(config, step: int) -> None:
+    """Run `train(config)` and stop it, as a kill would, when it is about to run `step`."""
+    import pytest
+
+    from dopd.train import Trainer, train
+
+    class Stop(Exception):
+        pass
+
+    original = Trainer.step
+
+    def stopping(self, number):
+        if number == step:
+            raise Stop
+        return original(self, number)
+
+    Trainer.step = stopping
+    try:
+        with pytest.raises(Stop):
+            train(config)
+    finally:
+        Trainer.step = original
+
+
+def with_scope(kwargs: dict) -> dict:
+    """Keyword arguments of a loss call with the scope's fields (thresholds, num_sequences, gather, generator,
+    eos_ids) gathered into one `terms.LossScope`."""
+    from dopd.terms import LossScope
+
+    fields = ("thresholds", "num_sequences", "gather", "generator", "eos_ids")
+    scope = {key: kwargs.pop(key) for key in fields if key in kwargs}
+    return {**kwargs, "scope": LossScope(**scope)} if scope else kwargs

@@ -9,20 +9,44 @@ gives the same weights as a run that never stopped.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
 import shutil
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
-from .config import Config, ConfigError, to_dict
+from .config import Config, ConfigError
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
-# Keys that may differ between a run and its resumption.
-_RESUMABLE = {"checkpoint.resume", "logging.overwrite", "logging.progress_bar", "logging.report_to", "train.steps"}
+SELF_WEIGHTS = "self_weights.safetensors"  # the privileged self's copy (objective.self_weights other than live)
+
+
+@dataclass
+class CheckpointState:
+    """What a checkpoint saves and restores: the student as the engine wraps it and its tokenizer (or processor),
+    the optimizer, the schedule, the data order, the privileged self's copy and the collapse watch."""
+
+    config: Config
+    accelerator: Any
+    student: torch.nn.Module
+    processing: Any  # the tokenizer, or an image-text model's processor, saved beside the model
+    optimizer: Any
+    scheduler: Any
+    order: Any  # data.PromptOrder
+    self_weights: Any  # self_weights.SelfWeights | None
+    collapse: Any  # diagnostics.CollapseWatch
+
+    @property
+    def run_dir(self) -> str:
+        return self.config.logging.output_dir
+
+    @property
+    def inner(self) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(self.student)
 
 
 def checkpoint_root(run_dir: str) -> str:
@@ -36,35 +60,6 @@ def latest(run_dir: str) -> str | None:
         return None
     steps = sorted(int(m.group(1)) for m in map(_STEP_DIR.match, os.listdir(root)) if m)
     return os.path.join(root, f"step_{steps[-1]:06d}") if steps else None
-
-
-def check_same_run(run_dir: str, config: Config) -> None:
-    """Refuse to resume a run directory whose saved config differs from this one (beyond resumable keys)."""
-    import yaml
-
-    path = os.path.join(run_dir, "config.yaml")
-    if not os.path.exists(path):
-        raise ConfigError(
-            f"checkpoint.resume is true but {run_dir} holds no config.yaml: it is not a dopd run directory"
-        )
-    with open(path) as handle:
-        saved = yaml.safe_load(handle)
-    current = to_dict(config)
-    differing = [
-        f"{section}.{key}"
-        for section, values in current.items()
-        for key, value in values.items()
-        if f"{section}.{key}" not in _RESUMABLE and saved.get(section, {}).get(key) != _plain(value)
-    ]
-    if differing:
-        raise ConfigError(
-            f"checkpoint.resume: the run in {run_dir} was started with other settings for {', '.join(differing)}; "
-            "resume with the same config or start a new output_dir"
-        )
-
-
-def _plain(value):
-    return json.loads(json.dumps(value))
 
 
 def _rng_state() -> dict:
@@ -82,97 +77,93 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(trainer, step: int) -> str:
+def save(state: CheckpointState, step: int) -> str:
     """Write checkpoint `step` atomically and keep only the newest `keep_last`."""
-    accelerator = trainer.accelerator
-    root = checkpoint_root(trainer.run_dir)
+    accelerator = state.accelerator
+    root = checkpoint_root(state.run_dir)
     final = os.path.join(root, f"step_{step:06d}")
     staging = final + ".tmp"
     if accelerator.is_main_process:
         shutil.rmtree(staging, ignore_errors=True)
         os.makedirs(staging)
     accelerator.wait_for_everyone()
-    model_state = accelerator.get_state_dict(trainer.student)
+    model_state = accelerator.get_state_dict(state.student)
     torch.save(_rng_state(), os.path.join(staging, f"rng_state_{accelerator.process_index}.pt"))
     if accelerator.is_main_process:
-        save_model(trainer, model_state, os.path.join(staging, "model"))
+        save_model(state, model_state, os.path.join(staging, "model"))
         torch.save(
             {
                 "step": step,
-                "data_position": trainer.order.position,
-                "optimizer": trainer.optimizer.state_dict(),
-                "scheduler": trainer.scheduler.state_dict(),
+                "data_position": state.order.position,
+                "optimizer": state.optimizer.state_dict(),
+                "scheduler": state.scheduler.state_dict(),
+                "collapse_watch": state.collapse.state_dict(),
             },
             os.path.join(staging, "trainer_state.pt"),
         )
+        if state.self_weights is not None and not state.self_weights.is_live:
+            from safetensors.torch import save_file
+
+            save_file(state.self_weights.state_dict(), os.path.join(staging, SELF_WEIGHTS))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         os.replace(staging, final)
         kept = sorted(d for d in os.listdir(root) if _STEP_DIR.match(d))
-        for old in kept[: -trainer.config.checkpoint.keep_last]:
+        for old in kept[: -state.config.checkpoint.keep_last]:
             shutil.rmtree(os.path.join(root, old), ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
 
 
-def save_model(trainer, model_state: dict, directory: str) -> None:
+def save_model(state: CheckpointState, model_state: dict, directory: str) -> None:
     """The student (or its LoRA adapter) and the tokenizer in `directory`; with `model.lora.save_merged`, the
     merged model in `directory/merged`. Main process only."""
-    trainer.inner.save_pretrained(directory, state_dict=model_state)
-    processing = trainer.processor or trainer.tokenizer  # an image-text student's processor holds its tokenizer
+    state.inner.save_pretrained(directory, state_dict=model_state)
+    processing = state.processing
     processing.save_pretrained(directory)
-    lora = trainer.config.model.lora
+    lora = state.config.model.lora
     if lora.enabled and lora.save_merged:
         from .lora import save_merged
 
         merged = os.path.join(directory, "merged")
-        model = trainer.config.model
+        model = state.config.model
         save_merged(model.student, directory, merged, torch.float32, model.trust_remote_code,
-                    trainer.processor is not None)
+                    hasattr(processing, "image_processor"))
         processing.save_pretrained(merged)
 
 
-def load_state(directory: str, trainer) -> int:
+def load_state(directory: str, state: CheckpointState) -> int:
     """Restore optimizer, schedule, data position and random state from a checkpoint; returns its step."""
-    state = torch.load(os.path.join(directory, "trainer_state.pt"), map_location="cpu", weights_only=False)
-    trainer.optimizer.load_state_dict(state["optimizer"])
-    trainer.scheduler.load_state_dict(state["scheduler"])
-    trainer.order.position = state["data_position"]
-    rng_path = os.path.join(directory, f"rng_state_{trainer.accelerator.process_index}.pt")
+    saved = torch.load(os.path.join(directory, "trainer_state.pt"), map_location="cpu", weights_only=False)
+    state.optimizer.load_state_dict(saved["optimizer"])
+    state.scheduler.load_state_dict(saved["scheduler"])
+    state.order.position = saved["data_position"]
+    state.collapse.load_state_dict(saved.get("collapse_watch", {}))
+    if state.self_weights is not None and not state.self_weights.is_live:
+        from safetensors.torch import load_file
+
+        path = os.path.join(directory, SELF_WEIGHTS)
+        if not os.path.exists(path):
+            raise ConfigError(
+                f"checkpoint.resume: {directory} holds no {SELF_WEIGHTS} (the privileged self's copy for "
+                f"objective.self_weights={state.config.objective.self_weights}); it was written by another run"
+            )
+        state.self_weights.load_state_dict(load_file(path))
+    rng_path = os.path.join(directory, f"rng_state_{state.accelerator.process_index}.pt")
     if os.path.exists(rng_path):
         _set_rng_state(torch.load(rng_path, map_location="cpu", weights_only=False))
-    return int(state["step"])
+    return int(saved["step"])
 
 
-def truncate_metrics(run_dir: str, step: int) -> None:
-    """Drop metric lines past `step` (written by the interrupted run after its last checkpoint)."""
-    for name in ("metrics.jsonl", "samples.jsonl"):
-        path = os.path.join(run_dir, name)
-        if not os.path.exists(path):
-            continue
-        kept = []
-        with open(path) as handle:
-            for line in handle:
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    break  # a line cut by the interruption
-                if record.get("step", 0) <= step:
-                    kept.append(line if line.endswith("\n") else line + "\n")
-        with open(path + ".tmp", "w") as handle:
-            handle.writelines(kept)
-        os.replace(path + ".tmp", path)
-
-
-def save_final(trainer) -> str:
+def save_final(state: CheckpointState) -> str:
     """The trained student and its tokenizer in `save_pretrained` form under `final/`, written atomically."""
-    accelerator = trainer.accelerator
-    final = os.path.join(trainer.run_dir, "final")
-    model_state = accelerator.get_state_dict(trainer.student)
+    accelerator = state.accelerator
+    final = os.path.join(state.run_dir, "final")
+    model_state = accelerator.get_state_dict(state.student)
     if accelerator.is_main_process:
         staging = final + ".tmp"
         shutil.rmtree(staging, ignore_errors=True)
-        save_model(trainer, model_state, staging)
+        save_model(state, model_state, staging)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(staging, final)
     accelerator.wait_for_everyone()

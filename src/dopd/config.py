@@ -75,6 +75,7 @@ class DataConfig:
     teacher_template: str = DEFAULT_PRIVILEGED_TEMPLATE  # how the teacher's prompt inserts the privileged context
     self_template: str = DEFAULT_PRIVILEGED_TEMPLATE  # the same for the privileged student pass
     use_chat_template: bool | None = None  # render prompts with the tokenizer's chat template (default: if it has one)
+    teacher_chat_template: bool = False  # render the teacher's prompts with its own chat template when the two differ
     max_prompt_length: int = 1024  # longest prompt in tokens, privileged prompts included
     drop_long_prompts: bool = False  # drop prompts over max_prompt_length instead of stopping with an error
     max_samples: int | None = None  # use only the first N rows
@@ -141,6 +142,7 @@ class LoggingConfig:
     sample_every: int = 10  # steps between saved samples with token-level routing (0: never)
     num_samples: int = 4  # completions saved each time
     progress_bar: bool = True  # a progress bar with the loss and the step
+    answer_pattern: str | None = None  # regex an answering completion ends with; others ending early: completion/early_eos
 
 
 @dataclass
@@ -219,7 +221,7 @@ def validate(config: Config) -> Objective:
         raise ConfigError("model.student is required: a local path or a hub name of the student model")
     if m.teacher_server.url:
         objective = _check_teacher_server(config, objective)
-    elif objective.needs_teacher and not m.teacher:
+    elif objective.needs_teacher_model and not m.teacher:
         raise ConfigError(f"model.teacher is required by method {config.objective.method!r}: a path or a hub name")
     if m.dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"model.dtype = {m.dtype!r} is unknown; use float32, bfloat16 or float16")
@@ -234,6 +236,11 @@ def validate(config: Config) -> Objective:
     _check_images(config)
     _check_lora(m.lora)
     _check_rollout_backend(config)
+    if objective.rollout_model == "teacher" and r.backend != "hf":
+        raise ConfigError(
+            f"objective.method = {config.objective.method!r} samples from the teacher, which rollout.backend = "
+            f"{r.backend} does not serve (its engine holds the student); use rollout.backend=hf"
+        )
     if r.top_k < 0:
         raise ConfigError(f"rollout.top_k = {r.top_k} must be >= 0 (0: off)")
     if t.mixed_precision in ("False", "false"):  # YAML reads a bare `no` as false
@@ -268,6 +275,11 @@ def validate(config: Config) -> Objective:
         if tracker not in ("tensorboard", "wandb"):
             raise ConfigError(f"logging.report_to has {tracker!r}; known: tensorboard, wandb")
     _positive(lg.log_every, "logging.log_every")
+    if lg.answer_pattern is not None:
+        try:
+            re.compile(lg.answer_pattern)
+        except re.error as error:
+            raise ConfigError(f"logging.answer_pattern = {lg.answer_pattern!r} is not a regular expression: {error}")
     for key, value in (("logging.sample_every", lg.sample_every), ("logging.num_samples", lg.num_samples),
                        ("checkpoint.save_every", ck.save_every)):
         if value < 0:
@@ -282,6 +294,11 @@ def _check_teacher_server(config: Config, objective: Objective) -> Objective:
     """A served teacher gives the sampled token's log-prob and a top-K: check that the objective can live on that,
     and resolve `objective.teacher_full` to `topk_bucket` (saved with the run's config). Returns the objective."""
     m, ts, o = config.model, config.model.teacher_server, config.objective
+    if objective.rollout_model == "teacher":
+        raise ConfigError(
+            f"model.teacher_server.url is set but method {o.method!r} samples from the teacher, which needs the "
+            "teacher's weights in the trainer; unset model.teacher_server.url"
+        )
     if not objective.needs_teacher:
         raise ConfigError(
             f"model.teacher_server.url is set but method {o.method!r} reads no teacher; unset it or pick a method "

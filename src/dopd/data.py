@@ -106,10 +106,13 @@ class PromptSet:
 
 
 def build_prompt_set(
-    dataset, config: DataConfig, tokenizer, teacher_privileged: bool | None, self_privileged: bool, processor=None
+    dataset, config: DataConfig, tokenizer, teacher_privileged: bool | None, self_privileged: bool, processor=None,
+    teacher_tokenizer=None,
 ) -> PromptSet:
     """Render and tokenize every row; prompts over `max_prompt_length` stop the run (or are dropped). With
-    `data.image_column`, `processor` renders each prompt with an image part and expands its placeholder tokens."""
+    `data.image_column`, `processor` renders each prompt with an image part and expands its placeholder tokens.
+    `teacher_tokenizer`: renders and tokenizes the teacher's prompts with its own chat template
+    (`data.teacher_chat_template`; the vocabulary is the student's)."""
     prompts = list(dataset[config.prompt_column])
     images = None
     if config.image_column:
@@ -125,19 +128,21 @@ def build_prompt_set(
 
     renderer = processor if images is not None else tokenizer  # a processor renders image parts
 
-    def render(context: list[str | None] | None, template: str) -> list[str]:
+    def render(context: list[str | None] | None, template: str, by=renderer) -> list[str]:
         return [
-            render_prompt(renderer, p, None if context is None else c, template, config.use_chat_template)
+            render_prompt(by, p, None if context is None else c, template, config.use_chat_template)
             for p, c in zip(prompts, context or [None] * len(prompts))
         ]
 
+    teacher_renderer = teacher_tokenizer if teacher_tokenizer is not None and images is None else renderer
     texts = [
         render(None, config.self_template),
         render(privileged if self_privileged else None, config.self_template),
-        render(privileged if teacher_privileged else None, config.teacher_template),
+        render(privileged if teacher_privileged else None, config.teacher_template, teacher_renderer),
     ]
     if images is None:
-        student_ids, self_ids, teacher_ids = (tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts)
+        student_ids, self_ids = (tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts[:2])
+        teacher_ids = teacher_renderer(texts[2], add_special_tokens=False)["input_ids"]
     else:  # the same image in all three passes: the same number of placeholder tokens
         rows = [encode_with_image(processor, list(three), images.checked(i, config.box_column))
                 for i, three in enumerate(zip(*texts))]
@@ -187,3 +192,16 @@ class PromptOrder:
             picked.extend(order[offset : offset + step])
             self.position += step
         return picked
+
+
+def load_prompt_set(config, objective, tokenizer, processor=None, teacher_tokenizer=None) -> PromptSet:
+    """The run's prompts, each tokenized for the passes the objective runs (its privileged prompts only when a
+    pass reads the privileged context), after checking the columns they need. `teacher_tokenizer`: see
+    `build_prompt_set`."""
+    dataset = load_rows(config.data)
+    needs_privileged = bool(objective.teacher_privileged) or (objective.needs_self and config.objective.self_privileged)
+    check_columns(dataset, config.data, needs_privileged)
+    return build_prompt_set(
+        dataset, config.data, tokenizer, objective.teacher_privileged, config.objective.self_privileged, processor,
+        teacher_tokenizer,
+    )

@@ -396,30 +396,20 @@ def load_eval_rows(spec: EvalSpec) -> tuple[list, list, list[str | None], list[d
 
 
 def _load_tokenizer(spec: EvalSpec):
-    from transformers import AutoTokenizer
+    from .loading import load_tokenizer
 
     name = spec.tokenizer or spec.model
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=spec.trust_remote_code)
-    except Exception as error:
-        raise ConfigError(f"the tokenizer {name} could not be loaded (--tokenizer / --model): {error}") from None
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+    return load_tokenizer(name, "--tokenizer" if spec.tokenizer else "--model", bool(spec.trust_remote_code))
 
 
 def _load_model(spec: EvalSpec):
     import torch
-    from transformers import AutoModelForCausalLM
+
+    from .loading import DTYPES, load_pretrained
 
     device = spec.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    dtype = dtypes.get(spec.dtype) or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(spec.model, dtype=dtype, trust_remote_code=spec.trust_remote_code)
-    except Exception as error:
-        raise ConfigError(f"the model {spec.model} could not be loaded (--model): {error}") from None
-    return model.to(device).eval()
+    dtype = DTYPES.get(spec.dtype) or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    return load_pretrained(spec.model, "--model", dtype, bool(spec.trust_remote_code)).to(device).eval()
 
 
 def sample_completions(model, tokenizer, prompt_ids: list[list[int]], spec: EvalSpec) -> tuple[list[list[str]], int]:
@@ -479,6 +469,11 @@ def _evaluate(spec: EvalSpec) -> dict[str, Any]:
         if value is not None:
             compare[role] = read_result(value, f"--{role}-result")
             check_comparable(compare[role], f"--{role}-result", fingerprint, checker.name)
+    from .loading import check_source
+
+    check_source(spec.model, "--model")  # after the data's checks: each of those stops before any model loads
+    if spec.tokenizer:
+        check_source(spec.tokenizer, "--tokenizer")
     tokenizer = _load_tokenizer(spec)
     try:
         texts = [render_prompt(tokenizer, p, c, spec.template, spec.use_chat_template, spec.chat_template_kwargs)

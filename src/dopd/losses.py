@@ -285,6 +285,12 @@ def sampled_token_divergence(
     return surrogate + integrand - integrand.detach()
 
 
+def negative_log_likelihood(student_logprob: Tensor) -> Tensor:
+    """`−log s(y)` of tokens sampled from another model (supervised fine-tuning on its samples). Shapes: [...]."""
+    (student_logprob,) = _upcast(student_logprob)
+    return -student_logprob
+
+
 def entropy(logprobs: Tensor) -> Tensor:
     """Shannon entropy `−Σ p log p` over the last axis, in nats. Shapes: [..., V] -> [...]."""
     (logprobs,) = _upcast(logprobs)

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+from .run_dir import Run, load_runs
 
 REGIMES = ("LH", "LL", "HT", "HS")
 REGIME_COLOURS = {"LH": "#7fc97f", "LL": "#fdd870", "HT": "#f08080", "HS": "#86b6f6"}
@@ -27,131 +28,6 @@ REGIME_MEANING = {
     "HT": "large gap, q_T ≥ q_S: teacher target, JS full vocabulary, weight 1",
     "HS": "large gap, q_T < q_S: privileged-student target, reverse KL Top-K, weight β_l",
 }
-RUN_FILES = ("config.yaml", "metrics.jsonl", "samples.jsonl")
-SKIPPED_DIRS = {"checkpoints", "final", "search"}  # never runs to report (a lab's search runs stay out)
-
-
-# ------------------------------------------------------------------------------------------------- reading
-
-
-def read_jsonl(path: str) -> list[dict]:
-    """The JSON objects of a JSONL file, up to its last whole line; [] when the file does not exist (yet).
-
-    A line the writer did not finish (no newline, or not parseable) is dropped, not an error."""
-    if not os.path.exists(path):
-        return []
-    with open(path, "rb") as handle:
-        text = handle.read().decode("utf-8", errors="replace")
-    lines = text.split("\n")
-    if not text.endswith("\n"):
-        lines = lines[:-1]  # the writer was stopped inside this line
-    records = []
-    for line in lines:
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
-
-
-def _read_config(path: str) -> dict:
-    if not os.path.exists(path):
-        return {}
-    try:
-        import yaml
-
-        with open(path) as handle:
-            loaded = yaml.safe_load(handle)
-        return loaded if isinstance(loaded, dict) else {}
-    except Exception:  # a config being written is no reason to fail the report
-        return {}
-
-
-@dataclass
-class Run:
-    """One run directory as read now."""
-
-    label: str
-    path: str
-    config: dict = field(default_factory=dict)
-    metrics: list[dict] = field(default_factory=list)
-    samples: list[dict] = field(default_factory=list)
-
-    @property
-    def method(self) -> str | None:
-        return (self.config.get("objective") or {}).get("method")
-
-    @property
-    def planned_steps(self) -> int | None:
-        return (self.config.get("train") or {}).get("steps")
-
-    def series(self, key: str) -> tuple[list[int], list[float]]:
-        """(steps, values) of one metric, one value per step (the last logged, as after a resume)."""
-        by_step = {}
-        for line in self.metrics:
-            value = line.get(key)
-            if "step" in line and isinstance(value, (int, float)) and not isinstance(value, bool):
-                by_step[int(line["step"])] = float(value)
-        steps = sorted(by_step)
-        return steps, [by_step[s] for s in steps]
-
-    def has(self, key: str) -> bool:
-        return bool(self.series(key)[0])
-
-    def value_at(self, key: str, step: int) -> float | None:
-        steps, values = self.series(key)
-        return values[steps.index(step)] if step in steps else None
-
-    def sample_steps(self) -> list[int]:
-        return sorted({int(s["step"]) for s in self.samples if "step" in s})
-
-
-def load_run(path: str, label: str | None = None) -> Run:
-    return Run(
-        label=label or os.path.basename(os.path.normpath(path)),
-        path=path,
-        config=_read_config(os.path.join(path, "config.yaml")),
-        metrics=read_jsonl(os.path.join(path, "metrics.jsonl")),
-        samples=read_jsonl(os.path.join(path, "samples.jsonl")),
-    )
-
-
-def is_run_dir(path: str) -> bool:
-    return any(os.path.isfile(os.path.join(path, name)) for name in RUN_FILES)
-
-
-def find_runs(path: str) -> list[tuple[str, str]]:
-    """(label, directory) of the runs under `path`: the directory itself if it is a run, else every run below it
-    (a lab output: `<kind>/<method>/seed_<n>`, labelled so), leaving out checkpoints, final models and searches."""
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"not a directory: {path}")
-    if is_run_dir(path):
-        return [(os.path.basename(os.path.normpath(path)), path)]
-    found = []
-    for root, dirs, _ in os.walk(path):
-        dirs[:] = sorted(d for d in dirs if d not in SKIPPED_DIRS)
-        if root != path and is_run_dir(root):
-            found.append((os.path.relpath(root, path).replace(os.sep, "/"), root))
-            dirs[:] = []
-    if not found:
-        raise FileNotFoundError(f"no run directory (config.yaml, metrics.jsonl or samples.jsonl) in or under {path}")
-    return found
-
-
-def load_runs(paths: list[str]) -> list[Run]:
-    """Every run of every path; labels that collide get the name of the path they came from in front."""
-    entries = [(arg, label, directory) for arg in paths for label, directory in find_runs(arg)]
-    labels = [label for _, label, _ in entries]
-    runs = []
-    for arg, label, directory in entries:
-        if labels.count(label) > 1:
-            label = f"{os.path.normpath(arg)}/{label}" if directory != arg else os.path.normpath(arg)
-        runs.append(load_run(directory, label))
-    return runs
 
 
 # ------------------------------------------------------------------------------------------------- collapse
@@ -159,7 +35,8 @@ def load_runs(paths: list[str]) -> list[Run]:
 
 @dataclass
 class Collapse:
-    """Student entropy fell below `fraction` of its first-step value."""
+    """The run flagged itself (`collapse/step`, diagnostics.py: completion length or student entropy), or its
+    student entropy fell below `fraction` of its first-step value."""
 
     label: str
     step: int
@@ -167,8 +44,11 @@ class Collapse:
     value: float
     threshold: float
     fraction: float
+    reason: str = "entropy"
 
     def message(self) -> str:
+        if self.reason != "entropy":
+            return f"warning: {self.label}: the run flagged a collapse ({self.reason}) at step {self.step}"
         return (
             f"warning: {self.label}: student entropy collapsed at step {self.step}: {self.value:.4g} < "
             f"{self.fraction:g} x {self.start:.4g} (its value at the first logged step)"
@@ -176,7 +56,15 @@ class Collapse:
 
 
 def find_collapse(run: Run, fraction: float = 0.5, key: str = "entropy/student") -> Collapse | None:
-    """The first step whose entropy is below `fraction` × the entropy at the first step that logged it."""
+    """The step the run flagged itself (`collapse/step`), else the first step whose entropy is below `fraction` ×
+    the entropy at the first step that logged it."""
+    flagged_steps, flagged = run.series("collapse/step")
+    if flagged_steps:
+        reasons = [name for name in ("length", "entropy") if run.has(f"collapse/{name}")
+                   and max(run.series(f"collapse/{name}")[1]) > 0]  # fmt: skip
+        step = int(flagged[0])
+        return Collapse(run.label, step, math.nan, run.value_at(key, step) or math.nan, math.nan, fraction,
+                        " and ".join(f"{r} (run diagnostics)" for r in reasons) or "run diagnostics")  # fmt: skip
     steps, values = run.series(key)
     points = [(s, v) for s, v in zip(steps, values) if math.isfinite(v)]
     if len(points) < 2 or points[0][1] <= 0:
@@ -212,9 +100,11 @@ def _save(figure, out: str, name: str) -> str:
     return path
 
 
-def _line_plot(runs: list[Run], out: str, name: str, title: str, panels: list[tuple[str, list[tuple[str, str]]]]):
-    """One figure of panels, each a list of (metric key, line style); one colour per run. Panels no run has are
-    left out; no figure when none is left. Returns the PNG path or None."""
+def _line_plot(runs: list[Run], out: str, name: str, title: str, panels: list[tuple[str, list[tuple[str, str]]]],
+               collapses: dict[str, Collapse] | None = None):  # fmt: skip
+    """One figure of panels, each a list of (metric key, line style); one colour per run, a dotted vertical line
+    at the step a run collapsed. Panels no run has are left out; no figure when none is left. Returns the PNG
+    path or None."""
     panels = [(t, keys) for t, keys in panels if any(run.has(k) for run in runs for k, _ in keys)]
     if not panels:
         return None
@@ -226,6 +116,8 @@ def _line_plot(runs: list[Run], out: str, name: str, title: str, panels: list[tu
                 if steps:
                     suffix = f" {key.split('/')[-1]}" if len(keys) > 1 else ""
                     axis.plot(steps, values, style, color=_colour(index), label=f"{run.label}{suffix}", markersize=3)
+            if collapses and run.label in collapses:
+                axis.axvline(collapses[run.label].step, color=_colour(index), linestyle=":", linewidth=1.2)
         axis.set_title(panel_title, fontsize=10)
         axis.set_xlabel("step")
         axis.grid(alpha=0.3)
@@ -330,7 +222,7 @@ def write_plots(runs: list[Run], out: str, collapses: dict[str, Collapse], fract
     """Every plot the runs have data for, as {name: PNG path}."""
     regime_panels = lambda prefix: [(f"{prefix} {r}", [(f"{prefix}/{r}", "-o")]) for r in REGIMES]  # noqa: E731
     plots = {
-        "loss": _line_plot(runs, out, "loss", "loss", [("loss", [("loss", "-o")])]),
+        "loss": _line_plot(runs, out, "loss", "loss", [("loss", [("loss", "-o")])], collapses),
         "loss_regimes": _line_plot(runs, out, "loss_regimes", "loss per regime", regime_panels("loss")),
         "regime_fractions": _line_plot(runs, out, "regime_fractions", "fraction of tokens per regime",
                                        regime_panels("frac")),
@@ -341,11 +233,15 @@ def write_plots(runs: list[Run], out: str, collapses: dict[str, Collapse], fract
         "gap_histogram": _gap_histogram(runs, out),
         "entropy": _entropy_plot(runs, out, collapses, fraction),
         "completion_length": _line_plot(runs, out, "completion_length", "completion length (tokens)", [
-            ("mean", [("completion_length/mean", "-o")]), ("max", [("completion_length/max", "-o")]),
-        ]),
+            ("mean", [("completion_length/mean", "-o")]), ("min and max", [("completion_length/min", "-o"),
+                                                                           ("completion_length/max", "-o")]),
+            ("ended before an answer", [("completion/early_eos", "-o")]),
+            ("student's probability of end-of-sequence", [("eos_prob/student", "-o")]),
+        ], collapses),
         "eval": _line_plot(runs, out, "eval", "evaluation", [
             ("answer accuracy", [("eval/answer_accuracy", "-o")]), ("full match", [("eval/full_match", "-o")]),
-        ]),
+            ("validation accuracy", [("eval/validation_accuracy", "-o")]),
+        ], collapses),
         "time": _time_plot(runs, out),
         "optimizer": _line_plot(runs, out, "optimizer", "optimizer", [
             ("learning rate", [("lr", "-")]), ("gradient norm", [("grad_norm", "-o")]),

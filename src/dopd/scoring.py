@@ -12,40 +12,11 @@ from __future__ import annotations
 
 import weakref
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from .kernels import Head
-
-
-@dataclass
-class PassInputs:
-    """One pass's padded sequences and where its completion tokens are. Shapes: [B, L] and [B, T]."""
-
-    input_ids: Tensor
-    attention_mask: Tensor
-    positions: Tensor  # position of the hidden state that scores completion token t
-    vision: dict[str, Tensor] = field(default_factory=dict)  # pixel_values, image_grid_thw, ... (image-text models)
-
-
-@dataclass
-class Completions:
-    """Completion tokens of a micro-batch, right-padded. Shapes: [B, T]."""
-
-    ids: Tensor
-    mask: Tensor
-
-    @staticmethod
-    def from_lists(completions: list[list[int]], pad_id: int) -> "Completions":
-        width = max(1, max(len(c) for c in completions))
-        ids = torch.full((len(completions), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(completions), width), dtype=torch.long)
-        for row, tokens in enumerate(completions):
-            ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-            mask[row, : len(tokens)] = 1
-        return Completions(ids, mask)
+from .types import Completions, Head, PassInputs
 
 
 def pack_by_tokens(lengths: list[int], budget: int) -> list[list[int]]:

@@ -28,6 +28,7 @@ or a `--max-logprobs` below K stops the run at once with the fix.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -36,8 +37,9 @@ import torch
 
 from .config import TeacherServerConfig
 from .hints.client import ChatClient, ServerError
-from .objectives import TargetScores
+from .types import TargetScores
 
+logger = logging.getLogger("dopd")
 PROBE_TEXT = "On-policy distillation: 12 + 30 = 42. Ünïcödé, 中文, emoji 🙂, tabs\tand  spaces."
 
 
@@ -218,3 +220,28 @@ class ServedTeacher:
             all_values.append([r[2] for r in ranked] + [-math.inf] * padding)
             counts.append(len(ranked))
         return token_lps, all_ids, all_values, counts
+
+
+def connect(config, objective, tokenizer, main_process: bool) -> ServedTeacher | None:
+    """The client of the teacher served at `model.teacher_server.url`, its server checked (the model it serves, its
+    tokenizer against the student's, the log-probs cap), or None when no teacher is served."""
+    from .config import ConfigError
+
+    ts = config.model.teacher_server
+    if not ts.url:
+        return None
+    top_k = ts.top_k or (config.objective.top_k if objective.top_k_for("teacher") else 1)
+    max_length = config.data.max_prompt_length + config.rollout.max_new_tokens + 1
+    client = ServedTeacher(ts, ts.model or config.model.teacher, top_k, len(tokenizer), max_length)
+    try:
+        client.check(tokenizer)
+    except TeacherServerError as error:
+        raise ConfigError(str(error)) from None
+    if main_process:
+        fallback = [t.label for t in objective.terms if t.target == "teacher" and t.tail == "bucket"]
+        logger.warning(
+            "teacher served by %s (%s, top-%d log-probs per token)%s", ts.url, client.model, top_k,
+            f"; the teacher's full-vocabulary term(s) {', '.join(fallback)} run on its top-{top_k} with a tail "
+            "bucket (objective.teacher_full=topk_bucket)" if fallback else "",
+        )  # fmt: skip
+    return client

@@ -1,25 +1,23 @@
-"""The on-policy distillation loop on accelerate (spec, "Setting": one training step).
+"""The on-policy distillation loop on accelerate (docs/method.md, "Setting": one training step).
 
 Each optimizer step:
-  1. rollouts: the student samples `num_generations` completions of each of its prompts, without privileged input;
-  2. scoring: per micro-batch, the privileged student (same weights, no gradient) and the teacher (frozen) score
-     the completions on their own prompts; their sampled-token log-probs, entropies and top-K are kept;
+  1. rollouts: the student samples `num_generations` completions of each of its prompts, without privileged input
+     (for `sft`, the teacher samples them);
+  2. scoring: per micro-batch, the privileged student (no gradient, with the weights of `objective.self_weights`)
+     and the teacher (frozen) score the completions on their own prompts; every score is checked to be finite;
   3. routing thresholds over the whole step's tokens, gathered over all processes (or per micro-batch);
   4. update: per micro-batch, the student's pass with gradient, the objective (chunked by default) and backward,
      with the loss averaged per sequence over the step's sequences, so accumulation gives the batch mean;
-     then clipping, AdamW and the schedule.
-Metrics go to `metrics.jsonl` (and TensorBoard / W&B), samples with token-level routing to `samples.jsonl`,
-checkpoints to `checkpoints/` (atomically) and the final model to `final/`, all in the run directory.
+     then clipping, AdamW, the schedule, and the privileged self's copy.
+What a run needs is built in `__init__` (loading.py, data.py, engines.py); what it writes goes to the run
+directory (run_dir.py, checkpoint.py).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
 import random
-import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -29,18 +27,26 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt
+from . import run_dir
 from .config import Config, ConfigError, is_image_text, to_yaml, validate
-from .data import PromptOrder, PromptSet, build_prompt_set, check_columns, load_rows
+from .data import PromptOrder, load_prompt_set
+from .diagnostics import CollapseWatch, NonFiniteError, check_finite, early_eos_fraction
 from .engines import check_engine, configure_deepspeed, frozen_head, prepare_teacher
-from .kernels import Head, chunked_objective, score_target
-from .lora import add_adapters, load_adapters, require_peft
-from .objectives import Objective, TargetScores, check_top_k, compute_batch_thresholds, compute_objective
-from .rollout import Rollouts
-from .routing import REGIMES, make_gather
-from .scoring import Completions, frozen_pass, pack_by_tokens, pass_inputs, trainable_pass
+from .kernels import chunked_objective, score_target
+from .loading import check_sources, common_vocab_size, load_model, load_processing, load_student
+from .lora import require_peft
+from .metrics import StepMetrics, reduce_number
+from .pair_checks import check_teacher_fidelity
+from .plain import compute_objective
+from .rollout import end_of_sequence_ids, make_engine
+from .routing import make_gather
+from .scoring import frozen_pass, pack_by_tokens, pass_inputs, trainable_pass
+from .self_weights import SelfWeights
+from .served_teacher import connect as connect_served_teacher
+from .terms import LossScope, check_top_k, compute_batch_thresholds
+from .types import Completions, Head, MicroBatch, Rollouts, TargetScores
 
 logger = logging.getLogger("dopd")
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -49,95 +55,6 @@ class TrainResult:
     final_dir: str
     steps: int
     last_metrics: dict = field(default_factory=dict)
-
-
-# ------------------------------------------------------------------------------------------- preparation
-
-
-def check_run_dir(config: Config) -> None:
-    """Refuse a run directory that holds another run unless overwrite or resume is set (read-only)."""
-    run_dir = config.logging.output_dir
-    if os.path.isdir(run_dir) and os.listdir(run_dir):
-        if config.checkpoint.resume:
-            ckpt.check_same_run(run_dir, config)
-        elif not config.logging.overwrite:
-            raise ConfigError(
-                f"logging.output_dir = {run_dir} already holds files (another run?); set logging.overwrite=true "
-                "to replace it, checkpoint.resume=true to continue it, or choose another directory"
-            )
-
-
-def init_run_dir(config: Config) -> None:
-    """Create (or, with overwrite, empty) the run directory; called by the main process after `check_run_dir`."""
-    run_dir = config.logging.output_dir
-    if config.logging.overwrite and os.path.isdir(run_dir):
-        shutil.rmtree(run_dir)
-    os.makedirs(run_dir, exist_ok=True)
-
-
-def load_tokenizer(config: Config):
-    from transformers import AutoTokenizer
-
-    name = config.model.tokenizer or config.model.student
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=config.model.trust_remote_code)
-    except Exception as error:
-        raise ConfigError(f"the tokenizer {name} could not be loaded (model.tokenizer / model.student): {error}")
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-def load_model(path: str, config: Config, role: str):
-    """The student always in fp32 (AdamW on half-precision weights rounds small updates away; mixed precision is
-    `train.mixed_precision`, which autocasts its passes); the frozen teacher in `model.dtype`. Image-text models
-    (`model.kind`) load with their image-text class."""
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
-
-    model_class = AutoModelForImageTextToText if is_image_text(config) else AutoModelForCausalLM
-    dtype = _DTYPES[config.model.dtype] if role == "teacher" else torch.float32
-    kwargs = {"dtype": dtype, "trust_remote_code": config.model.trust_remote_code}
-    if config.model.attn_implementation:
-        kwargs["attn_implementation"] = config.model.attn_implementation
-    try:
-        return model_class.from_pretrained(path, **kwargs)
-    except Exception as error:
-        raise ConfigError(f"the {role} model {path} could not be loaded (model.{role}): {error}") from None
-
-
-def check_teacher_tokenizer(config: Config, tokenizer) -> None:
-    """The teacher must read the same token ids: compare its own tokenizer, when it ships one, with the student's."""
-    from transformers import AutoTokenizer
-
-    if not config.model.teacher or config.model.tokenizer or config.model.teacher_server.url:
-        return
-    try:
-        teacher_tokenizer = AutoTokenizer.from_pretrained(
-            config.model.teacher, trust_remote_code=config.model.trust_remote_code
-        )
-    except Exception:
-        return  # no tokenizer files beside the teacher: the vocabulary-size check below still applies
-    if teacher_tokenizer.get_vocab() != tokenizer.get_vocab():
-        raise ConfigError(
-            f"the teacher {config.model.teacher} has another tokenizer than the student {config.model.student} "
-            f"({len(teacher_tokenizer)} against {len(tokenizer)} tokens, or the same size with other ids); "
-            "on-policy distillation scores the student's tokens with the teacher, so both must share one tokenizer"
-        )
-
-
-def common_vocab_size(student, teacher, tokenizer) -> int:
-    """Rows of the output heads both models share; embeddings padded beyond the tokenizer are tolerated."""
-    sizes = [student.get_output_embeddings().weight.shape[0]]
-    if teacher is not None:
-        sizes.append(teacher.get_output_embeddings().weight.shape[0])
-    size = min(sizes)
-    if size < len(tokenizer):
-        raise ConfigError(
-            f"an output head has {size} rows but the tokenizer has {len(tokenizer)} tokens (student "
-            f"{sizes[0]}{', teacher ' + str(sizes[1]) if len(sizes) > 1 else ''}); the models and the tokenizer "
-            "must match"
-        )
-    return size
 
 
 def build_optimizer(model, config: Config):
@@ -159,118 +76,41 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-# ----------------------------------------------------------------------------------------------- metrics
-
-
-class StepMetrics:
-    """Token-weighted means over micro-batches and processes; `loss` is summed (each micro-batch's loss is
-    already a share of the step's mean)."""
-
-    def __init__(self):
-        self.sums: dict[str, float] = {}
-        self.weights: dict[str, float] = {}
-
-    def add(self, metrics: dict[str, torch.Tensor]) -> None:
-        tokens = float(metrics["tokens"])
-        for key, value in metrics.items():
-            value = float(value)
-            if key in ("loss", "tokens"):
-                weight = 1.0
-            elif key.startswith("loss/"):
-                weight = float(metrics[f"frac/{key[5:]}"]) * tokens
-            else:
-                weight = tokens
-            if weight > 0 and math.isfinite(value):
-                self.sums[key] = self.sums.get(key, 0.0) + value * weight
-                self.weights[key] = self.weights.get(key, 0.0) + weight
-
-    def reduce(self, accelerator) -> dict[str, float]:
-        keys = sorted(self.sums)
-        if accelerator.num_processes > 1:
-            keys = sorted(set().union(*accelerator.gather_for_metrics([keys], use_gather_object=True)))
-            packed = torch.tensor(
-                [[self.sums.get(k, 0.0), self.weights.get(k, 0.0)] for k in keys], dtype=torch.float64,
-                device=accelerator.device,
-            )
-            packed = accelerator.reduce(packed, reduction="sum").cpu()
-            sums = {k: float(packed[i, 0]) for i, k in enumerate(keys)}
-            weights = {k: float(packed[i, 1]) for i, k in enumerate(keys)}
-            # Data-parallel gradients are averaged over processes, so the step's loss is the mean of theirs.
-            sums["loss"] = sums.get("loss", 0.0) / accelerator.num_processes
-        else:
-            sums, weights = self.sums, self.weights
-        out = {}
-        for key in keys:
-            if key in ("loss", "tokens"):
-                out[key] = sums[key]
-            elif weights[key] > 0:
-                out[key] = sums[key] / weights[key]
-        return out
-
-
-# ------------------------------------------------------------------------------------------------- step
-
-
-@dataclass
-class MicroBatch:
-    owners: list[int]  # the data set row of each sequence's prompt
-    completions: Completions
-    self_head: Head | None
-    teacher_head: Head | None
-    self_scores: TargetScores | None
-    teacher_scores: TargetScores | None
-
-
 class Trainer:
     """Holds the models, data and state of one run; `run()` trains. Built by `train(config)`."""
 
     def __init__(self, config: Config, accelerator=None):
         from accelerate import Accelerator
 
-        self.config = config
-        self.objective: Objective = validate(config)
-        check_run_dir(config)
-        trackers = list(config.logging.report_to) or None
+        self.config, c = config, config
+        self.objective = validate(config)
+        restart = run_dir.check_run_dir(config)  # an interrupted run that never reached a checkpoint: start again
         self.accelerator = accelerator or Accelerator(
-            cpu=config.train.device == "cpu",
-            log_with=trackers,
-            project_dir=config.logging.output_dir,
-            mixed_precision=config.train.mixed_precision,
-        )
-        # Launch settings and optional packages are checked before any model loads.
-        check_engine(config, self.accelerator)
-        if config.rollout.backend == "vllm":
+            cpu=c.train.device == "cpu", log_with=list(c.logging.report_to) or None,
+            project_dir=c.logging.output_dir, mixed_precision=c.train.mixed_precision,
+        )  # fmt: skip
+        check_engine(config, self.accelerator)  # launch settings and optional packages before any model loads
+        if c.rollout.backend == "vllm":
             from .rollout.vllm import require_vllm
 
             require_vllm(self.accelerator.device)
-        if config.model.lora.enabled:
+        if c.model.lora.enabled:
             require_peft()
-        self.run_dir = config.logging.output_dir
+        check_sources(config)  # every path and hub name, before anything loads
+        if c.train.prompts_per_step % self.accelerator.num_processes:
+            raise ConfigError(f"train.prompts_per_step = {c.train.prompts_per_step} must be divisible by the number "
+                              f"of processes ({self.accelerator.num_processes})")  # fmt: skip
+        self.run_dir = c.logging.output_dir
         # Each process samples its own completions: its own random stream (process 0 keeps the plain seed).
-        seed_everything(config.train.seed + 1_000_003 * self.accelerator.process_index)
-        self.processor = None  # an image-text model's processor (its tokenizer is self.tokenizer)
-        if is_image_text(config):
-            from .multimodal import load_processor
-
-            name = config.model.tokenizer or config.model.student
-            self.processor = load_processor(name, config.model.trust_remote_code)
-            self.tokenizer = self.processor.tokenizer
-        else:
-            self.tokenizer = load_tokenizer(config)
-        self.prompts = self._load_prompts()
-        check_teacher_tokenizer(config, self.tokenizer)
-        self.served_teacher = self._served_teacher()  # None unless model.teacher_server.url; checked here
-        if config.train.prompts_per_step % self.accelerator.num_processes:
-            raise ConfigError(
-                f"train.prompts_per_step = {config.train.prompts_per_step} must be divisible by the number of "
-                f"processes ({self.accelerator.num_processes})"
-            )
-        self.start_step, resume_dir = 0, None
-        if config.checkpoint.resume:
-            resume_dir = ckpt.latest(self.run_dir)
-        student = self._load_student(resume_dir)
-        local_teacher = self.objective.needs_teacher and self.served_teacher is None
-        teacher = load_model(config.model.teacher, config, "teacher") if local_teacher else None
+        seed_everything(c.train.seed + 1_000_003 * self.accelerator.process_index)
+        self.tokenizer, self.processor = load_processing(config)  # processor: an image-text model's, else None
+        teacher_tokenizer = check_teacher_fidelity(config, self.tokenizer)  # None: the student's renders both
+        self.prompts = load_prompt_set(config, self.objective, self.tokenizer, self.processor, teacher_tokenizer)
+        self.served_teacher = connect_served_teacher(config, self.objective, self.tokenizer, self.is_main)
+        resume_dir = ckpt.latest(self.run_dir) if c.checkpoint.resume else None
+        student = load_student(config, resume_dir, self.processor is not None)
+        local_teacher = self.objective.needs_teacher_model and self.served_teacher is None
+        teacher = load_model(c.model.teacher, config, "teacher") if local_teacher else None
         self.vocab_size = common_vocab_size(student, teacher, self.tokenizer)
         if self.served_teacher is not None:
             self.served_teacher.vocab_size = self.vocab_size
@@ -279,100 +119,58 @@ class Trainer:
         except ValueError as error:
             raise ConfigError(str(error)) from None
         student.train()
-        optimizer, scheduler = build_optimizer(student, config)
+        optimizer, self.scheduler = build_optimizer(student, config)
         # The schedule is stepped once per optimizer step by us: accelerate's prepared scheduler would step once per
         # process, running the schedule num_processes times faster.
         configure_deepspeed(config, self.accelerator)
         self.student, self.optimizer = self.accelerator.prepare(student, optimizer)
-        self.scheduler = scheduler
         self.teacher = prepare_teacher(teacher, self.accelerator) if teacher is not None else None
         # Whole copies of frozen heads where the engine shards them (ZeRO-3; the student's is frozen under LoRA).
-        accelerator, vocab = self.accelerator, self.vocab_size
-        self.teacher_head = frozen_head(self.teacher, vocab, accelerator) if teacher is not None else None
-        self.student_head = frozen_head(self.inner, vocab, accelerator) if config.model.lora.enabled else None
-        self.order = PromptOrder(len(self.prompts), config.train.seed, config.data.shuffle)
-        if resume_dir:
-            self.start_step = ckpt.load_state(resume_dir, self)
-        if config.checkpoint.resume and self.accelerator.is_main_process:
-            ckpt.truncate_metrics(self.run_dir, self.start_step)
-        self.engine = self._rollout_engine()
+        vocab = self.vocab_size
+        self.teacher_head_weights = frozen_head(self.teacher, vocab, self.accelerator) if teacher is not None else None
+        self.student_head_weights = frozen_head(self.inner, vocab, self.accelerator) if c.model.lora.enabled else None
+        self.order = PromptOrder(len(self.prompts), c.train.seed, c.data.shuffle)
+        self.self_weights = self._self_weights()
+        self.collapse = CollapseWatch()
+        self.start_step = ckpt.load_state(resume_dir, self.checkpoint_state()) if resume_dir else 0
+        if c.checkpoint.resume and self.is_main:
+            run_dir.truncate_after(self.run_dir, self.start_step)
+        student_model = lambda: self.inner  # noqa: E731  (the engine reads the live student module)
+        self.engine = make_engine(config, self.objective, self.accelerator, student_model, self.teacher,
+                                  self.tokenizer, self.vocab_size, self.processor)  # fmt: skip
+        self.eos_ids = tuple(sorted(end_of_sequence_ids(self.tokenizer, self.inner)))
         self.gather = make_gather(self.accelerator)
-        if self.accelerator.is_main_process and not resume_dir:
-            init_run_dir(config)
+        if self.is_main and not resume_dir:
+            run_dir.init_run_dir(config, restart)
         self.accelerator.wait_for_everyone()
 
-    def _load_student(self, resume_dir: str | None):
-        """The student from its path or the newest checkpoint; with LoRA, the base from its path and the adapter
-        fresh or from the checkpoint."""
-        config = self.config
-        lora = config.model.lora.enabled
-        saved = os.path.join(resume_dir, "model") if resume_dir else None
-        student = load_model(saved if saved and not lora else config.model.student, config, "student")
-        exclude = None
-        if self.processor is not None:
-            from .multimodal import EXCLUDE_VISION, freeze_vision
-
-            exclude = EXCLUDE_VISION
-            if config.model.freeze_vision:
-                freeze_vision(student)
-        if config.model.gradient_checkpointing:
-            student.gradient_checkpointing_enable()
-            if lora:  # the frozen embeddings must pass gradients on to the checkpointed layers' adapters
-                student.enable_input_require_grads()
-        if lora:
-            student = load_adapters(student, saved) if saved else add_adapters(student, config.model.lora, exclude)
-        return student
-
-    def _load_prompts(self) -> PromptSet:
-        config = self.config
-        dataset = load_rows(config.data)
-        needs_privileged = bool(self.objective.teacher_privileged) or (
-            self.objective.needs_self and config.objective.self_privileged
-        )
-        check_columns(dataset, config.data, needs_privileged)
-        return build_prompt_set(
-            dataset, config.data, self.tokenizer, self.objective.teacher_privileged, config.objective.self_privileged,
-            self.processor,
-        )
-
-    def _served_teacher(self):
-        """The vLLM client of a served teacher, its server checked (models, tokenizer, log-probs cap), or None."""
-        ts, objective = self.config.model.teacher_server, self.objective
-        if not ts.url:
+    def _self_weights(self) -> SelfWeights | None:
+        """The privileged self pass's weights (`objective.self_weights`), copied from the student as it is now (its
+        step-0 weights; a resumed run loads the copy from the checkpoint), or None when no pass reads them."""
+        if not self.objective.needs_self:
             return None
-        from .served_teacher import ServedTeacher, TeacherServerError
-
-        top_k = ts.top_k or (self.config.objective.top_k if objective.top_k_for("teacher") else 1)
-        max_length = self.config.data.max_prompt_length + self.config.rollout.max_new_tokens + 1
-        client = ServedTeacher(ts, ts.model or self.config.model.teacher, top_k, len(self.tokenizer), max_length)
-        try:
-            client.check(self.tokenizer)
-        except TeacherServerError as error:
-            raise ConfigError(str(error)) from None
-        if self.accelerator.is_main_process:
-            fallback = [t.label for t in objective.terms if t.target == "teacher" and t.tail == "bucket"]
-            logger.warning(
-                "teacher served by %s (%s, top-%d log-probs per token)%s", ts.url, client.model, top_k,
-                f"; the teacher's full-vocabulary term(s) {', '.join(fallback)} run on its top-{top_k} with a tail "
-                "bucket (objective.teacher_full=topk_bucket)" if fallback else "",
-            )  # fmt: skip
-        return client
-
-    def _rollout_engine(self):
-        if self.config.rollout.backend == "vllm":
-            from .rollout.vllm import VLLMRollout
-
-            return VLLMRollout.create(self.inner, self.accelerator, self.tokenizer, self.config, self.vocab_size)
-        from .rollout.hf import HFRollout
-
-        return HFRollout(
-            lambda: self.accelerator.unwrap_model(self.student), self.tokenizer, self.config.rollout, self.vocab_size,
-            self.processor,
-        )
+        o = self.config.objective
+        weights = SelfWeights(o.self_weights, self.inner, o.self_ema_decay, o.self_sync_every)
+        if self.is_main:
+            logger.warning(weights.describe())
+        return weights
 
     @property
     def inner(self):
         return self.accelerator.unwrap_model(self.student)
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def chunk_size(self) -> int | None:
+        return self.config.train.chunk_size or None
+
+    def checkpoint_state(self) -> ckpt.CheckpointState:
+        processing = self.processor or self.tokenizer  # an image-text student's processor holds its tokenizer
+        return ckpt.CheckpointState(self.config, self.accelerator, self.student, processing, self.optimizer,
+                                    self.scheduler, self.order, self.self_weights, self.collapse)  # fmt: skip
 
     # -------------------------------------------------------------------------------------------- one step
 
@@ -382,6 +180,20 @@ class Trainer:
         share = len(indices) // self.accelerator.num_processes
         rank = self.accelerator.process_index
         return indices[rank * share : (rank + 1) * share]
+
+    def rollouts(self, prompts: list[int], step: int) -> Rollouts:
+        ids = [self.prompts.student_ids[p] for p in prompts]
+        images = None  # the student sees the plain image, without the privileged boxes
+        if self.prompts.images is not None:
+            images = [self.prompts.images.image(p) for p in prompts]
+        try:
+            return self.engine.generate(ids, self.config.rollout.num_generations, **({"images": images} if images else {}))
+        except RuntimeError as error:
+            if "inf" in str(error) or "nan" in str(error):  # torch.multinomial on a broken distribution
+                sampler = "teacher" if self.objective.rollout_model == "teacher" else "student"
+                raise NonFiniteError(f"step {step + 1}: sampling from the {sampler} failed, its probabilities hold NaN "
+                                     f"or inf ({str(error).splitlines()[0]}); {NonFiniteError.FIX}") from None  # fmt: skip
+            raise
 
     def micro_batches(self, prompts: list[int], rollouts: Rollouts) -> list[list[int]]:
         """Rollout indices of each micro-batch: `micro_batch_size` in order, or packed by padded tokens of the
@@ -414,24 +226,23 @@ class Trainer:
             completions = Completions.from_lists([rollouts.completion_ids[i] for i in sequences], pad)
             self_head = teacher_head = self_scores = teacher_scores = None
             if self.objective.needs_self:
-                privileged = bool(self.config.objective.self_privileged)
-                inputs = self.pass_inputs(self.prompts.self_ids, owners, completions, privileged)
-                self_head = frozen_pass(inner, inputs, self.vocab_size, self.student_head)
-                self_scores = score_target(
-                    self_head, completions.ids, completions.mask, None, temperature, self.chunk_size
-                )
+                inputs = self.pass_inputs(self.prompts.self_ids, owners, completions,
+                                          bool(self.config.objective.self_privileged))  # fmt: skip
+                with self.self_weights.swapped_in():
+                    self_head = frozen_pass(inner, inputs, self.vocab_size, self.student_head_weights)
+                self_scores = score_target(self_head, completions.ids, completions.mask, None, temperature,
+                                           self.chunk_size)  # fmt: skip
             if self.objective.needs_teacher and self.served_teacher is not None:
                 teacher_scores = self.served_teacher.score(  # the teacher's prompts, privileged as the method says
                     [self.prompts.teacher_ids[p] for p in owners], completions.ids, completions.mask,
                     self.objective.top_k_for("teacher"), self.accelerator.device,
                 )  # fmt: skip
             elif self.objective.needs_teacher:
-                privileged = bool(self.objective.teacher_privileged)
-                inputs = self.pass_inputs(self.prompts.teacher_ids, owners, completions, privileged)
-                teacher_head = frozen_pass(self.teacher, inputs, self.vocab_size, self.teacher_head)
-                teacher_scores = score_target(
-                    teacher_head, completions.ids, completions.mask, None, temperature, self.chunk_size
-                )
+                inputs = self.pass_inputs(self.prompts.teacher_ids, owners, completions,
+                                          bool(self.objective.teacher_privileged))  # fmt: skip
+                teacher_head = frozen_pass(self.teacher, inputs, self.vocab_size, self.teacher_head_weights)
+                teacher_scores = score_target(teacher_head, completions.ids, completions.mask, None, temperature,
+                                              self.chunk_size)  # fmt: skip
             batches.append(MicroBatch(owners, completions, self_head, teacher_head, self_scores, teacher_scores))
         return batches
 
@@ -449,10 +260,6 @@ class Trainer:
                 pictures = [images.privileged(picture, p) for picture, p in zip(pictures, owners)]
             inputs.vision = vision_inputs(self.processor, pictures, inputs.input_ids, [len(p) for p in prompts])
         return inputs
-
-    @property
-    def chunk_size(self) -> int | None:
-        return self.config.train.chunk_size or None
 
     def batch_thresholds(self, batches: list[MicroBatch]):
         """Routing thresholds over the whole step, all processes (None for micro-batch scope or no routing)."""
@@ -478,53 +285,54 @@ class Trainer:
 
     def update(self, batches: list[MicroBatch], thresholds, step: int, metrics: StepMetrics):
         """Student passes with gradient, the objective and backward, micro-batch by micro-batch."""
-        total_sequences = sum(len(b.owners) for b in batches)
         rank = self.accelerator.process_index
         generator = torch.Generator().manual_seed((self.config.train.seed * 1_000_003 + step) * 1009 + rank)
         gather = self.gather if self.config.objective.threshold_scope == "batch" else None
+        scope = LossScope(thresholds, sum(len(b.owners) for b in batches), gather, generator, self.eos_ids)
         outputs, inner = [], self.inner
         for number, batch in enumerate(batches):
             inputs = self.pass_inputs(self.prompts.student_ids, batch.owners, batch.completions, privileged=False)
             last = number == len(batches) - 1
             with nullcontext() if last else self.accelerator.no_sync(self.student):
-                student = trainable_pass(self.student, inner, inputs, self.vocab_size, self.student_head)
-                ids = batch.completions.ids.to(student.hidden.device)
+                student = trainable_pass(self.student, inner, inputs, self.vocab_size, self.student_head_weights)
                 mask = batch.completions.mask.to(student.hidden.device)
-                if batch.self_head is not None:  # the same weights, read live: a sharded head kept since scoring
-                    batch.self_head = _same_head(batch.self_head, student)  # may have been freed by now
-                output = self.objective_output(student, ids, mask, batch, thresholds, total_sequences, gather, generator)
+                check_finite("student", step, student.hidden.detach(), mask)
+                if batch.self_head is not None and self.self_weights.is_live:
+                    # The same weights, read live: a sharded head kept since scoring may have been freed by now.
+                    batch.self_head = _same_head(batch.self_head, student)
+                output = self.objective_output(student, batch.completions.ids.to(student.hidden.device), mask, batch,
+                                               scope)  # fmt: skip
+                check_finite("loss", step, output.loss.detach())
                 self.accelerator.backward(output.loss)
             metrics.add(output.metrics)
             outputs.append(output)
         return outputs
 
-    def objective_output(self, student: Head, ids, mask, batch: MicroBatch, thresholds, sequences, gather, generator):
+    def objective_output(self, student: Head, ids, mask, batch: MicroBatch, scope: LossScope):
         if self.config.train.chunk_size == 0:
-            logits = {
-                name: None if head is None else _logits(head)
-                for name, head in (("self", batch.self_head), ("teacher", batch.teacher_head))
-            }
             return compute_objective(
-                self.objective, _logits(student), ids, mask, logits["self"], logits["teacher"], thresholds,
-                sequences, gather, generator,
-            )
+                self.objective, _logits(student), ids, mask, scope=scope,
+                self_logits_BTV=None if batch.self_head is None else _logits(batch.self_head),
+                teacher_logits_BTV=None if batch.teacher_head is None else _logits(batch.teacher_head),
+            )  # fmt: skip
         return chunked_objective(
-            self.objective, student, ids, mask, batch.self_head, batch.teacher_head, batch.self_scores,
-            batch.teacher_scores, thresholds, sequences, gather, generator, self.chunk_size,
-        )
+            self.objective, student, ids, mask, scope=scope, chunk_size=self.chunk_size,
+            self_head=batch.self_head, teacher_head=batch.teacher_head,
+            self_scores=batch.self_scores, teacher_scores=batch.teacher_scores,
+        )  # fmt: skip
 
     def step(self, step: int) -> dict[str, float]:
         timer = time.perf_counter
         start = timer()
         prompts = self.local_prompts()
-        ids = [self.prompts.student_ids[p] for p in prompts]
-        if self.prompts.images is None:
-            rollouts = self.engine.generate(ids, self.config.rollout.num_generations)
-        else:  # the student sees the plain image, without the privileged boxes
-            images = [self.prompts.images.image(p) for p in prompts]
-            rollouts = self.engine.generate(ids, self.config.rollout.num_generations, images=images)
+        rollouts = self.rollouts(prompts, step)
         rolled = timer()
         batches = self.score(prompts, rollouts)
+        for batch in batches:  # before routing: a NaN score would route every token to one regime, silently
+            for name in ("self", "teacher"):
+                scores = getattr(batch, f"{name}_scores")
+                if scores is not None:
+                    check_finite(name, step, scores.token_logprobs, batch.completions.mask)
         thresholds = self.batch_thresholds(batches)
         scored = timer()
         metrics = StepMetrics()
@@ -532,97 +340,68 @@ class Trainer:
         grad_norm, lr = None, self.scheduler.get_last_lr()[0]  # the rate this step uses
         if self.config.optim.max_grad_norm is not None:
             grad_norm = self.accelerator.clip_grad_norm_(self.student.parameters(), self.config.optim.max_grad_norm)
+            check_finite("gradient norm", step, torch.as_tensor(grad_norm))
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.self_weights is not None:
+            self.self_weights.after_step(step + 1)
         self.engine.sync_weights()
         done = timer()
-        lengths = [len(c) for c in rollouts.completion_ids]
         result = metrics.reduce(self.accelerator)
-        result["completion_length/mean"] = _reduce(self.accelerator, float(np.mean(lengths)), "mean")
-        result["completion_length/max"] = _reduce(self.accelerator, float(np.max(lengths)), "max")
-        result["completion/finished"] = _reduce(self.accelerator, float(np.mean(rollouts.finished)), "mean")
-        result.update(
-            {
-                "step": step + 1,
-                "lr": lr,
-                "time/rollout": rolled - start,
-                "time/scoring": scored - rolled,
-                "time/update": done - scored,
-                "time/step": done - start,
-                "tokens_per_second": result.get("tokens", 0.0) / max(done - start, 1e-9),
-            }
-        )
+        result.update(self.completion_metrics(rollouts))
+        result.update({"step": step + 1, "lr": lr, "time/rollout": rolled - start, "time/scoring": scored - rolled,
+                       "time/update": done - scored, "time/step": done - start,
+                       "tokens_per_second": result.get("tokens", 0.0) / max(done - start, 1e-9)})  # fmt: skip
         if grad_norm is not None:
             result["grad_norm"] = float(grad_norm)
-        if self.config.logging.sample_every and (step + 1) % self.config.logging.sample_every == 0:
-            self.save_samples(step + 1, batches, outputs)
+        result.update(self.collapse.update(result))
+        if self.config.logging.sample_every and (step + 1) % self.config.logging.sample_every == 0 and self.is_main:
+            records = run_dir.sample_records(step + 1, batches[0], outputs[0], self.prompts, self.tokenizer,
+                                             self.config.logging.num_samples)  # fmt: skip
+            run_dir.append_jsonl(os.path.join(self.run_dir, "samples.jsonl"), records)
         return result
 
-    # --------------------------------------------------------------------------------------------- outputs
+    def completion_metrics(self, rollouts: Rollouts) -> dict[str, float]:
+        """Lengths, finished and early-ended shares of the step's completions, over all processes."""
+        lengths, a = [len(c) for c in rollouts.completion_ids], self.accelerator
+        result = {
+            "completion_length/mean": reduce_number(a, float(np.mean(lengths)), "mean"),
+            "completion_length/max": reduce_number(a, float(np.max(lengths)), "max"),
+            "completion_length/min": reduce_number(a, float(np.min(lengths)), "min"),
+            "completion/finished": reduce_number(a, float(np.mean(rollouts.finished)), "mean"),
+        }
+        if self.config.logging.answer_pattern:
+            texts = self.tokenizer.batch_decode(rollouts.completion_ids, skip_special_tokens=True)
+            early = early_eos_fraction(texts, rollouts.finished, self.config.logging.answer_pattern)
+            result["completion/early_eos"] = reduce_number(a, early, "mean")
+        return result
 
-    def save_samples(self, step: int, batches: list[MicroBatch], outputs) -> None:
-        """A few completions with each token's regime, gap, q_S, q_T and loss, for token-level reports."""
-        if not self.accelerator.is_main_process or not batches:
-            return
-        batch, output = batches[0], outputs[0]
-        lines = []
-        for row, prompt in enumerate(batch.owners[: self.config.logging.num_samples]):
-            n = int(batch.completions.mask[row].sum())
-            ids = batch.completions.ids[row, :n].tolist()
-            record = {
-                "step": step,
-                "prompt": self.prompts.prompts[prompt],
-                "privileged_context": self.prompts.privileged[prompt],
-                "answer": self.prompts.answers[prompt],
-                "completion": self.tokenizer.decode(ids),
-                "tokens": [self.tokenizer.decode([t]) for t in ids],
-                "token_ids": ids,
-                "loss": output.token_loss[row, :n].tolist(),
-            }
-            if output.regime is not None:
-                record["regime"] = [REGIMES[r] if r >= 0 else None for r in output.regime[row, :n].tolist()]
-            if output.gap is not None:
-                record["gap"] = output.gap[row, :n].tolist()
-            for name, key in (("self_scores", "q_self"), ("teacher_scores", "q_teacher")):
-                scores = getattr(batch, name)
-                if scores is not None:
-                    record[key] = scores.token_logprobs[row, :n].exp().tolist()
-            lines.append(json.dumps(record))
-        with open(os.path.join(self.run_dir, "samples.jsonl"), "a") as handle:
-            handle.write("\n".join(lines) + "\n")
+    # -------------------------------------------------------------------------------------------------- run
 
     def log(self, result: dict[str, float]) -> None:
-        if self.accelerator.is_main_process:
-            with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") as handle:
-                handle.write(json.dumps(result) + "\n")
+        if self.is_main:
+            run_dir.append_jsonl(os.path.join(self.run_dir, "metrics.jsonl"), [result])
         if self.config.logging.report_to:
             self.accelerator.log({k: v for k, v in result.items() if k != "step"}, step=int(result["step"]))
 
-    def run(self, evaluate: Callable[[int, "Trainer"], dict[str, float]] | None = None, evaluate_every: int = 0):
+    def run(self, evaluate: Callable[[int, Trainer], dict[str, float]] | None = None, evaluate_every: int = 0):
         """Train to `train.steps`. `evaluate(step, trainer)`, called at step 0, every `evaluate_every` steps and
         at the end, returns metrics (e.g. held-out accuracy) that are logged with that step's line."""
         from tqdm.auto import tqdm
 
         config, accelerator = self.config, self.accelerator
-        if accelerator.is_main_process:
-            with open(os.path.join(self.run_dir, "config.yaml"), "w") as handle:
-                handle.write(to_yaml(config))
+        if self.is_main:
+            run_dir.write_config(self.run_dir, to_yaml(config))
         if config.logging.report_to:
-            accelerator.init_trackers(
-                config.logging.project,
-                config=_flat_config(config),
-                init_kwargs={"wandb": {"name": config.logging.run_name or os.path.basename(self.run_dir)}},
-            )
-        bar = tqdm(
-            total=config.train.steps,
-            initial=self.start_step,
-            disable=not (accelerator.is_main_process and config.logging.progress_bar),
-            desc="dopd",
-        )
+            name = config.logging.run_name or os.path.basename(self.run_dir)
+            accelerator.init_trackers(config.logging.project, config=_flat_config(config),
+                                      init_kwargs={"wandb": {"name": name}})  # fmt: skip
+        bar = tqdm(total=config.train.steps, initial=self.start_step, desc="dopd",
+                   disable=not (self.is_main and config.logging.progress_bar))  # fmt: skip
         result: dict[str, float] = {}
-        if evaluate is not None and self.start_step == 0:
-            self.log({"step": 0, **evaluate(0, self)})
+        if evaluate is not None and self.start_step == 0 and (measured := evaluate(0, self)):
+            self.log({"step": 0, **measured})
         for step in range(self.start_step, config.train.steps):
             result = self.step(step)
             last = step + 1 == config.train.steps
@@ -631,12 +410,12 @@ class Trainer:
             if (step + 1) % config.logging.log_every == 0 or last:
                 self.log(result)
             bar.update(1)
-            bar.set_postfix(loss=f"{result['loss']:.4f}", step=step + 1)
+            bar.set_postfix(loss=f"{result['loss']:.3g}", step=step + 1)
             every = config.checkpoint.save_every
             if every and (step + 1) % every == 0 and step + 1 < config.train.steps:
-                ckpt.save(self, step + 1)
+                ckpt.save(self.checkpoint_state(), step + 1)
         bar.close()
-        final_dir = ckpt.save_final(self)
+        final_dir = ckpt.save_final(self.checkpoint_state())
         if config.logging.report_to:
             accelerator.end_training()
         return TrainResult(self.run_dir, final_dir, config.train.steps, result)
@@ -652,14 +431,6 @@ def _logits(head: Head) -> torch.Tensor:
     return logits if head.bias is None else logits + head.bias
 
 
-def _reduce(accelerator, value: float, reduction: str) -> float:
-    """A per-process number reduced over processes (`mean` or `max`)."""
-    if accelerator.num_processes == 1:
-        return value
-    gathered = accelerator.gather(torch.tensor([value], dtype=torch.float64, device=accelerator.device))
-    return float(gathered.max() if reduction == "max" else gathered.mean())
-
-
 def _flat_config(config: Config) -> dict:
     from .config import to_dict
 
@@ -673,3 +444,6 @@ def _flat_config(config: Config) -> dict:
 def train(config: Config) -> TrainResult:
     """Train a student as `config` says; returns where the run and the final model are."""
     return Trainer(config).run()
+
+
+__all__ = ["TrainResult", "Trainer", "build_optimizer", "is_image_text", "train"]

@@ -142,12 +142,11 @@ def check_spec(spec: HintsSpec) -> None:
 
 
 def check_local_path(path: str, option: str) -> None:
-    """A path that names a file (a data extension) or starts with `.`, `/` or `~` must exist: otherwise `datasets`
-    would take it for a hub name and spend half a minute retrying the network before failing."""
-    looks_local = os.path.splitext(path)[1].lower() in (".jsonl", ".json", ".parquet", ".csv") or path.startswith(
-        (".", "/", "~"))
-    if looks_local and not os.path.exists(os.path.expanduser(path)):
-        raise ConfigError(f"{option} {path} does not exist (a local file or directory, or a hub name such as org/name)")
+    """A data source that looks local must exist, and a hub name must be reachable: otherwise `datasets` would take
+    a mistyped path for a hub name and spend half a minute retrying the network before failing (loading.py)."""
+    from ..loading import check_source
+
+    check_source(path, option, "dataset")
 
 
 def output_kind(out: str) -> str:

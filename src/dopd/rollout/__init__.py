@@ -8,20 +8,9 @@ trainer never needs to know which engine sampled: transformers `generate` (`hf.p
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Protocol
 
-
-@dataclass
-class Rollouts:
-    """Completions of a list of prompts: `prompt_index[i]` is the prompt that completion `i` continues."""
-
-    prompt_index: list[int]
-    completion_ids: list[list[int]]
-    finished: list[bool]  # the completion ended with an end-of-sequence token (else it hit max_new_tokens)
-
-    def __len__(self) -> int:
-        return len(self.completion_ids)
+from ..types import Rollouts
 
 
 class RolloutEngine(Protocol):
@@ -55,3 +44,16 @@ def _as_set(ids) -> set[int]:
     if ids is None:
         return set()
     return {int(i) for i in ids} if isinstance(ids, (list, tuple, set)) else {int(ids)}
+
+
+def make_engine(config, objective, accelerator, student_model, teacher, tokenizer, vocab_size: int, processor=None):
+    """The rollout engine of a run: vLLM (`rollout.backend=vllm`, imported only then) or transformers generate on
+    the live student module (`student_model()`), or on the teacher for a method whose teacher samples (sft)."""
+    if config.rollout.backend == "vllm":
+        from .vllm import VLLMRollout
+
+        return VLLMRollout.create(student_model(), accelerator, tokenizer, config, vocab_size)
+    from .hf import HFRollout
+
+    sampler = (lambda: teacher) if objective.rollout_model == "teacher" else student_model
+    return HFRollout(sampler, tokenizer, config.rollout, vocab_size, processor)

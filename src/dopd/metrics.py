@@ -1,0 +1,62 @@
+"""The metrics of one training step: token-weighted means over micro-batches and processes, and per-process
+numbers reduced over processes."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+class StepMetrics:
+    """Token-weighted means over micro-batches and processes; `loss` is summed (each micro-batch's loss is
+    already a share of the step's mean)."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.weights: dict[str, float] = {}
+
+    def add(self, metrics: dict[str, torch.Tensor]) -> None:
+        tokens = float(metrics["tokens"])
+        for key, value in metrics.items():
+            value = float(value)
+            if key in ("loss", "tokens"):
+                weight = 1.0
+            elif key.startswith("loss/"):
+                weight = float(metrics[f"frac/{key[5:]}"]) * tokens
+            else:
+                weight = tokens
+            if weight > 0 and math.isfinite(value):
+                self.sums[key] = self.sums.get(key, 0.0) + value * weight
+                self.weights[key] = self.weights.get(key, 0.0) + weight
+
+    def reduce(self, accelerator) -> dict[str, float]:
+        keys = sorted(self.sums)
+        if accelerator.num_processes > 1:
+            keys = sorted(set().union(*accelerator.gather_for_metrics([keys], use_gather_object=True)))
+            packed = torch.tensor(
+                [[self.sums.get(k, 0.0), self.weights.get(k, 0.0)] for k in keys], dtype=torch.float64,
+                device=accelerator.device,
+            )
+            packed = accelerator.reduce(packed, reduction="sum").cpu()
+            sums = {k: float(packed[i, 0]) for i, k in enumerate(keys)}
+            weights = {k: float(packed[i, 1]) for i, k in enumerate(keys)}
+            # Data-parallel gradients are averaged over processes, so the step's loss is the mean of theirs.
+            sums["loss"] = sums.get("loss", 0.0) / accelerator.num_processes
+        else:
+            sums, weights = self.sums, self.weights
+        out = {}
+        for key in keys:
+            if key in ("loss", "tokens"):
+                out[key] = sums[key]
+            elif weights[key] > 0:
+                out[key] = sums[key] / weights[key]
+        return out
+
+
+def reduce_number(accelerator, value: float, reduction: str) -> float:
+    """A per-process number reduced over processes (`mean`, `max` or `min`)."""
+    if accelerator.num_processes == 1:
+        return value
+    gathered = accelerator.gather(torch.tensor([value], dtype=torch.float64, device=accelerator.device))
+    return float({"max": gathered.max, "min": gathered.min, "mean": gathered.mean}[reduction]())

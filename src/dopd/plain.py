@@ -1,0 +1,95 @@
+"""The plain form of the objective: from the full logits of the three passes on the same completion tokens.
+
+It holds [B, T, V] logits of every pass at once, which at Qwen3 scale takes gigabytes: training uses the chunked
+kernel (`kernels/chunked.py`), which gives the same loss and gradients from hidden states and heads. This form is
+the reference the kernel is tested against, and `train.chunk_size=0` trains with it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from . import losses
+from .terms import (
+    LossScope,
+    ObjectiveOutput,
+    _check_inputs,
+    check_top_k,
+    eos_probability,
+    route,
+    summarize,
+    weighted_token_loss,
+)
+from .types import TargetScores
+
+if TYPE_CHECKING:
+    from .objectives import Objective
+
+
+def compute_objective(
+    objective: Objective,
+    student_logits_BTV: Tensor,
+    completion_ids_BT: Tensor,
+    mask_BT: Tensor,
+    *,
+    self_logits_BTV: Tensor | None = None,
+    teacher_logits_BTV: Tensor | None = None,
+    scope: LossScope | None = None,
+) -> ObjectiveOutput:
+    """The plain form: the objective from full logits of the three passes on the same completion tokens.
+
+    Shapes: logits [B, T, V] (position t scores completion token t), `completion_ids_BT` [B, T] int,
+    `mask_BT` [B, T] (1 for completion tokens, 0 for padding). `thresholds` comes from the trainer when the scope
+    is larger than this call; otherwise it is computed here (over processes with `gather`). `num_sequences`
+    is the number of sequences the loss is averaged over (default B; the trainer passes the step's count so that
+    gradient accumulation gives the mean over the whole batch).
+    """
+    others = {"privileged student": self_logits_BTV, "teacher": teacher_logits_BTV}
+    for name, needed in (("privileged student", objective.needs_self), ("teacher", objective.needs_teacher)):
+        if needed and others[name] is None:
+            raise ValueError(f"method {objective.config.method!r} needs the {name}'s logits")
+    _check_inputs(student_logits_BTV, completion_ids_BT, mask_BT, {k: v for k, v in others.items() if v is not None})
+    check_top_k(objective, student_logits_BTV.shape[-1])
+    temperature = objective.config.temperature
+    dtype = losses.accumulation_dtype(student_logits_BTV.dtype)
+    student_lp = torch.log_softmax(student_logits_BTV.to(dtype) / temperature, dim=-1)
+    full = {}
+    scores: dict[str, TargetScores] = {}
+    for name, logits in (("self", self_logits_BTV), ("teacher", teacher_logits_BTV)):
+        if logits is not None:
+            full[name] = torch.log_softmax(logits.detach().to(dtype) / temperature, dim=-1)
+            scores[name] = TargetScores.from_logprobs(full[name], completion_ids_BT, objective.top_k_for(name))
+    scope = scope or LossScope()
+    routed = route(objective, mask_BT, scores.get("self"), scores.get("teacher"), scope)
+    valid = mask_BT.bool()
+    flat_full = {name: lp[valid] for name, lp in full.items()}
+    token_loss, plain = weighted_token_loss(
+        objective,
+        routed.coefficients[:, valid],
+        student_lp[valid],
+        completion_ids_BT[valid],
+        {name: s.flat(valid) for name, s in scores.items()},
+        lambda name, rows: flat_full[name][rows],
+    )
+    # The empty slice adds exactly 0 but keeps the loss on the student's graph when no term applies to any token
+    # (all padding, all dropped, no token in an enabled regime): backward gives zero gradients, not an error.
+    loss = token_loss.sum() + student_lp[..., :0].sum()
+    token_loss_BT = torch.zeros(mask_BT.shape, dtype=plain.dtype, device=plain.device).masked_scatter(valid, plain)
+    student_token_lp = student_lp.detach().gather(-1, completion_ids_BT.unsqueeze(-1)).squeeze(-1)
+    entropies = {"student": losses.entropy(student_lp.detach())}
+    entropies.update({name: s.entropy for name, s in scores.items()})
+    metrics = summarize(
+        objective,
+        loss,
+        token_loss_BT,
+        routed,
+        mask_BT,
+        entropies,
+        student_token_lp,
+        scores["teacher"].token_logprobs if "teacher" in scores else None,
+        eos_probability(student_lp, scope.eos_ids),
+    )
+    return ObjectiveOutput(loss, metrics, token_loss_BT, routed.regime, routed.gap, routed.thresholds)

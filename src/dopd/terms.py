@@ -1,0 +1,336 @@
+"""The per-token machinery of every objective: which terms apply to each token and with what coefficient
+(routing a batch), each term's value, the weighted token loss, and the metrics of one call (docs/method.md,
+"Routing").
+
+An objective is a list of `Term`s (`objectives.py` builds them from a method's name and options). A term names a
+target (the privileged `teacher` or the privileged student `self`), a divergence, a granularity (the `sampled`
+token, `topk`, the `full` vocabulary), a weight, and the tokens it applies to (a DOPD regime, every token, or,
+for EOPD, the tokens where the teacher's entropy is high). The per-token loss is the sum of the terms that apply
+to the token; the loss averages it over each sequence's tokens (`1/|y|`) and then over sequences.
+
+Both forms of the objective import this module: the plain form from full logits (`plain.py`) and the chunked
+kernel from hidden states and heads (`kernels/chunked.py`). Shape letters: `types.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Callable
+
+import torch
+from torch import Tensor
+
+from . import losses, routing
+from .routing import REGIMES, Gather, Thresholds
+from .types import TargetScores
+
+if TYPE_CHECKING:  # the objective is read for its terms and options only
+    from .objectives import Objective
+
+ALL_TOKENS = -2
+HIGH_TEACHER_ENTROPY = -3
+
+
+@dataclass(frozen=True)
+class Term:
+    target: str  # teacher | self | none (reads no scorer: sft)
+    divergence: str
+    granularity: str
+    weight: float
+    applies_to: int  # a regime code, ALL_TOKENS or HIGH_TEACHER_ENTROPY
+    tail: str | None = None  # a Top-K term's tail (renormalize | bucket); None: objective.topk_tail
+
+    @property
+    def label(self) -> str:
+        if 0 <= self.applies_to < len(REGIMES):
+            return REGIMES[self.applies_to]
+        return {ALL_TOKENS: "all", HIGH_TEACHER_ENTROPY: "high_entropy"}[self.applies_to]
+
+
+@dataclass
+class LossScope:
+    """What one loss call needs to know beyond its own tokens."""
+
+    thresholds: Thresholds | None = None  # routing thresholds of a larger scope (the step); None: computed here
+    num_sequences: int | None = None  # sequences the loss is averaged over (None: this call's); accumulation
+    gather: Gather | None = None  # all-gather over processes, for thresholds computed here
+    generator: torch.Generator | None = None  # token dropping at random
+    eos_ids: tuple[int, ...] = ()  # end-of-sequence ids: the student's probability of them is a metric
+
+
+# ------------------------------------------------------------------------------------------------- scores
+
+
+def compute_batch_thresholds(
+    objective: Objective,
+    self_scores: TargetScores | None,
+    teacher_scores: TargetScores | None,
+    mask: Tensor,
+    gather: Gather | None = None,
+) -> Thresholds | None:
+    """Routing thresholds of one scope from the scores of its tokens (None when the method does not route)."""
+    c = objective.config
+    needs_gap = objective.uses_routing or (c.drop_fraction > 0 and c.drop_mode in ("lowest_gap", "highest_gap"))
+    thresholds = None
+    if needs_gap:
+        assert self_scores is not None and teacher_scores is not None
+        thresholds = routing.compute_thresholds(
+            self_scores.token_logprobs,
+            teacher_scores.token_logprobs,
+            mask,
+            trim=c.trim,
+            normalization=c.normalization,
+            gather=gather,
+            drop_fraction=c.drop_fraction,
+            drop_mode=c.drop_mode,
+        )
+    if objective.uses_teacher_entropy:
+        assert teacher_scores is not None
+        ent = (gather or (lambda x: x))(teacher_scores.entropy.detach()[mask.bool()].double())
+        cut = float(torch.quantile(ent, c.eopd_entropy_quantile)) if ent.numel() else 0.0
+        thresholds = replace(thresholds or Thresholds(gap=0.0, prob_sum=0.0), teacher_entropy=cut)
+    return thresholds
+
+
+# ---------------------------------------------------------------------------------------- token weights
+
+
+@dataclass
+class Routed:
+    """Per-token routing of one call. Shapes: [B, T]; `coefficients`: [J, B, T] (one row per term)."""
+
+    regime: Tensor | None
+    gap: Tensor | None
+    keep: Tensor
+    coefficients: Tensor
+    thresholds: Thresholds | None
+
+
+def route(
+    objective: Objective,
+    mask_BT: Tensor,
+    self_scores: TargetScores | None,
+    teacher_scores: TargetScores | None,
+    scope: LossScope,
+) -> Routed:
+    """Each term's coefficient for each token: weight × applies × kept × 1/(|y_b| · num_sequences)."""
+    c = objective.config
+    valid = mask_BT.bool()
+    thresholds = scope.thresholds
+    if thresholds is None:
+        thresholds = compute_batch_thresholds(objective, self_scores, teacher_scores, valid, scope.gather)
+    regime = gap = None
+    if objective.uses_routing:
+        regime = routing.assign_regimes(self_scores.token_logprobs, teacher_scores.token_logprobs, valid, thresholds)
+    if self_scores is not None and teacher_scores is not None:
+        gap = routing.privilege_gap(self_scores.token_logprobs, teacher_scores.token_logprobs).masked_fill(~valid, 0)
+    keep = routing.drop_mask(
+        None if self_scores is None else self_scores.token_logprobs,
+        None if teacher_scores is None else teacher_scores.token_logprobs,
+        valid,
+        c.drop_fraction,
+        c.drop_mode,
+        thresholds,
+        scope.generator,
+    )
+    lengths = valid.sum(-1, keepdim=True).clamp(min=1)
+    sequences = scope.num_sequences if scope.num_sequences is not None else mask_BT.shape[0]
+    per_token = keep.to(torch.float64) / (lengths.to(torch.float64) * max(sequences, 1))
+    rows = []
+    for term in objective.terms:
+        if term.applies_to == ALL_TOKENS:
+            applies = keep
+        elif term.applies_to == HIGH_TEACHER_ENTROPY:
+            applies = keep & (teacher_scores.entropy.double() >= thresholds.teacher_entropy)
+        else:
+            applies = keep & (regime == term.applies_to)
+        rows.append(term.weight * per_token * applies)
+    return Routed(regime, gap, keep, torch.stack(rows), thresholds)
+
+
+# ------------------------------------------------------------------------------------------- term values
+
+FullTarget = Callable[[str, Tensor], Tensor]
+
+
+def term_values(
+    objective: Objective,
+    term: Term,
+    student_logprobs_MV: Tensor,
+    completion_ids_M: Tensor,
+    target: TargetScores,
+    full_target: FullTarget,
+    rows: Tensor,
+) -> Tensor:
+    """One term's per-token value on the tokens `rows` [R] of a block of M tokens.
+
+    `student_logprobs_MV` and `completion_ids_M` cover the whole block (rows are picked here, so a Top-K term
+    copies [R, K] student entries, not [R, V]); `target` holds the R tokens' scores; `full_target(name, rows)`
+    gives the target's full log-probs [R, V] (only called when the term needs them). Returns [R]."""
+    if term.granularity == "sampled":
+        student_token = student_logprobs_MV[rows, completion_ids_M[rows]]
+        return sampled_values(objective, term, student_token, target)
+    if term.granularity == "full":
+        student = student_logprobs_MV[rows]
+        return losses.divergence(term.divergence, student, full_target(term.target, rows), objective.config.jsd_beta)
+    ids, support_mask, target_support = topk_inputs(
+        objective, target, lambda: full_target(term.target, rows), lambda: student_logprobs_MV[rows]
+    )
+    return topk_values(objective, term, student_logprobs_MV[rows.unsqueeze(-1), ids], target_support, support_mask)
+
+
+def sampled_values(objective: Objective, term: Term, student_token_logprobs_R: Tensor, target: TargetScores) -> Tensor:
+    """A sampled-token term from the student's log-probs of the R sampled tokens [R]. Returns [R]."""
+    if term.divergence == "nll":  # supervised: the tokens were sampled by the teacher, no target is read
+        return losses.negative_log_likelihood(student_token_logprobs_R)
+    return losses.sampled_token_divergence(
+        term.divergence, student_token_logprobs_R, target.token_logprobs, objective.config.jsd_beta
+    )
+
+
+def topk_inputs(
+    objective: Objective, target: TargetScores, full_target_RV: Callable[[], Tensor], student_RV: Callable[[], Tensor]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The Top-K support of R tokens: (ids [R, K'], mask [R, K'], the target's log-probs there [R, K']).
+
+    It comes from the target's kept top-K when the support is the target's and the scores hold it; otherwise
+    from the full log-probs `full_target_RV()` (and the student's `student_RV()`, read only to pick its top-K)."""
+    c = objective.config
+    if c.topk_support == "target" and target.topk_logprobs is not None:
+        ids = target.topk_ids[..., : c.top_k]
+        return ids, torch.ones_like(ids, dtype=torch.bool), target.topk_logprobs[..., : c.top_k]
+    full = full_target_RV()
+    student_rows = full if c.topk_support == "target" else student_RV()  # read only for its top-K
+    ids, support_mask = losses.topk_support(student_rows, full, c.top_k, c.topk_support)
+    return ids, support_mask, full.gather(-1, ids)
+
+
+def topk_values(
+    objective: Objective, term: Term, student_support_RK: Tensor, target_support_RK: Tensor, support_mask_RK: Tensor
+) -> Tensor:
+    """A Top-K term from both distributions' log-probs on the support [R, K'] (renormalized or with a tail
+    bucket here). Gradient flows through `student_support_RK` only. Returns [R]."""
+    c = objective.config
+    student_sub, target_sub, support_mask = losses.restrict_gathered(
+        student_support_RK, target_support_RK, support_mask_RK, term.tail or c.topk_tail
+    )
+    return losses.divergence(term.divergence, student_sub, target_sub, c.jsd_beta, support_mask)
+
+
+def weighted_token_loss(
+    objective: Objective,
+    coefficients_JM: Tensor,
+    student_logprobs_MV: Tensor,
+    completion_ids_M: Tensor,
+    targets: dict[str, TargetScores],
+    full_target: FullTarget,
+) -> tuple[Tensor, Tensor]:
+    """Σ_terms coefficient × value per token, each term evaluated on the tokens where its coefficient is not 0.
+
+    Returns (the loss contribution per token [M], with the 1/(|y|·sequences) factors, and the sum of the
+    applicable terms' weighted values per token [M], without them, detached, for token-level views).
+    """
+    dtype = losses.accumulation_dtype(student_logprobs_MV.dtype)
+    coefficients_JM = coefficients_JM.to(dtype)
+    total = torch.zeros(coefficients_JM.shape[-1], dtype=dtype, device=student_logprobs_MV.device)
+    plain = torch.zeros_like(total)
+    for term, coefficient in zip(objective.terms, coefficients_JM):
+        rows = coefficient.nonzero().squeeze(-1)
+        if rows.numel() == 0:
+            continue
+        target = targets.get(term.target)  # None for a term that reads no scorer (sft)
+        target = None if target is None else target.rows(rows)
+        values = term_values(objective, term, student_logprobs_MV, completion_ids_M, target, full_target, rows)
+        total = total.index_add(0, rows, values * coefficient[rows])
+        plain = plain.index_add(0, rows, values.detach() * term.weight)
+    return total, plain
+
+
+# ------------------------------------------------------------------------------------------------ output
+
+
+@dataclass
+class ObjectiveOutput:
+    """The loss (a scalar with gradient), metrics (detached 0-dim tensors) and per-token views [B, T]."""
+
+    loss: Tensor
+    metrics: dict[str, Tensor]
+    token_loss: Tensor  # Σ of the terms applied to each token, weights included, not length-normalized
+    regime: Tensor | None
+    gap: Tensor | None
+    thresholds: Thresholds | None
+
+
+def summarize(
+    objective: Objective,
+    loss: Tensor,
+    token_loss_BT: Tensor,
+    routed: Routed,
+    mask_BT: Tensor,
+    entropies: dict[str, Tensor],
+    student_token_logprobs_BT: Tensor,
+    teacher_token_logprobs_BT: Tensor | None,
+    student_eos_prob_BT: Tensor | None = None,
+) -> dict[str, Tensor]:
+    """The metrics of one call: loss, per-regime fractions and mean losses, gap statistics, entropies and the
+    deployed student's probability of end-of-sequence (a collapse sign: `diagnostics.py`)."""
+    valid = mask_BT.bool()
+    count = valid.sum().clamp(min=1)
+
+    def mean(values: Tensor, where: Tensor) -> Tensor:
+        return (values.double() * where).sum() / where.sum().clamp(min=1)
+
+    metrics = {"loss": loss.detach(), "tokens": valid.sum().double(), "kept_fraction": routed.keep.sum() / count}
+    for name, values in entropies.items():
+        metrics[f"entropy/{name}"] = mean(values, valid)
+    if student_eos_prob_BT is not None:
+        metrics["eos_prob/student"] = mean(student_eos_prob_BT, valid)
+    if teacher_token_logprobs_BT is not None:
+        metrics["sampled_kl/teacher"] = mean(student_token_logprobs_BT - teacher_token_logprobs_BT, valid)
+    if routed.gap is not None:
+        metrics["gap/mean"] = mean(routed.gap, valid)
+    if routed.thresholds is not None and routed.regime is not None:
+        for key, value in routed.thresholds.as_metrics().items():
+            metrics[key] = torch.tensor(value, dtype=torch.float64)
+    if routed.regime is not None:
+        metrics.update({k: v.double() for k, v in routing.regime_fractions(routed.regime).items()})
+        for code, name in enumerate(REGIMES):
+            metrics[f"loss/{name}"] = mean(token_loss_BT, routed.regime == code)
+    return metrics
+
+
+def _check_inputs(student_BTV: Tensor, completion_ids_BT: Tensor, mask_BT: Tensor, others: dict[str, Tensor]) -> None:
+    if completion_ids_BT.shape != student_BTV.shape[:2] or mask_BT.shape != completion_ids_BT.shape:
+        raise ValueError(
+            f"sequence lengths differ: student logits {tuple(student_BTV.shape[:2])}, completion ids "
+            f"{tuple(completion_ids_BT.shape)}, mask {tuple(mask_BT.shape)}; all must be [B, T] over the same "
+            "completion tokens"
+        )
+    for name, tensor in others.items():
+        if tensor.shape[:2] != student_BTV.shape[:2]:
+            raise ValueError(
+                f"sequence lengths differ: the student has {tuple(student_BTV.shape[:2])} completion positions "
+                f"but the {name} has {tuple(tensor.shape[:2])}; align the passes by the completion tokens"
+            )
+        if tensor.shape[-1] != student_BTV.shape[-1]:
+            raise ValueError(
+                f"vocabulary sizes differ: the student has {student_BTV.shape[-1]} and the {name} has "
+                f"{tensor.shape[-1]}; the student and teacher must share one tokenizer (slice embeddings padded "
+                "beyond the tokenizer to a common size)"
+            )
+
+
+def check_top_k(objective: Objective, vocab_size: int) -> None:
+    if any(t.granularity == "topk" for t in objective.terms) and objective.config.top_k > vocab_size:
+        raise ValueError(
+            f"objective.top_k = {objective.config.top_k} is larger than the vocabulary ({vocab_size}); "
+            f"set it to at most {vocab_size}"
+        )
+
+
+def eos_probability(student_logprobs_MV: Tensor, eos_ids: tuple[int, ...]) -> Tensor | None:
+    """The student's probability of ending the sequence at each token, Σ over the end-of-sequence ids [M]."""
+    ids = [i for i in eos_ids if 0 <= i < student_logprobs_MV.shape[-1]]
+    if not ids:
+        return None
+    return student_logprobs_MV.detach()[..., ids].exp().sum(-1)

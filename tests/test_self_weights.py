@@ -1,0 +1,151 @@
+"""The privileged self's weights (`objective.self_weights`): live, frozen, EMA and lagged copies, their updates,
+their place in checkpoints (resume stays bit-identical) and the LoRA case (adapters only)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dopd.self_weights import SelfWeights
+from dopd.train import Trainer, train
+from tiny import make_config, train_stopped_at
+
+
+def _linear() -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    model[1].bias.requires_grad_(False)  # a frozen tensor is not copied
+    return model
+
+
+def test_copy_holds_trainable_tensors_and_swaps_back_after_an_error():
+    model = _linear()
+    weights = SelfWeights("frozen", model)
+    assert weights.names == ["0.weight", "0.bias", "1.weight"]
+    assert weights.nbytes() == (12 + 4 + 8) * 4
+    x = torch.randn(5, 3)
+    before = model(x).detach()
+    with torch.no_grad():
+        for p in weights.params:
+            p.add_(1.0)  # the trained weights move away from the copy
+    moved = model(x).detach()
+    with weights.swapped_in():
+        assert torch.equal(model(x), before)
+    assert torch.equal(model(x), moved)
+    with pytest.raises(RuntimeError), weights.swapped_in():
+        raise RuntimeError("a pass that fails")
+    assert torch.equal(model(x), moved)
+
+
+def test_live_keeps_no_copy():
+    weights = SelfWeights("live", _linear())
+    assert weights.is_live and weights.nbytes() == 0 and weights.state_dict() == {}
+    assert "live" in weights.describe()
+
+
+def test_ema_after_one_step_is_the_hand_computed_average():
+    model = _linear()
+    weights = SelfWeights("ema", model, ema_decay=0.75)
+    start = [p.detach().clone() for p in weights.params]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(3.0).add_(0.5)
+    weights.after_step(1)
+    for copy, w0, p in zip(weights.copy, start, weights.params):
+        torch.testing.assert_close(copy, 0.75 * w0 + 0.25 * p.detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_lagged_changes_exactly_at_multiples_of_n():
+    model = _linear()
+    weights = SelfWeights("lagged", model, sync_every=3)
+    changed_at = []
+    for step in range(1, 8):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.1)
+        before = [c.clone() for c in weights.copy]
+        weights.after_step(step)
+        if any(not torch.equal(b, c) for b, c in zip(before, weights.copy)):
+            changed_at.append(step)
+            assert all(torch.equal(c, p.detach()) for c, p in zip(weights.copy, weights.params))
+    assert changed_at == [3, 6]
+
+
+def test_state_dict_round_trip_and_mismatch():
+    model = _linear()
+    weights = SelfWeights("ema", model)
+    state = {name: tensor + 1 for name, tensor in weights.state_dict().items()}
+    weights.load_state_dict(state)
+    assert all(torch.equal(c, state[n]) for n, c in zip(weights.names, weights.copy))
+    with pytest.raises(ValueError, match="does not match the student's trainable tensors"):
+        weights.load_state_dict({"0.weight": state["0.weight"]})
+
+
+def test_unknown_mode():
+    with pytest.raises(ValueError, match="objective.self_weights = 'stale' is unknown"):
+        SelfWeights("stale", _linear())
+
+
+# ----------------------------------------------------------------------------------------------- the trainer
+
+
+def _self_scores(trainer, prompts, rollouts):
+    return torch.cat([batch.self_scores.token_logprobs for batch in trainer.score(prompts, rollouts)])
+
+
+def test_frozen_scores_equal_at_step_0_and_step_k(pair, tmp_path):
+    trainer = Trainer(make_config(pair, tmp_path / "frozen", "objective.self_weights=frozen", "train.steps=3"))
+    prompts = trainer.local_prompts()
+    rollouts = trainer.engine.generate([trainer.prompts.student_ids[p] for p in prompts], 2)
+    at_start = _self_scores(trainer, prompts, rollouts)
+    trainer.run()
+    assert torch.equal(_self_scores(trainer, prompts, rollouts), at_start)
+    # The live weights did move, so a live self pass on the same completions now scores otherwise.
+    trainer.self_weights.mode = "live"
+    assert not torch.allclose(_self_scores(trainer, prompts, rollouts), at_start)
+
+
+def test_live_self_pass_reads_the_training_weights(pair, tmp_path):
+    trainer = Trainer(make_config(pair, tmp_path / "live", "train.steps=2", "objective.self_weights=live"))
+    prompts = trainer.local_prompts()
+    rollouts = trainer.engine.generate([trainer.prompts.student_ids[p] for p in prompts], 2)
+    at_start = _self_scores(trainer, prompts, rollouts)
+    trainer.run()
+    assert not torch.allclose(_self_scores(trainer, prompts, rollouts), at_start)
+
+
+@pytest.mark.parametrize("setting", ["frozen", "ema", "lagged"])
+def test_resume_is_bit_identical(pair, tmp_path, setting):
+    common = [
+        "train.steps=4", "checkpoint.save_every=2", f"objective.self_weights={setting}", "objective.self_ema_decay=0.5",
+        "objective.self_sync_every=3", "objective.method=opsd",
+    ]  # fmt: skip
+    straight = train(make_config(pair, tmp_path / "straight", *common))
+    train_stopped_at(make_config(pair, tmp_path / "resumed", *common), step=2)
+    saved = load_file(str(tmp_path / "resumed" / "checkpoints" / "step_000002" / "self_weights.safetensors"))
+    assert saved  # the copy is in the checkpoint
+    resumed = train(make_config(pair, tmp_path / "resumed", *common, "checkpoint.resume=true"))
+    a = load_file(os.path.join(straight.final_dir, "model.safetensors"))
+    b = load_file(os.path.join(resumed.final_dir, "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="needs peft")
+def test_lora_copy_holds_only_adapter_tensors(pair, tmp_path):
+    lora = ["model.lora.enabled=true", "model.lora.r=4", "model.lora.alpha=8", "objective.self_weights=ema"]
+    trainer = Trainer(make_config(pair, tmp_path / "lora", *lora, "train.steps=2"))
+    names = list(trainer.self_weights.state_dict())
+    assert names and all("lora_" in name for name in names)
+    adapters = sum(p.numel() * p.element_size() for n, p in trainer.inner.named_parameters() if "lora_" in n)
+    assert trainer.self_weights.nbytes() == adapters
+    trainer.run()
+    b_names = [n for n in names if "lora_B" in n]
+    # B starts at zero; after two steps with decay 0.99 the EMA copy has moved off zero, but by less than the live B.
+    live = dict(trainer.inner.named_parameters())
+    for name in b_names:
+        copy = trainer.self_weights.state_dict()[name]
+        assert 0 < copy.abs().max() < live[name].detach().abs().max()
