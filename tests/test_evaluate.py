@@ -290,3 +290,23 @@ def test_unreadable_answers_and_other_reports_are_refused(answering_model, tmp_p
         evaluate(EvalSpec(model=str(broken), data=data, out=str(tmp_path / "r.json"), progress=False,
                           tokenizer=answering_model))
     assert not (tmp_path / "r.json").exists()
+
+
+def test_progress_counts_generated_tokens_not_the_prompt():
+    from dopd.evaluate import _TokenProgress
+
+    class Bar:
+        n = 0
+
+        def update(self, count):
+            self.n += count
+
+    bar = Bar()
+    progress = _TokenProgress(bar)
+    progress.put(torch.zeros(4, 9, dtype=torch.long))  # the prompt of a batch of 4
+    for _ in range(3):
+        progress.put(torch.zeros(4, dtype=torch.long))  # one token per row and step
+    progress.end()
+    progress.put(torch.zeros(2, 5, dtype=torch.long))  # the next batch's prompt
+    progress.put(torch.zeros(2, dtype=torch.long))
+    assert bar.n == 4 * 3 + 2

@@ -178,9 +178,9 @@ def read_jsonl(path):
 
 def test_rule_forms_through_the_command(tmp_path, capsys):
     source = write_jsonl(tmp_path / "gsm.jsonl", [
-        {"question": NATALIA_Q, "solution": NATALIA_S, "answer": "72", "id": 0},
-        {"question": WENG_Q, "solution": WENG_S, "answer": "10", "id": 1},
-        {"question": "Nothing to do?", "solution": "#### 3", "answer": "3", "id": 2},
+        {"prompt": NATALIA_Q, "solution": NATALIA_S, "answer": "72", "id": 0},
+        {"prompt": WENG_Q, "solution": WENG_S, "answer": "10", "id": 1},
+        {"prompt": "Nothing to do?", "solution": "#### 3", "answer": "3", "id": 2},
     ])
     out = tmp_path / "gsm-stepwise.jsonl"
     assert main(["hints", "--input", source, "--form", "stepwise", "--out", str(out), "--no-progress"]) == 0
@@ -213,7 +213,7 @@ def test_rule_forms_through_the_command(tmp_path, capsys):
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch, args, message):
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
     monkeypatch.chdir(tmp_path)
-    source = write_jsonl(tmp_path / "in.jsonl", [{"question": "q", "solution": "s = 1", "answer": "1"}])
+    source = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "q", "solution": "s = 1", "answer": "1"}])
     argv = ["hints", "--input", source, "--out", str(tmp_path / "out.jsonl"), "--no-progress"] + args
     assert main(argv) == 2
     error = capsys.readouterr().err.strip()
@@ -222,8 +222,8 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch,
 
 
 def test_empty_values_and_existing_outputs_are_refused(tmp_path):
-    source = write_jsonl(tmp_path / "in.jsonl", [{"question": "q", "solution": "x = 1", "answer": "1"},
-                                                 {"question": "q", "solution": " ", "answer": "2"}])
+    source = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "q", "solution": "x = 1", "answer": "1"},
+                                                 {"prompt": "q", "solution": " ", "answer": "2"}])
     with pytest.raises(ConfigError, match="1 of 2 rows have an empty 'solution' .* row 1"):
         run_hints(HintsSpec(input=source, out=str(tmp_path / "o.jsonl"), form="stepwise", progress=False))
     (tmp_path / "o.jsonl").write_text("keep me")
@@ -324,7 +324,7 @@ def server():
 
 def sums(n):
     """Rows "What is a + (a+10) + (a+20)?" with a from 1: no partial sum is a number the question states."""
-    return [{"question": f"What is {i + 1} + {i + 11} + {i + 21}?", "answer": str(3 * i + 33), "id": i} for i in range(n)]
+    return [{"prompt": f"What is {i + 1} + {i + 11} + {i + 21}?", "answer": str(3 * i + 33), "id": i} for i in range(n)]
 
 
 def served_spec(source, out, url, **extra):
@@ -413,7 +413,7 @@ def test_a_run_that_dies_resumes_without_repeating_finished_rows(tmp_path, serve
     summary = run_hints(served_spec(source, out, server.url, concurrency=1))
     assert summary.rows_resumed == 3
     asked = [question for kind, question in server.chats if kind == "generate"]
-    assert sorted(asked) == sorted(row["question"] for row in sums(6))  # each row asked for exactly once
+    assert sorted(asked) == sorted(row["prompt"] for row in sums(6))  # each row asked for exactly once
     assert [row["id"] for row in read_jsonl(out)] == list(range(6))
     # Other settings cannot continue another run's partial file.
     server.hits, server.fail_after = 0, 2
@@ -456,7 +456,7 @@ def test_a_killed_process_resumes_without_repeating_finished_rows(tmp_path):
             question for (kind, question), arrived in zip(slow.chats, slow.arrivals)
             if kind == "generate" and arrived >= resumed
         ]
-        questions = [row["question"] for row in sums(8)]
+        questions = [row["prompt"] for row in sums(8)]
         assert not {questions[i] for i in finished} & set(asked_after)
         assert sorted(asked_after) == sorted(questions[i] for i in range(8) if i not in finished)
         assert [row["id"] for row in read_jsonl(out)] == list(range(8))

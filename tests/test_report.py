@@ -262,3 +262,16 @@ def test_run_in_progress_with_nothing_logged_yet(runs, tmp_path):
     report = build_report([str(run)], str(tmp_path / "out"))
     assert report.plots == {} and report.runs[0].method == "dopd"
     assert "no saved samples" in open(report.html_path).read()
+
+
+def test_a_run_that_flagged_a_collapse_is_marked_at_its_step(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    lines = [{"step": s, "loss": 1.0, "entropy/student": 0.5, "completion_length/mean": 30 - 4 * s,
+              "collapse/length": float(s >= 5), **({"collapse/step": 5.0} if s >= 5 else {})} for s in range(1, 8)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    collapse = find_collapse(load_run(str(run)))
+    assert collapse is not None and collapse.step == 5 and "length" in collapse.reason
+    assert "flagged a collapse (length (run diagnostics)) at step 5" in collapse.message()
+    report = build_report([str(run)], str(tmp_path / "report"))
+    assert report.plots["completion_length"] and any("step 5" in w for w in report.warnings)

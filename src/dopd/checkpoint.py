@@ -118,7 +118,10 @@ def save(state: CheckpointState, step: int) -> str:
 def save_model(state: CheckpointState, model_state: dict, directory: str) -> None:
     """The student (or its LoRA adapter) and the tokenizer in `directory`; with `model.lora.save_merged`, the
     merged model in `directory/merged`. Main process only."""
-    state.inner.save_pretrained(directory, state_dict=model_state)
+    from .loading import quiet_transformers
+
+    with quiet_transformers():  # no "Writing model shards" bars
+        state.inner.save_pretrained(directory, state_dict=model_state)
     processing = state.processing
     processing.save_pretrained(directory)
     lora = state.config.model.lora

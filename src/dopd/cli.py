@@ -7,6 +7,7 @@ import argparse
 import sys
 
 from .config import ConfigError, keys_help
+from .diagnostics import NonFiniteError
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -18,7 +19,7 @@ def _train(args: argparse.Namespace) -> int:
     print(f"run directory: {result.run_dir}")
     print(f"final model:   {result.final_dir}")
     if result.last_metrics:
-        print(f"last step:     loss {result.last_metrics.get('loss', float('nan')):.4f}")
+        print(f"last step:     loss {result.last_metrics.get('loss', float('nan')):.4g}")
     return 0
 
 
@@ -148,9 +149,17 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line (`dopd lab: error: argument --steps: invalid int value: 'x'`), without
+    the usage block: every bad input of every command reads the same way."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dopd", description="Dual On-policy Distillation and its baselines.")
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="dopd", description="Dual On-policy Distillation and its baselines.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     train = commands.add_parser(
         "train",
         help="distil a student from a teacher with privileged context",
@@ -231,7 +240,8 @@ def _add_hints_parser(commands) -> None:
     hints.add_argument("--split", help="split of a hub data set or a saved DatasetDict (default train)")
     hints.add_argument("--name", help="hub data set configuration name")
     hints.add_argument("--max-rows", type=int, help="use only the first N rows")
-    hints.add_argument("--question-column", help="default question")
+    hints.add_argument("--prompt-column", "--question-column", dest="prompt_column",
+                       help="the question or prompt column, as train and eval read it (default prompt)")
     hints.add_argument("--solution-column", help="default solution")
     hints.add_argument("--answer-column", help="default answer")
     hints.add_argument("--output-column", help="default privileged_context")
@@ -304,13 +314,38 @@ def _add_eval_parser(commands) -> None:
     evaluation.set_defaults(handler=_eval)
 
 
+def _log_to_stderr() -> None:
+    """dopd's own lines (one per loaded model, warnings) on stderr, once per process."""
+    import logging
+
+    class ToStderr(logging.StreamHandler):  # the stderr of the moment, not the one at set-up (tests swap it)
+        @property
+        def stream(self):
+            return sys.stderr
+
+        @stream.setter
+        def stream(self, value):
+            pass
+
+    logger = logging.getLogger("dopd")
+    if not any(isinstance(h, logging.StreamHandler) and type(h).__name__ == "ToStderr" for h in logger.handlers):
+        handler = ToStderr()
+        handler.setFormatter(logging.Formatter("dopd: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _log_to_stderr()
     try:
         return args.handler(args)
     except ConfigError as error:
         print(f"dopd: error: {error}", file=sys.stderr)
         return 2
+    except NonFiniteError as error:  # a run that went wrong numerically: one line, its last checkpoint intact
+        print(f"dopd: error: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

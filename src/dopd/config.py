@@ -173,9 +173,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     merged = OmegaConf.structured(Config)
     try:
         if path is not None:
-            if not os.path.exists(path):
-                raise ConfigError(f"config file {path} does not exist")
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+            merged = OmegaConf.merge(merged, _read_yaml(path))
         if sections:
             merged = OmegaConf.merge(merged, OmegaConf.create(sections))
         if overrides:
@@ -196,7 +194,42 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         key = getattr(error, "full_key", None)
         first = str(error).splitlines()[0]
         raise ConfigError(f"config key {key}: {first}" if key else first) from None
+    resolve(config)
     validate(config)
+    return config
+
+
+def _read_yaml(path) -> Any:
+    """The YAML file as an OmegaConf mapping; a missing file, a file that is not YAML or not a mapping of sections is
+    one clear error."""
+    import yaml
+
+    if not os.path.exists(path):
+        raise ConfigError(f"--config {path} does not exist")
+    try:
+        with open(path) as handle:
+            loaded = yaml.safe_load(handle)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or type(error).__name__
+        raise ConfigError(f"--config {path} is not valid YAML{where}: {problem}") from None
+    if loaded is None:
+        loaded = {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"--config {path} holds a {type(loaded).__name__}, not a mapping of sections (model:, data:, "
+                          "...)")  # fmt: skip
+    return OmegaConf.create(loaded)
+
+
+def resolve(config: Config) -> Config:
+    """Fill the settings whose default depends on other settings, in place (they are saved with the run):
+    `train.mixed_precision` read by YAML as false is `no`; a served teacher gives its top-K only, so
+    `objective.teacher_full` unset becomes `topk_bucket`. Returns the config."""
+    if config.train.mixed_precision in ("False", "false"):  # YAML reads a bare `no` as false
+        config.train.mixed_precision = "no"
+    if config.model.teacher_server.url and config.objective.teacher_full is None:
+        config.objective.teacher_full = "topk_bucket"
     return config
 
 
@@ -209,7 +242,8 @@ def to_dict(config: Config) -> dict:
 
 
 def validate(config: Config) -> Objective:
-    """Check every setting that can be checked without loading a model; returns the built objective."""
+    """Check every setting that can be checked without loading a model (changing none: `resolve` fills the
+    defaults that depend on other settings); returns the built objective."""
     try:
         objective = Objective(config.objective)
     except ValueError as error:
@@ -243,8 +277,6 @@ def validate(config: Config) -> Objective:
         )
     if r.top_k < 0:
         raise ConfigError(f"rollout.top_k = {r.top_k} must be >= 0 (0: off)")
-    if t.mixed_precision in ("False", "false"):  # YAML reads a bare `no` as false
-        t.mixed_precision = "no"
     if t.mixed_precision not in ("no", "bf16", "fp16"):
         raise ConfigError(f"train.mixed_precision = {t.mixed_precision!r} is unknown; use no, bf16 or fp16")
     _positive(r.num_generations, "rollout.num_generations")
@@ -291,8 +323,8 @@ def validate(config: Config) -> Objective:
 
 
 def _check_teacher_server(config: Config, objective: Objective) -> Objective:
-    """A served teacher gives the sampled token's log-prob and a top-K: check that the objective can live on that,
-    and resolve `objective.teacher_full` to `topk_bucket` (saved with the run's config). Returns the objective."""
+    """A served teacher gives the sampled token's log-prob and a top-K: check that the objective can live on that
+    (`resolve` sets `objective.teacher_full=topk_bucket` when it is unset). Returns the objective."""
     m, ts, o = config.model, config.model.teacher_server, config.objective
     if objective.rollout_model == "teacher":
         raise ConfigError(
@@ -312,11 +344,8 @@ def _check_teacher_server(config: Config, objective: Objective) -> Objective:
             "give (only its top-K); set objective.teacher_full=topk_bucket or serve no teacher"
         )
     if o.teacher_full is None:
-        o.teacher_full = "topk_bucket"
-        try:
-            objective = Objective(o)
-        except ValueError as error:
-            raise ConfigError(str(error)) from None
+        raise ConfigError("objective.teacher_full is unset with a served teacher; load the config with load_config "
+                          "(config.resolve sets it to topk_bucket)")  # fmt: skip
     teacher_topk = any(term.target == "teacher" and term.granularity == "topk" for term in objective.terms)
     if teacher_topk and o.topk_support != "target":
         raise ConfigError(

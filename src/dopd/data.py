@@ -1,5 +1,5 @@
 """Prompt data sets for on-policy distillation: loading, checking, rendering the three prompts, tokenizing
-(spec, "Privileged input"; design, "data.py").
+(docs/method.md, "Privileged input"; docs/training.md, "Data").
 
 A row has a prompt (a string or chat messages), a privileged context and optionally an answer. Each row becomes
 three token sequences: the deployed student's prompt, the privileged student's and the teacher's (with or without
@@ -21,7 +21,20 @@ _FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".cs
 
 
 def load_rows(config: DataConfig):
-    """The data set as a `datasets.Dataset`: a local file, a `save_to_disk` directory or a hub name."""
+    """The data set as a `datasets.Dataset`: a local file, a `save_to_disk` directory or a hub name (read without
+    `datasets`' progress bars)."""
+    from datasets.utils import logging as datasets_logging
+
+    enabled = datasets_logging.is_progress_bar_enabled()
+    datasets_logging.disable_progress_bar()
+    try:
+        return _load_rows(config)
+    finally:
+        if enabled:
+            datasets_logging.enable_progress_bar()
+
+
+def _load_rows(config: DataConfig):
     import datasets
 
     path = config.path
@@ -77,6 +90,32 @@ def check_columns(dataset, config: DataConfig, needs_privileged: bool) -> None:
                 f"{len(empty)} of {len(values)} rows have an empty {column!r} ({key}), the first at row {empty[0]}; "
                 "fill or drop them"
             )
+        check = _prompt_problem if key == "data.prompt_column" else _text_problem
+        bad = [(i, problem) for i, value in enumerate(values) if (problem := check(value))]
+        if bad:
+            raise ConfigError(
+                f"{len(bad)} of {len(values)} rows have a {column!r} ({key}) that cannot be rendered, the first at row "
+                f"{bad[0][0]}: {bad[0][1]}"
+            )
+
+
+def _text_problem(value: Any) -> str | None:
+    return None if isinstance(value, str) else f"a {type(value).__name__}, not a string"
+
+
+def _prompt_problem(value: Any) -> str | None:
+    """What keeps a prompt from being rendered: it must be a string or a list of chat messages with a user turn."""
+    if isinstance(value, str):
+        return None
+    if not isinstance(value, list):
+        return f"a {type(value).__name__}; give a string or a list of chat messages ({{role, content}})"
+    for message in value:
+        if not (isinstance(message, dict) and isinstance(message.get("role"), str) and "content" in message):
+            return f"the message {str(message)[:60]!r} is not a {{role, content}} mapping"
+    if not any(message["role"] == "user" for message in value):
+        roles = ", ".join(str(m["role"]) for m in value)
+        return f"chat messages without a user turn (roles: {roles}); the privileged context goes into the user turn"
+    return None
 
 
 def _is_empty(value: Any) -> bool:

@@ -427,14 +427,36 @@ def sample_completions(model, tokenizer, prompt_ids: list[list[int]], spec: Eval
     torch.manual_seed(spec.seed)
     completions: list[list[str]] = [[] for _ in prompt_ids]
     unfinished = 0
-    with tqdm(total=len(prompt_ids), disable=not spec.progress, desc="eval", unit="prompt") as bar:
-        for start in range(0, len(prompt_ids), spec.batch_size):
-            rollouts = engine.generate(prompt_ids[start : start + spec.batch_size], spec.samples)
+    batches = -(-len(prompt_ids) // spec.batch_size)
+    # Progress in generated tokens with their rate, the batch of prompts in the postfix: a batch of a large model
+    # takes minutes on a CPU, and a bar counting prompts would sit at 0 meanwhile.
+    with tqdm(disable=not spec.progress, desc="eval", unit="tok", dynamic_ncols=True) as bar:
+        progress = _TokenProgress(bar)
+        for number, start in enumerate(range(0, len(prompt_ids), spec.batch_size), 1):
+            bar.set_postfix_str(f"batch {number}/{batches}, prompts {start}/{len(prompt_ids)}")
+            rollouts = engine.generate(prompt_ids[start : start + spec.batch_size], spec.samples, streamer=progress)
             for index, ids, done in zip(rollouts.prompt_index, rollouts.completion_ids, rollouts.finished):
                 completions[start + index].append(tokenizer.decode(ids, skip_special_tokens=True))
                 unfinished += not done
-            bar.update(min(spec.batch_size, len(prompt_ids) - start))
+        bar.set_postfix_str(f"batch {batches}/{batches}, prompts {len(prompt_ids)}/{len(prompt_ids)}")
     return completions, unfinished
+
+
+class _TokenProgress:
+    """A transformers streamer that counts the tokens each decoding step adds (one per sampled row); the first
+    call of a `generate` hands it the prompt, which is not counted."""
+
+    def __init__(self, bar):
+        self.bar, self.prompt_seen = bar, False
+
+    def put(self, value) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        self.bar.update(int(value.numel()))
+
+    def end(self) -> None:
+        self.prompt_seen = False
 
 
 def evaluate(spec: EvalSpec) -> dict[str, Any]:

@@ -56,7 +56,7 @@ class HintsSpec:
     split: str = "train"
     name: str | None = None
     max_rows: int | None = None
-    question_column: str = "question"
+    prompt_column: str = "prompt"
     solution_column: str = "solution"
     answer_column: str = "answer"
     output_column: str = "privileged_context"
@@ -169,7 +169,7 @@ def _needed_columns(spec: HintsSpec, columns: list[str], first_row: dict) -> lis
         "stepwise": [("--solution-column", spec.solution_column)],
         "stepwise-executed": [("--solution-column", spec.solution_column)],
         "summary": [("--solution-column", spec.solution_column)],
-        "generated": [("--question-column", spec.question_column), ("--answer-column", spec.answer_column)],
+        "generated": [("--prompt-column", spec.prompt_column), ("--answer-column", spec.answer_column)],
         "boxes": [("--boxes-column", spec.boxes_column)],
     }[spec.form]
     if spec.form == "boxes":
@@ -228,15 +228,15 @@ def row_builder(spec: HintsSpec, columns: list[str], client: ChatClient | None =
     if form == "stepwise-executed":
         return lambda row: one(executed_hints(get(row, spec.solution_column)))
     if form == "stepwise":
-        return lambda row: one(stepwise_hints(get(row, spec.solution_column), get(row, spec.question_column),
+        return lambda row: one(stepwise_hints(get(row, spec.solution_column), get(row, spec.prompt_column),
                                               get(row, spec.answer_column) or None))
     if form == "summary":
-        return lambda row: one(summary_hints(get(row, spec.solution_column), get(row, spec.question_column),
+        return lambda row: one(summary_hints(get(row, spec.solution_column), get(row, spec.prompt_column),
                                              get(row, spec.answer_column) or None, spec.summary_words))
     if form == "boxes":
         return lambda row: one(box_hint(row.get(spec.boxes_column), row.get(spec.labels_column),
                                         _row_size(row, spec, columns), spec.coords))
-    return lambda row: generate_hints(client, get(row, spec.question_column), get(row, spec.solution_column) or None,
+    return lambda row: generate_hints(client, get(row, spec.prompt_column), get(row, spec.solution_column) or None,
                                       get(row, spec.answer_column), spec.max_hints, spec.verify)
 
 
@@ -321,11 +321,11 @@ def _difference(header: dict, settings: dict) -> str:
 
 def _settings(spec: HintsSpec, dataset) -> dict:
     """What the partial file must agree on with a rerun: the form's settings and a hash of the input rows."""
-    keys = ["form", "question_column", "solution_column", "answer_column", "prefix", "model", "temperature",
+    keys = ["form", "prompt_column", "solution_column", "answer_column", "prefix", "model", "temperature",
             "max_tokens", "max_hints", "verify"]
     settings = {key: getattr(spec, key) for key in keys}
     settings["prefix"] = DEFAULT_PREFIXES[spec.form] if spec.prefix is None else spec.prefix
-    used = [c for c in (spec.question_column, spec.solution_column, spec.answer_column) if c in dataset.column_names]
+    used = [c for c in (spec.prompt_column, spec.solution_column, spec.answer_column) if c in dataset.column_names]
     digest = hashlib.sha256()
     for column in used:
         digest.update(json.dumps(dataset[column], default=str, ensure_ascii=False).encode("utf-8"))
@@ -519,9 +519,9 @@ def write_dataset(dataset, out: str) -> None:
 def _notes(spec: HintsSpec, columns: list[str]) -> list[str]:
     notes = []
     if spec.form in ("stepwise", "summary"):
-        if spec.question_column not in columns:
-            notes.append(f"no {spec.question_column!r} column: numbers the question states could not be told apart "
-                         "from computed ones (set --question-column)")
+        if spec.prompt_column not in columns:
+            notes.append(f"no {spec.prompt_column!r} column: numbers the question states could not be told apart "
+                         "from computed ones (set --prompt-column)")
         if spec.answer_column not in columns:
             notes.append(f"no {spec.answer_column!r} column: the answer was taken from each solution's #### line or "
                          "\\boxed{} (set --answer-column)")

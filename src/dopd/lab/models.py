@@ -239,12 +239,18 @@ def default_pair_config(task: str) -> LabPairConfig:
 
 def load_pair(path: str | Path) -> LabPair:
     """A pair saved by `build_pair` (teacher/, student/, tokenizer/ and lab_pair.json)."""
+    from dopd.loading import quiet_transformers
+
     path = Path(path)
     meta = json.loads((path / COMPLETE_MARKER).read_text())
+    with quiet_transformers():
+        teacher = AutoModelForCausalLM.from_pretrained(path / "teacher").eval()
+        student = AutoModelForCausalLM.from_pretrained(path / "student").eval()
+        tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
     return LabPair(
-        teacher=AutoModelForCausalLM.from_pretrained(path / "teacher").eval(),
-        student=AutoModelForCausalLM.from_pretrained(path / "student").eval(),
-        tokenizer=AutoTokenizer.from_pretrained(path / "tokenizer"),
+        teacher=teacher,
+        student=student,
+        tokenizer=tokenizer,
         path=path,
         properties=meta.get("properties", {}),
         config=LabPairConfig.from_dict(meta["config"]),
@@ -329,10 +335,13 @@ def build_pair(
         "command": command,
         "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
     }
+    from dopd.loading import quiet_transformers
+
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         for role in ("teacher", "student"):
-            getattr(pair, role).save_pretrained(tmp / role)
+            with quiet_transformers():  # no "Writing model shards" bars
+                getattr(pair, role).save_pretrained(tmp / role)
             tokenizer.save_pretrained(tmp / role)  # so AutoTokenizer works on a model path too
         tokenizer.save_pretrained(tmp / "tokenizer")
         (tmp / "history.json").write_text(json.dumps(built["histories"]))

@@ -59,8 +59,11 @@ class HFRollout:
         return GenerationConfig(**settings)
 
     @torch.no_grad()
-    def generate(self, prompt_ids: list[list[int]], num_generations: int, images: list | None = None) -> Rollouts:
-        """`images`: one image per prompt, for an image-text student."""
+    def generate(
+        self, prompt_ids: list[list[int]], num_generations: int, images: list | None = None, streamer=None
+    ) -> Rollouts:
+        """`images`: one image per prompt, for an image-text student. `streamer`: a transformers streamer that
+        sees each decoding step's tokens (progress reports)."""
         model = self.model_getter()
         was_training = model.training
         model.eval()
@@ -96,6 +99,7 @@ class HFRollout:
                     input_ids=input_ids.to(device),
                     attention_mask=attention.to(device),
                     generation_config=generation_config,
+                    streamer=streamer,
                     **{key: value.to(device) for key, value in vision.items()},
                 )
                 for row, generated in enumerate(output[:, width:].tolist()):
