@@ -43,8 +43,11 @@ MB = 1 << 20
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--form", choices=("plain", "chunked"), help="run one form in this process (the parent "
-                        "runs each form in a subprocess with this flag)")
+    parser.add_argument(
+        "--form",
+        choices=("plain", "chunked"),
+        help="run one form in this process (the parent runs each form in a subprocess with this flag)",
+    )
     parser.add_argument("--tokens", type=int, help=f"completion tokens (default {FULL['tokens']})")
     parser.add_argument("--sequences", type=int, default=4, help="sequences the tokens are split into (no padding)")
     parser.add_argument("--vocab", type=int, help=f"vocabulary size (default {FULL['vocab']})")
@@ -56,8 +59,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--small", action="store_true", help=f"quick smoke test: {SMALL} unless given")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each form, in alternating order")
-    parser.add_argument("--tensor-memory", action="store_true", help="also count live tensor bytes (torch's "
-                        "profiler), in a second untimed pass of each form")
+    parser.add_argument(
+        "--tensor-memory",
+        action="store_true",
+        help="also count live tensor bytes (torch's profiler), in a second untimed pass of each form",
+    )
     args = parser.parse_args(argv)
     defaults = SMALL if args.small else FULL
     for key, value in defaults.items():
@@ -197,8 +203,7 @@ def warm_up(form: str, objective) -> None:
     """The form once on a tiny problem (loads kernels, starts the thread pool) far below the inputs' size."""
     import torch
 
-    tiny = argparse.Namespace(tokens=64, sequences=2, vocab=1024, student_hidden=32, teacher_hidden=64,
-                              logit_std=3.0)
+    tiny = argparse.Namespace(tokens=64, sequences=2, vocab=1024, student_hidden=32, teacher_hidden=64, logit_std=3.0)
     inputs, _ = make_inputs(tiny, torch.Generator().manual_seed(1))
     run_form(form, objective, inputs, chunk_size=16)
 
@@ -325,8 +330,20 @@ def parent(args, argv: list[str]) -> dict:
     time_ratio = statistics.median(time_ratios)
     plain, chunked = runs["plain"][0], runs["chunked"][0]
     result = {
-        "config": {k: getattr(args, k) for k in ("tokens", "sequences", "vocab", "student_hidden", "teacher_hidden",
-                                                  "logit_std", "seed", "repeats")} | {"threads": threads},
+        "config": {
+            k: getattr(args, k)
+            for k in (
+                "tokens",
+                "sequences",
+                "vocab",
+                "student_hidden",
+                "teacher_hidden",
+                "logit_std",
+                "seed",
+                "repeats",
+            )
+        }
+        | {"threads": threads},
         "memory_ratio": round(memory_ratio, 4),
         "time_ratio": round(time_ratio, 4),
         "time_ratios": [round(r, 4) for r in time_ratios],
@@ -350,8 +367,11 @@ def parent(args, argv: list[str]) -> dict:
     }
     if args.tensor_memory:
         plain_live, chunked_live = median("plain", "live_tensor_mb"), median("chunked", "live_tensor_mb")
-        result.update(plain_live_tensor_mb=plain_live, chunked_live_tensor_mb=chunked_live,
-                      live_tensor_ratio=round(chunked_live / plain_live, 4))
+        result.update(
+            plain_live_tensor_mb=plain_live,
+            chunked_live_tensor_mb=chunked_live,
+            live_tensor_ratio=round(chunked_live / plain_live, 4),
+        )
     return result
 
 

@@ -55,9 +55,9 @@ def main(argv=None) -> dict:
 
     import torch
 
-    from dopd.types import Completions
     from dopd.config import TeacherServerConfig
     from dopd.served_teacher import ServedTeacher
+    from dopd.types import Completions
 
     torch.set_num_threads(1)
     body, prompts, completions = synthetic_answer(

@@ -50,8 +50,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--student", default="2x64", help="student LAYERSxHIDDEN")
     parser.add_argument("--teacher", default="4x128", help="teacher LAYERSxHIDDEN")
     parser.add_argument("--chunk-size", type=int, default=None, help="train.chunk_size (default: automatic; 0: plain)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: on a shared machine more "
-                        "threads spin-wait on each other and the timings explode; 0: torch's default)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: on a shared machine more "
+        "threads spin-wait on each other and the timings explode; 0: torch's default)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
@@ -187,8 +192,13 @@ def run_method(trainer, prompts, rollouts, step: int, probes: Probes) -> dict[st
     trainer.update(batches, thresholds, step, StepMetrics())
     done = time.perf_counter()
     cpu = time.process_time() - cpu_start
-    out = {"score": scored - start, "thresholds": routed - scored, "update_only": done - routed, "update": done - start,
-           "update_cpu": cpu}
+    out = {
+        "score": scored - start,
+        "thresholds": routed - scored,
+        "update_only": done - routed,
+        "update": done - start,
+        "update_cpu": cpu,
+    }
     out.update(probes.take())
     # what `update` spends outside the student pass and the loss: backward through the student, mostly
     out["backward"] = out["update_only"] - out.get("student_pass", 0.0) - out.get("loss", 0.0)
@@ -230,8 +240,10 @@ def main(argv=None) -> dict:
             if trainer.teacher is not None:
                 probes.model_names[id(trainer.teacher)] = "teacher"
         probes.install()
-        log(f"vocab {paths['vocab']}, student {args.student}, teacher {args.teacher}, {args.prompts} prompts × "
-            f"{args.generations} rollouts, {args.max_new_tokens} new tokens, threads {torch.get_num_threads()}")
+        log(
+            f"vocab {paths['vocab']}, student {args.student}, teacher {args.teacher}, {args.prompts} prompts × "
+            f"{args.generations} rollouts, {args.max_new_tokens} new tokens, threads {torch.get_num_threads()}"
+        )
 
         records = {m: [] for m in methods}
         rollout_times, rollout_cpus, token_counts = [], [], []
@@ -269,8 +281,16 @@ def main(argv=None) -> dict:
     ]
     update_ratios = [records["dopd"][i]["update"] / records["opd-priv"][i]["update"] for i in range(args.repetitions)]
     forward_ratios = [r["teacher_pass"] / r["self_pass"] for r in records["dopd"]]
-    keys = ("self_pass", "self_score_target", "teacher_pass", "teacher_score_target", "thresholds", "student_pass",
-            "loss", "backward")
+    keys = (
+        "self_pass",
+        "self_score_target",
+        "teacher_pass",
+        "teacher_score_target",
+        "thresholds",
+        "student_pass",
+        "loss",
+        "backward",
+    )
     result = {
         "step_ratio": round((rollout_s + update["dopd"]) / (rollout_s + update["opd-priv"]), 4),
         "update_ratio": round(update["dopd"] / update["opd-priv"], 4),
@@ -278,7 +298,8 @@ def main(argv=None) -> dict:
         "update_ratio_per_rep_median": round(statistics.median(update_ratios), 4),
         "cpu_step_ratio": round(
             (statistics.median(rollout_cpus) + median("dopd", "update_cpu"))
-            / (statistics.median(rollout_cpus) + median("opd-priv", "update_cpu")), 4
+            / (statistics.median(rollout_cpus) + median("opd-priv", "update_cpu")),
+            4,
         ),
         "cpu_update_ratio": round(median("dopd", "update_cpu") / median("opd-priv", "update_cpu"), 4),
         "dopd_update_s": round(update["dopd"], 4),
@@ -288,8 +309,9 @@ def main(argv=None) -> dict:
         "opd_priv_step_s": round(rollout_s + update["opd-priv"], 4),
         "teacher_student_forward_ratio": round(statistics.median(forward_ratios), 3),
         "teacher_student_param_ratio": round(paths["teacher_params"] / paths["student_params"], 2),
-        "breakdown_s": {m: {k: round(median(m, k), 4) for k in keys if any(k in r for r in records[m])}
-                        for m in methods},
+        "breakdown_s": {
+            m: {k: round(median(m, k), 4) for k in keys if any(k in r for r in records[m])} for m in methods
+        },
         "repetitions": args.repetitions,
         "completion_tokens": int(statistics.median(token_counts)),
         "sequences": args.prompts * args.generations,

@@ -345,8 +345,8 @@ def install_part(record: dict, wheels: str | None, site: str, needed: dict[str, 
 def pip_install(distribution: str, wheels: str, site: str) -> str | None:
     """`pip install --target site` of one distribution from the wheel folder, with no index and no dependencies
     (one call each, so that a wheel that does not fit leaves the others installed); None or what went wrong."""
-    command = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--no-cache-dir",
-               "--upgrade", "--target", site, "--find-links", wheels, distribution]  # fmt: skip
+    command = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+               "--no-cache-dir", "--upgrade", "--target", site, "--find-links", wheels, distribution]  # fmt: skip
     done = subprocess.run(command, check=False, capture_output=True, text=True)
     if done.returncode == 0:
         return None
@@ -714,7 +714,8 @@ def qwen3_config(name: str, vocab_size: int):
 
     return Qwen3Config(vocab_size=vocab_size, rms_norm_eps=1e-6, max_position_embeddings=40960,
                        rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
-                       pad_token_id=0, eos_token_id=1, bos_token_id=None, **dict(zip(QWEN3_FIELDS, QWEN3[name])))  # fmt: skip
+                       pad_token_id=0, eos_token_id=1, bos_token_id=None,
+                       **dict(zip(QWEN3_FIELDS, QWEN3[name])))  # fmt: skip
 
 
 def build_model(name: str, vocab_size: int, device: str, path: str, tokenizer) -> dict:

@@ -28,7 +28,7 @@ import torch
 
 from dopd.lab.evaluation import evaluate, generate_completions, render_lab_prompt
 from dopd.lab.models import default_pair_config, load_or_build_pair, sft_batch
-from dopd.lab.runner import LabConfig, TEST_SEED, TRAIN_SEED
+from dopd.lab.runner import TEST_SEED, TRAIN_SEED, LabConfig
 from dopd.lab.tasks import Example, get_task
 
 

@@ -42,8 +42,10 @@ def main(paths: list[str]) -> None:
     for kind in ("plan", "other"):
         total = sum(regimes[kind].values())
         fractions = ", ".join(f"{r} {regimes[kind][r] / total:.2f}" for r in ("LH", "LL", "HT", "HS"))
-        print(f"{kind:>5} tokens ({total}): {fractions}; gap mean {statistics.fmean(gaps[kind]):.3f}, "
-              f"median {statistics.median(gaps[kind]):.3f}")
+        print(
+            f"{kind:>5} tokens ({total}): {fractions}; gap mean {statistics.fmean(gaps[kind]):.3f}, "
+            f"median {statistics.median(gaps[kind]):.3f}"
+        )
 
 
 if __name__ == "__main__":

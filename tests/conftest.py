@@ -1,8 +1,8 @@
 """Shared test setup: one torch thread, and the tiny teacher/student pair with its prompts (built once)."""
 
 import pytest
-import torch
 import tiny
+import torch
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -12,8 +12,8 @@ import os
 import shutil
 
 import pytest
-
 import tiny
+
 from dopd.cli import main
 
 STEPS = ["train.steps=1", "train.prompts_per_step=2", "rollout.num_generations=2", "rollout.max_new_tokens=4",
@@ -80,34 +80,60 @@ CASES = {
     "override_without_value": lambda f: (train_args(f, "train.steps"), "is not of the form key=value"),
     "value_type": lambda f: (train_args(f, "train.steps=many"), "train.steps"),
     "unknown_method": lambda f: (train_args(f, "objective.method=dopdd"), "objective.method = 'dopdd' is unknown"),
-    "no_student": lambda f: (["train", f"data.path={f['data']}", "logging.output_dir=run"], "model.student is required"),
-    "no_data": lambda f: (["train", f"model.student={f['student']}", f"model.teacher={f['teacher']}",
-                           "logging.output_dir=run"], "data.path is required"),  # fmt: skip
-    "no_output_dir": lambda f: (["train", f"model.student={f['student']}", f"model.teacher={f['teacher']}",
-                                 f"data.path={f['data']}"], "logging.output_dir is required"),  # fmt: skip
+    "no_student": lambda f: (
+        ["train", f"data.path={f['data']}", "logging.output_dir=run"],
+        "model.student is required",
+    ),
+    "no_data": lambda f: (
+        ["train", f"model.student={f['student']}", f"model.teacher={f['teacher']}", "logging.output_dir=run"],
+        "data.path is required",
+    ),  # fmt: skip
+    "no_output_dir": lambda f: (
+        ["train", f"model.student={f['student']}", f"model.teacher={f['teacher']}", f"data.path={f['data']}"],
+        "logging.output_dir is required",
+    ),  # fmt: skip
     "negative_lr": lambda f: (train_args(f, "optim.lr=-1"), "optim.lr = -1.0 must be positive"),
     "warmup_too_long": lambda f: (train_args(f, "optim.warmup_steps=5"), "optim.warmup_steps = 5"),
-    "resume_and_overwrite": lambda f: (train_args(f, "checkpoint.resume=true", "logging.overwrite=true"),
-                                       "checkpoint.resume and logging.overwrite"),  # fmt: skip
+    "resume_and_overwrite": lambda f: (
+        train_args(f, "checkpoint.resume=true", "logging.overwrite=true"),
+        "checkpoint.resume and logging.overwrite",
+    ),  # fmt: skip
     "bad_regex": lambda f: (train_args(f, "logging.answer_pattern=A:["), "logging.answer_pattern"),
     "self_weights": lambda f: (train_args(f, "objective.self_weights=stale"), "objective.self_weights = 'stale'"),
     "ema_decay": lambda f: (train_args(f, "objective.self_ema_decay=1.5"), "objective.self_ema_decay = 1.5"),
     "template": lambda f: (train_args(f, "data.teacher_template='{prompt}'"), "lacks {privileged_context}"),
     "top_k_over_vocabulary": lambda f: (train_args(f, "objective.top_k=100000"), "objective.top_k = 100000"),
     # train: paths and data
-    "student_path": lambda f: (train_args(f, "model.student=./nope/student"), "model.student = ./nope/student does not exist"),
-    "teacher_path": lambda f: (train_args(f, "model.teacher=/nope/teacher"), "model.teacher = /nope/teacher does not exist"),
+    "student_path": lambda f: (
+        train_args(f, "model.student=./nope/student"),
+        "model.student = ./nope/student does not exist",
+    ),
+    "teacher_path": lambda f: (
+        train_args(f, "model.teacher=/nope/teacher"),
+        "model.teacher = /nope/teacher does not exist",
+    ),
     "data_path": lambda f: (train_args(f, "data.path=missing.jsonl"), "data.path = missing.jsonl does not exist"),
     "data_extension": lambda f: (train_args(f, f"data.path={f['text']}"), "has extension '.txt'"),
-    "prompt_column": lambda f: (train_args(f, "data.prompt_column=question"), "data.prompt_column = 'question' is not a column"),
-    "empty_privileged": lambda f: (train_args(f, f"data.path={f['empty_hints']}"), "have an empty 'privileged_context'"),
-    "prompt_not_text": lambda f: (train_args(f, f"data.path={f['numbers']}"), "a int; give a string or a list of chat messages"),
+    "prompt_column": lambda f: (
+        train_args(f, "data.prompt_column=question"),
+        "data.prompt_column = 'question' is not a column",
+    ),
+    "empty_privileged": lambda f: (
+        train_args(f, f"data.path={f['empty_hints']}"),
+        "have an empty 'privileged_context'",
+    ),
+    "prompt_not_text": lambda f: (
+        train_args(f, f"data.path={f['numbers']}"),
+        "a int; give a string or a list of chat messages",
+    ),
     "chat_without_user": lambda f: (train_args(f, f"data.path={f['no_user']}"), "without a user turn"),
     "long_prompts": lambda f: (train_args(f, "data.max_prompt_length=3"), "data.max_prompt_length = 3"),
     # train: the pair
     "teacher_vocabulary": lambda f: (train_args(f, f"model.teacher={f['other_vocabulary']}"), "has another tokenizer"),
-    "teacher_template": lambda f: (train_args(f, f"model.teacher={f['other_template']}"),
-                                   "data.teacher_chat_template=true"),  # fmt: skip
+    "teacher_template": lambda f: (
+        train_args(f, f"model.teacher={f['other_template']}"),
+        "data.teacher_chat_template=true",
+    ),  # fmt: skip
     # lab
     "lab_seeds": lambda f: (["lab", "--out", "lab", "--seeds", "a,b"], "--seeds"),
     "lab_steps": lambda f: (["lab", "--out", "lab", "--steps", "-5"], "--steps = -5 must be at least 1"),
@@ -121,26 +147,44 @@ CASES = {
     "lab_quick_full": lambda f: (["lab", "--out", "lab", "--quick", "--full"], "--quick and --full"),
     "lab_workers": lambda f: (["lab", "--out", "lab", "--workers", "0"], "--workers = 0 must be at least 1"),
     # eval
-    "eval_data": lambda f: (["eval", "--model", f["student"], "--data", "missing.jsonl", "--out", "r.json"],
-                            "--data missing.jsonl does not exist"),  # fmt: skip
-    "eval_model": lambda f: (["eval", "--model", "./nope", "--data", f["math"], "--out", "r.json", "--checker",
-                              "exact"], "--model ./nope does not exist"),  # fmt: skip
-    "eval_column": lambda f: (["eval", "--model", f["student"], "--data", f["math"], "--out", "r.json",
-                               "--answer-column", "solutionz"], "--answer-column = 'solutionz' is not a column"),  # fmt: skip
-    "eval_samples": lambda f: (["eval", "--model", f["student"], "--data", f["math"], "--out", "r.json",
-                                "--samples", "0"], "--samples"),  # fmt: skip
-    "eval_pass_k": lambda f: (["eval", "--model", f["student"], "--data", f["math"], "--out", "r.json",
-                               "--pass-k", "a,b"], "--pass-k"),  # fmt: skip
-    "eval_checker": lambda f: (["eval", "--model", f["student"], "--data", f["math"], "--out", "r.json",
-                                "--checker", "nosuch"], "--checker"),  # fmt: skip
+    "eval_data": lambda f: (
+        ["eval", "--model", f["student"], "--data", "missing.jsonl", "--out", "r.json"],
+        "--data missing.jsonl does not exist",
+    ),  # fmt: skip
+    "eval_model": lambda f: (
+        ["eval", "--model", "./nope", "--data", f["math"], "--out", "r.json", "--checker", "exact"],
+        "--model ./nope does not exist",
+    ),  # fmt: skip
+    "eval_column": lambda f: (
+        ["eval", "--model", f["student"], "--data", f["math"], "--out", "r.json", "--answer-column", "solutionz"],
+        "--answer-column = 'solutionz' is not a column",
+    ),  # fmt: skip
+    "eval_samples": lambda f: (
+        ["eval", "--model", f["student"], "--data", f["math"], "--out", "r.json", "--samples", "0"],
+        "--samples",
+    ),  # fmt: skip
+    "eval_pass_k": lambda f: (
+        ["eval", "--model", f["student"], "--data", f["math"], "--out", "r.json", "--pass-k", "a,b"],
+        "--pass-k",
+    ),  # fmt: skip
+    "eval_checker": lambda f: (
+        ["eval", "--model", f["student"], "--data", f["math"], "--out", "r.json", "--checker", "nosuch"],
+        "--checker",
+    ),  # fmt: skip
     # hints
-    "hints_input": lambda f: (["hints", "--input", "missing.jsonl", "--form", "stepwise", "--out", "h.jsonl"],
-                              "--input missing.jsonl does not exist"),  # fmt: skip
+    "hints_input": lambda f: (
+        ["hints", "--input", "missing.jsonl", "--form", "stepwise", "--out", "h.jsonl"],
+        "--input missing.jsonl does not exist",
+    ),  # fmt: skip
     "hints_form": lambda f: (["hints", "--input", f["math"], "--form", "nosuch", "--out", "h.jsonl"], "--form"),
-    "hints_out_exists": lambda f: (["hints", "--input", f["math"], "--form", "stepwise", "--out", f["existing_out"]],
-                                   "--out"),  # fmt: skip
-    "hints_column": lambda f: (["hints", "--input", f["math"], "--form", "stepwise", "--out", "h.jsonl",
-                                "--solution-column", "solutionz"], "solutionz"),  # fmt: skip
+    "hints_out_exists": lambda f: (
+        ["hints", "--input", f["math"], "--form", "stepwise", "--out", f["existing_out"]],
+        "--out",
+    ),  # fmt: skip
+    "hints_column": lambda f: (
+        ["hints", "--input", f["math"], "--form", "stepwise", "--out", "h.jsonl", "--solution-column", "solutionz"],
+        "solutionz",
+    ),  # fmt: skip
     "hints_required": lambda f: (["hints", "--input", f["math"], "--out", "h.jsonl"], "--form"),
     # report
     "report_missing": lambda f: (["report", "no-such-run"], "no-such-run"),

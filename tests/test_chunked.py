@@ -7,16 +7,15 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from tiny import with_scope
 
 from dopd import losses, objectives
-from dopd.kernels import scores as chunked_module
 from dopd.kernels import chunked_objective, score_target
+from dopd.kernels import scores as chunked_module
 from dopd.objectives import build_objective
 from dopd.plain import compute_objective
 from dopd.terms import compute_batch_thresholds
 from dopd.types import Head, TargetScores
-from tiny import with_scope
-
 
 V, K = 11, 3
 
@@ -187,7 +186,8 @@ def test_without_bias():
     hidden_p, weight_p = case.hidden.clone().requires_grad_(), case.weight.clone().requires_grad_()
     reference = compute_objective(
         objective, hidden_p @ weight_p.T, case.ids, case.mask,
-        self_logits_BTV=case.self_hidden @ case.weight.T, teacher_logits_BTV=case.teacher_hidden @ case.teacher_weight.T,
+        self_logits_BTV=case.self_hidden @ case.weight.T,
+        teacher_logits_BTV=case.teacher_hidden @ case.teacher_weight.T,
     )  # fmt: skip
     reference.loss.backward()
     assert out.loss.item() == pytest.approx(reference.loss.item(), rel=1e-5)

@@ -9,10 +9,10 @@ import os
 import shutil
 
 import pytest
+import tiny
 import torch
 from safetensors.torch import load_file, save_file
 
-import tiny
 from dopd.cli import main
 from dopd.diagnostics import CollapseWatch, NonFiniteError, check_finite, early_eos_fraction
 from dopd.train import Trainer, train
@@ -53,14 +53,19 @@ def test_collapse_watch_resumes_from_its_state():
 def test_early_end_of_sequence_against_the_answer_pattern():
     texts = ["1+2=3;A:3", "1+2=3;", "1+2=3;A:", "1+2=3;A:3 "]
     finished = [True, True, True, False]
-    assert early_eos_fraction(texts, finished, r"A:[^;\s|]+$") == pytest.approx(2 / 4)  # the unfinished one is not early
+    assert early_eos_fraction(texts, finished, r"A:[^;\s|]+$") == pytest.approx(
+        2 / 4
+    )  # the unfinished one is not early
 
 
 def test_check_finite_names_the_pass_the_step_and_the_count():
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
     values = torch.tensor([[0.1, float("nan"), float("nan")], [float("inf"), 0.0, 0.0]])
-    with pytest.raises(NonFiniteError, match=r"step 4: the teacher's scores is not finite \(2 of 3 completion tokens\)"
-                                             r".*use model.dtype=bfloat16"):
+    with pytest.raises(
+        NonFiniteError,
+        match=r"step 4: the teacher's scores is not finite \(2 of 3 completion tokens\)"
+        r".*use model.dtype=bfloat16",
+    ):
         check_finite("teacher", 3, values, mask)
     check_finite("teacher", 3, values[:, :1], mask[:, :1] * 0 + torch.tensor([[1], [0]]))  # padding may hold anything
     with pytest.raises(NonFiniteError, match="the loss is not finite"):
@@ -78,9 +83,18 @@ def _poisoned(source: str, target, value=float("nan")) -> str:
 
 def test_a_nan_teacher_stops_the_run_naming_the_teacher(pair, tmp_path, capsys):
     teacher = _poisoned(pair["teacher"], tmp_path / "nan-teacher")
-    args = [f"model.student={pair['student']}", f"model.teacher={teacher}", f"data.path={pair['data']}",
-            f"logging.output_dir={tmp_path / 'run'}", "train.steps=2", "train.prompts_per_step=4",
-            "rollout.num_generations=2", "rollout.max_new_tokens=6", "objective.top_k=8", "logging.progress_bar=false"]
+    args = [
+        f"model.student={pair['student']}",
+        f"model.teacher={teacher}",
+        f"data.path={pair['data']}",
+        f"logging.output_dir={tmp_path / 'run'}",
+        "train.steps=2",
+        "train.prompts_per_step=4",
+        "rollout.num_generations=2",
+        "rollout.max_new_tokens=6",
+        "objective.top_k=8",
+        "logging.progress_bar=false",
+    ]
     assert main(["train", *args]) == 1
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith("dopd: error: step 1: the teacher's scores is not finite (") and "bfloat16" in error

@@ -71,19 +71,22 @@ def test_gap_recovery_reproduces_the_papers_figures():
 # ------------------------------------------------------------------------------------------------ checkers
 
 
-@pytest.mark.parametrize("completion, answer, correct", [
-    ("so the result is \\boxed{1/2}", "0.5", True),
-    ("The answer is 0.5", "1/2", True),
-    ("We get $\\frac{1}{2}$.", "0.5", True),
-    ("\\boxed{\\dfrac{2}{4}}", "\\frac{1}{2}", True),
-    ("In total \\boxed{1,000} apples.", "1000", True),
-    ("x = \\boxed{3}", "x=3", True),
-    ("\\boxed{\\sqrt{2}}", "\\sqrt{2}", True),
-    ("\\boxed{0.25}", "0.5", False),
-    ("<think>maybe it is 0.5</think>The answer is \\boxed{0.25}.", "0.5", False),
-    ("I cannot solve this.", "0.5", False),
-    ("", "7", False),
-])
+@pytest.mark.parametrize(
+    "completion, answer, correct",
+    [
+        ("so the result is \\boxed{1/2}", "0.5", True),
+        ("The answer is 0.5", "1/2", True),
+        ("We get $\\frac{1}{2}$.", "0.5", True),
+        ("\\boxed{\\dfrac{2}{4}}", "\\frac{1}{2}", True),
+        ("In total \\boxed{1,000} apples.", "1000", True),
+        ("x = \\boxed{3}", "x=3", True),
+        ("\\boxed{\\sqrt{2}}", "\\sqrt{2}", True),
+        ("\\boxed{0.25}", "0.5", False),
+        ("<think>maybe it is 0.5</think>The answer is \\boxed{0.25}.", "0.5", False),
+        ("I cannot solve this.", "0.5", False),
+        ("", "7", False),
+    ],
+)
 def test_math_checker_on_hand_written_completions(completion, answer, correct):
     checker = MathChecker()
     checker.prepare([answer], ["q"], [{}])
@@ -92,7 +95,9 @@ def test_math_checker_on_hand_written_completions(completion, answer, correct):
 
 def test_math_checker_refuses_answers_it_cannot_read():
     checker = MathChecker()
-    with pytest.raises(ConfigError, match=r"1 of 3 reference answers cannot be read .*row 1: 'hello world'.*--checker exact"):
+    with pytest.raises(
+        ConfigError, match=r"1 of 3 reference answers cannot be read .*row 1: 'hello world'.*--checker exact"
+    ):
         checker.prepare(["7", "hello world", "\\frac{1}{2}"], ["a", "b", "c"], [{}, {}, {}])
 
 
@@ -171,15 +176,29 @@ def math_rows():
 def test_eval_scores_a_tiny_model_with_known_answers(answering_model, tmp_path, capsys):
     data = write_jsonl(tmp_path / "math.jsonl", math_rows())
     out = tmp_path / "reports" / "student.json"
-    argv = ["eval", "--model", answering_model, "--data", data, "--out", str(out), "--max-new-tokens", "6",
-            "--no-progress"]
+    argv = [
+        "eval",
+        "--model",
+        answering_model,
+        "--data",
+        data,
+        "--out",
+        str(out),
+        "--max-new-tokens",
+        "6",
+        "--no-progress",
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     report = json.loads(out.read_text())
     assert report["accuracy"] == 0.75 and report["pass_at_k"] == {"1": 0.75}
     assert [row["correct"] for row in report["rows"]] == [[True], [True], [False], [True]]
-    assert [row["completions"] for row in report["rows"]] == [["answer : 7"], ["answer : 9"], ["answer : 6"],
-                                                              ["answer : 12"]]
+    assert [row["completions"] for row in report["rows"]] == [
+        ["answer : 7"],
+        ["answer : 9"],
+        ["answer : 6"],
+        ["answer : 12"],
+    ]
     assert report["checker"] == "math" and report["data"]["rows"] == 4 and report["completions_at_token_limit"] == 0
     table = (tmp_path / "reports" / "student.md").read_text()
     assert "| 0.750 | 0.750 | — |" in table and table.strip() in printed
@@ -191,9 +210,18 @@ def test_sampling_several_answers_and_the_gap_recovery(answering_model, tmp_path
     data = write_jsonl(tmp_path / "math.jsonl", math_rows())
     base = tmp_path / "base.json"
     evaluate(EvalSpec(model=answering_model, data=data, out=str(base), max_new_tokens=6, progress=False))
-    spec = EvalSpec(model=answering_model, data=data, out=str(tmp_path / "sampled.json"), samples=4,
-                    temperature=3.0, max_new_tokens=6, pass_k=[1, 2, 4], progress=False,
-                    teacher_result="0.95", student_result=str(base))
+    spec = EvalSpec(
+        model=answering_model,
+        data=data,
+        out=str(tmp_path / "sampled.json"),
+        samples=4,
+        temperature=3.0,
+        max_new_tokens=6,
+        pass_k=[1, 2, 4],
+        progress=False,
+        teacher_result="0.95",
+        student_result=str(base),
+    )
     report = evaluate(spec)
     correct = [row["correct"] for row in report["rows"]]
     assert report["pass_at_k"]["4"] > report["pass_at_k"]["1"]  # at this temperature the samples differ
@@ -228,10 +256,21 @@ def test_lab_checker_agrees_with_the_labs_own_evaluation(tmp_path):
     student = str(PRETRAINED_DIR / "arith" / "student")
     task = get_task("arith")
     examples = task.examples(24, seed=777)
-    data = write_jsonl(tmp_path / "arith.jsonl", [{"prompt": ex.prompt, "answer": ex.answer, "completion": ex.completion}
-                                                  for ex in examples])
-    report = evaluate(EvalSpec(model=student, data=data, out=str(tmp_path / "lab.json"), checker="lab:arith",
-                               max_new_tokens=48, batch_size=24, progress=False))
+    data = write_jsonl(
+        tmp_path / "arith.jsonl",
+        [{"prompt": ex.prompt, "answer": ex.answer, "completion": ex.completion} for ex in examples],
+    )
+    report = evaluate(
+        EvalSpec(
+            model=student,
+            data=data,
+            out=str(tmp_path / "lab.json"),
+            checker="lab:arith",
+            max_new_tokens=48,
+            batch_size=24,
+            progress=False,
+        )
+    )
     tokenizer = AutoTokenizer.from_pretrained(student)
     model = AutoModelForCausalLM.from_pretrained(student)
     expected = lab_evaluate(model, tokenizer, task, examples, batch_size=24, max_new_tokens=48)
@@ -240,18 +279,21 @@ def test_lab_checker_agrees_with_the_labs_own_evaluation(tmp_path):
     assert 0 < report["accuracy"] < 1  # the shipped student gets some right and some wrong
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--answer-column", "solution"], "--answer-column = 'solution' is not a column"),
-    (["--prompt-column", "question"], "--prompt-column = 'question' is not a column"),
-    (["--samples", "4"], "--samples 4 with --temperature 0 gives 4 identical greedy answers"),
-    (["--samples", "2", "--temperature", "1", "--pass-k", "1,4"], "--pass-k 4 must be between 1 and --samples = 2"),
-    (["--teacher-result", "52.8"], "must be an accuracy in [0, 1] (0.528, not 52.8)"),
-    (["--checker", "lab:nope"], "--checker lab:nope"),
-    (["--out", "report.txt"], "must end in .json"),
-    (["--data", "missing.parquet"], "--data missing.parquet does not exist"),
-    (["--privileged"], "--privileged-column = 'privileged_context' is not a column"),
-    (["--privileged", "--template", "{prompt} only"], "--template = '{prompt} only' lacks {privileged_context}"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--answer-column", "solution"], "--answer-column = 'solution' is not a column"),
+        (["--prompt-column", "question"], "--prompt-column = 'question' is not a column"),
+        (["--samples", "4"], "--samples 4 with --temperature 0 gives 4 identical greedy answers"),
+        (["--samples", "2", "--temperature", "1", "--pass-k", "1,4"], "--pass-k 4 must be between 1 and --samples = 2"),
+        (["--teacher-result", "52.8"], "must be an accuracy in [0, 1] (0.528, not 52.8)"),
+        (["--checker", "lab:nope"], "--checker lab:nope"),
+        (["--out", "report.txt"], "must end in .json"),
+        (["--data", "missing.parquet"], "--data missing.parquet does not exist"),
+        (["--privileged"], "--privileged-column = 'privileged_context' is not a column"),
+        (["--privileged", "--template", "{prompt} only"], "--template = '{prompt} only' lacks {privileged_context}"),
+    ],
+)
 def test_bad_input_stops_before_the_model_loads(tmp_path, capsys, monkeypatch, extra, message):
     monkeypatch.chdir(tmp_path)
     data = write_jsonl(tmp_path / "math.jsonl", math_rows())
@@ -272,23 +314,41 @@ def test_unreadable_answers_and_other_reports_are_refused(answering_model, tmp_p
     assert error.startswith("dopd: error: 1 of 5 reference answers") and len(error.splitlines()) == 1
     data = write_jsonl(tmp_path / "math.jsonl", math_rows())
     other = write_jsonl(tmp_path / "other.jsonl", math_rows()[:3])
-    evaluate(EvalSpec(model=answering_model, data=other, out=str(tmp_path / "other.json"), max_new_tokens=6,
-                      progress=False))
+    evaluate(
+        EvalSpec(model=answering_model, data=other, out=str(tmp_path / "other.json"), max_new_tokens=6, progress=False)
+    )
     with pytest.raises(ConfigError, match="was measured on other prompts or answers"):
-        evaluate(EvalSpec(model=answering_model, data=data, out=str(tmp_path / "r.json"), progress=False,
-                          teacher_result=str(tmp_path / "other.json")))
+        evaluate(
+            EvalSpec(
+                model=answering_model,
+                data=data,
+                out=str(tmp_path / "r.json"),
+                progress=False,
+                teacher_result=str(tmp_path / "other.json"),
+            )
+        )
     with pytest.raises(ConfigError, match="neither an accuracy in \\[0, 1\\] nor an existing"):
         read_result(str(tmp_path / "missing.json"), "--teacher-result")
     assert not (tmp_path / "r.json").exists()
     with pytest.raises(ConfigError, match="--model .*no-model does not exist"):
-        evaluate(EvalSpec(model=str(tmp_path / "no-model"), data=data, out=str(tmp_path / "r.json"), progress=False,
-                          tokenizer=answering_model))
+        evaluate(
+            EvalSpec(
+                model=str(tmp_path / "no-model"),
+                data=data,
+                out=str(tmp_path / "r.json"),
+                progress=False,
+                tokenizer=answering_model,
+            )
+        )
     broken = tmp_path / "broken-model"
     broken.mkdir()
     (broken / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match="the model .* could not be loaded"):
-        evaluate(EvalSpec(model=str(broken), data=data, out=str(tmp_path / "r.json"), progress=False,
-                          tokenizer=answering_model))
+        evaluate(
+            EvalSpec(
+                model=str(broken), data=data, out=str(tmp_path / "r.json"), progress=False, tokenizer=answering_model
+            )
+        )
     assert not (tmp_path / "r.json").exists()
 
 

@@ -48,7 +48,8 @@ def loss_case(dtype: torch.dtype, seed: int = 0) -> dict:
         "hidden": randn(B, T, H, scale=1.0, step=1 / 8), "weight": randn(V, H, scale=3 / H**0.5, step=1 / 64),
         "bias": randn(V, scale=0.3, step=1 / 64), "self_hidden": randn(B, T, H, scale=1.0, step=1 / 8),
         "teacher_hidden": randn(B, T, H_T, scale=1.0, step=1 / 8),
-        "teacher_weight": randn(V, H_T, scale=3 / H_T**0.5, step=1 / 64), "teacher_bias": randn(V, scale=0.3, step=1 / 64),
+        "teacher_weight": randn(V, H_T, scale=3 / H_T**0.5, step=1 / 64),
+        "teacher_bias": randn(V, scale=0.3, step=1 / 64),
         "ids": torch.randint(0, V, (B, T), generator=g).to(DEVICE),
         "mask": (torch.arange(T)[None, :] < lengths[:, None]).to(DEVICE),
     }  # fmt: skip

@@ -14,7 +14,7 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "scripts"))
-import gpu_check
+import gpu_check  # noqa: E402  (a script, importable once its folder is on the path)
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3ForCausalLM
 
-from dopd.lab import models
+from dopd.lab import models, pretraining
 from dopd.lab.evaluation import evaluate, render_lab_prompt
-from dopd.lab import pretraining
 from dopd.lab.models import (
     PRETRAINED_DIR,
     LabPairConfig,
@@ -197,7 +196,9 @@ SHIPPED = shipped_config(DEFAULT_TASK)
 
 
 def shipped_accuracy(pair):
-    return {r: {k: v["answer_accuracy"] for k, v in pair.properties["accuracy"][r].items()} for r in ("teacher", "student")}
+    return {
+        r: {k: v["answer_accuracy"] for k, v in pair.properties["accuracy"][r].items()} for r in ("teacher", "student")
+    }
 
 
 @pytest.mark.skipif(SHIPPED is None, reason="no shipped pair for the default task")

@@ -126,7 +126,11 @@ def _lab(out, *args):
 def _without_timing(value):
     """The results with wall times and output paths taken out: what the same command must reproduce."""
     if isinstance(value, dict):
-        return {k: _without_timing(v) for k, v in value.items() if k not in ("timing", "seconds", "run_dir", "out", "workers")}
+        return {
+            k: _without_timing(v)
+            for k, v in value.items()
+            if k not in ("timing", "seconds", "run_dir", "out", "workers")
+        }
     if isinstance(value, list):
         return [_without_timing(v) for v in value]
     return value
@@ -145,7 +149,9 @@ def test_quick_lab_end_to_end_and_the_same_numbers_twice(tmp_path):
     for label in labels:
         m = k["main"][label]
         assert len(m["accuracy_per_seed"]) == 1 and m["accuracy_se"] == 0.0
-        expected = (m["accuracy_mean"] - student["answer_accuracy"]) / (teacher["answer_accuracy"] - student["answer_accuracy"])
+        expected = (m["accuracy_mean"] - student["answer_accuracy"]) / (
+            teacher["answer_accuracy"] - student["answer_accuracy"]
+        )
         assert m["gap_recovery"] == pytest.approx(expected)
         assert 0 <= m["determined_mean"] <= 1 and 0 <= m["undetermined_mean"] <= 1
         run = next(r for r in k["runs"] if r["label"] == label)

@@ -8,18 +8,18 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from dopd.lab.tasks import (
     LAB_PRIVILEGED_TEMPLATE,
+    MIXED_ARITH_LEVELS,
     PRIVILEGED_KINDS,
     TASKS,
     ArithLevel,
     ArithmeticTask,
     Example,
-    MIXED_ARITH_LEVELS,
     LookupTask,
-    read_as_written,
     OrderTask,
     Task,
     extract_answer,
     get_task,
+    read_as_written,
 )
 from dopd.lab.tokenizer import build_tokenizer
 from dopd.prompts import check_template, render_prompt
@@ -238,7 +238,11 @@ def test_tokenizer_round_trips_text_and_save_load(tmp_path):
     loaded = AutoTokenizer.from_pretrained(tmp_path)
     assert loaded(text, add_special_tokens=False)["input_ids"] == ids
     assert loaded.decode(ids + [loaded.eos_token_id], skip_special_tokens=True) == text
-    assert (loaded.pad_token_id, loaded.eos_token_id, loaded.padding_side) == (tok.pad_token_id, tok.eos_token_id, "left")
+    assert (loaded.pad_token_id, loaded.eos_token_id, loaded.padding_side) == (
+        tok.pad_token_id,
+        tok.eos_token_id,
+        "left",
+    )
     assert loaded.chat_template == tok.chat_template
     batch = loaded(["Q:1=", "Q:12+3="], padding=True, add_special_tokens=False)["input_ids"]
     assert batch[0][:3] == [loaded.pad_token_id] * 3  # left padding

@@ -9,15 +9,16 @@ import os
 import shutil
 
 import pytest
-
 import tiny
+
 from dopd.config import ConfigError
 from dopd.loading import check_source, load_pretrained, looks_local
 from dopd.train import Trainer
 
 
-@pytest.mark.parametrize("name", ["./student", "../x", "/abs/path", "~/model", "a/b/c", "data.jsonl", "C:\\x",
-                                  "with space/name"])
+@pytest.mark.parametrize(
+    "name", ["./student", "../x", "/abs/path", "~/model", "a/b/c", "data.jsonl", "C:\\x", "with space/name"]
+)
 def test_names_that_can_only_be_local(name):
     assert looks_local(name)
 

@@ -82,9 +82,10 @@ def test_bad_lora_settings_fail(pair, tmp_path, monkeypatch):  # noqa: F811
     # The loss reads the output head outside the forward: an adapter there would never train.
     with pytest.raises(ConfigError, match="target_modules has lm_head.*would never train"):
         make_config(pair, tmp_path / "run", "model.lora.enabled=true", "model.lora.target_modules=[q_proj,lm_head]")
+    from transformers import AutoModelForCausalLM
+
     from dopd.config import LoraConfig
     from dopd.lora import add_adapters
-    from transformers import AutoModelForCausalLM
 
     student = AutoModelForCausalLM.from_pretrained(pair["student"])
     with pytest.raises(ConfigError, match="puts an adapter on the output head"), warnings.catch_warnings():

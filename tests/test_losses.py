@@ -10,7 +10,6 @@ import torch
 
 from dopd import losses
 
-
 LOG2 = math.log(2.0)
 
 
@@ -212,9 +211,7 @@ def test_topk_hand_cases_v3():
 def test_topk_equals_plain_loop_reference(name, support, tail):
     s, t = random_logprobs(4, 7, seed=7), random_logprobs(4, 7, seed=8)
     fast = losses.topk_divergence(name, s, t, k=3, support=support, tail=tail, beta=0.3)
-    expected = [
-        plain_topk(name, a.exp().tolist(), b.exp().tolist(), 3, support, tail, 0.3) for a, b in zip(s, t)
-    ]
+    expected = [plain_topk(name, a.exp().tolist(), b.exp().tolist(), 3, support, tail, 0.3) for a, b in zip(s, t)]
     assert fast.tolist() == pytest.approx(expected, rel=1e-10, abs=1e-13)
 
 
@@ -235,9 +232,7 @@ def test_minus_inf_entries_give_no_nan_in_values_or_gradients():
     # Vocabulary entries 3 and 4 are impossible under both (masked logits), entry 2 under the target only
     # (KL(t‖·) and JS stay finite there) and the student only has mass on finite target entries.
     logits = torch.tensor([[1.0, 0.5, -0.3, float("-inf"), float("-inf")]], dtype=torch.float64, requires_grad=True)
-    target = torch.log_softmax(
-        torch.tensor([[0.2, 1.0, 0.1, float("-inf"), float("-inf")]], dtype=torch.float64), -1
-    )
+    target = torch.log_softmax(torch.tensor([[0.2, 1.0, 0.1, float("-inf"), float("-inf")]], dtype=torch.float64), -1)
     target_no_2 = target.clone()
     target_no_2[0, 2] = float("-inf")
     target_no_2 = torch.log_softmax(target_no_2, -1)
@@ -397,6 +392,7 @@ def _target(shape, seed):
 def test_gradcheck_full_divergences(name, beta):
     logits = torch.randn(3, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(11), requires_grad=True)
     target = _target((3, 5), 12)
+
     def fn(x):
         return losses.divergence(name, torch.log_softmax(x, -1), target, beta)
 

@@ -38,8 +38,15 @@ def _step_loss_and_grads(trainer, prompts, rollouts):
 
 @pytest.mark.parametrize("method", ["dopd", "opd"])
 def test_token_budget_gives_the_one_pass_loss_and_gradients(pair, tmp_path, method):  # noqa: F811
-    config = make_config(pair, tmp_path / "run", f"objective.method={method}", "train.prompts_per_step=6",
-                         "rollout.num_generations=3", "rollout.max_new_tokens=10", "rollout.temperature=1.5")
+    config = make_config(
+        pair,
+        tmp_path / "run",
+        f"objective.method={method}",
+        "train.prompts_per_step=6",
+        "rollout.num_generations=3",
+        "rollout.max_new_tokens=10",
+        "rollout.temperature=1.5",
+    )
     trainer = Trainer(config)
     prompts = trainer.local_prompts()
     rollouts = trainer.engine.generate([trainer.prompts.student_ids[p] for p in prompts], 3)
@@ -63,8 +70,14 @@ def test_bf16_autocast_loss_is_fp32_finite_and_close(pair, tmp_path):  # noqa: F
     try:
         for precision in ("no", "bf16"):
             AcceleratorState._reset_state(True)
-            config = make_config(pair, tmp_path / precision, f"train.mixed_precision={precision}",
-                                 "rollout.temperature=0", "train.micro_batch_size=8", "train.device=cpu")
+            config = make_config(
+                pair,
+                tmp_path / precision,
+                f"train.mixed_precision={precision}",
+                "rollout.temperature=0",
+                "train.micro_batch_size=8",
+                "train.device=cpu",
+            )
             trainer = Trainer(config)
             prompts = trainer.local_prompts()
             rollouts = trainer.engine.generate([trainer.prompts.student_ids[p] for p in prompts], 2)

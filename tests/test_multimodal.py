@@ -37,13 +37,27 @@ def _processor(monkeypatch):
 
 
 def make_config(vl, out, *extra):
-    return load_config(overrides=[
-        f"model.student={vl['student']}", f"model.teacher={vl['teacher']}", f"data.path={vl['data']}",
-        "data.image_column=image", f"logging.output_dir={out}", "rollout.backend=hf", "train.steps=2",
-        "train.prompts_per_step=2", "train.micro_batch_size=2", "rollout.num_generations=2",
-        "rollout.max_new_tokens=5", "objective.top_k=8", "optim.lr=1e-2", "logging.progress_bar=false",
-        "logging.sample_every=1", "checkpoint.save_every=0", *extra,
-    ])
+    return load_config(
+        overrides=[
+            f"model.student={vl['student']}",
+            f"model.teacher={vl['teacher']}",
+            f"data.path={vl['data']}",
+            "data.image_column=image",
+            f"logging.output_dir={out}",
+            "rollout.backend=hf",
+            "train.steps=2",
+            "train.prompts_per_step=2",
+            "train.micro_batch_size=2",
+            "rollout.num_generations=2",
+            "rollout.max_new_tokens=5",
+            "objective.top_k=8",
+            "optim.lr=1e-2",
+            "logging.progress_bar=false",
+            "logging.sample_every=1",
+            "checkpoint.save_every=0",
+            *extra,
+        ]
+    )
 
 
 def record_vision(model, calls: list) -> torch.utils.hooks.RemovableHandle:
@@ -121,8 +135,16 @@ def test_the_box_changes_the_privileged_passes_and_the_routing(vl, tmp_path):
 
 
 def test_lora_adapts_the_language_model_only(vl, tmp_path):
-    trainer = Trainer(make_config(vl, tmp_path / "run", "model.lora.enabled=true", "model.lora.r=2",
-                                  "model.lora.target_modules=[q_proj,v_proj,qkv,linear_fc1]", "train.steps=1"))
+    trainer = Trainer(
+        make_config(
+            vl,
+            tmp_path / "run",
+            "model.lora.enabled=true",
+            "model.lora.r=2",
+            "model.lora.target_modules=[q_proj,v_proj,qkv,linear_fc1]",
+            "train.steps=1",
+        )
+    )
     adapted = [name for name, p in trainer.inner.named_parameters() if p.requires_grad]
     assert adapted and all("lora_" in name and "visual" not in name for name in adapted)
     trainer.run()
@@ -142,8 +164,11 @@ def test_a_box_outside_the_image(vl, tmp_path):
     rows[1]["boxes"] = [30, 10, 60, 20]  # the image is 48 pixels wide
     path = tmp_path / "bad.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows))
-    with pytest.raises(ConfigError, match=r"row 1 of data.box_column = 'boxes': box \[30.0, 10.0, 60.0, 20.0\] lies "
-                                          r"outside its 48x40 image"):
+    with pytest.raises(
+        ConfigError,
+        match=r"row 1 of data.box_column = 'boxes': box \[30.0, 10.0, 60.0, 20.0\] lies "
+        r"outside its 48x40 image",
+    ):
         Trainer(make_config(vl, tmp_path / "run", f"data.path={path}", "data.box_column=boxes"))
     with pytest.raises(ConfigError, match="outside"):
         check_boxes([[5, 5, 4, 9]], (48, 40), "boxes", 0)
@@ -155,17 +180,27 @@ def test_a_processor_without_an_image_processor(tmp_path):
         load_processor(student, False)
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["model.kind=image_text"], "model.kind = image_text needs data.image_column"),
-    (["model.kind=causal_lm", "data.image_column=image"], "needs an image-text model"),
-    (["data.image_column=image", "data.draw_box=true"], "data.draw_box needs data.box_column"),
-    (["data.image_column=image", "rollout.backend=vllm"], "does not carry images"),
-    (["model.kind=vision"], "model.kind = 'vision' is unknown"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model.kind=image_text"], "model.kind = image_text needs data.image_column"),
+        (["model.kind=causal_lm", "data.image_column=image"], "needs an image-text model"),
+        (["data.image_column=image", "data.draw_box=true"], "data.draw_box needs data.box_column"),
+        (["data.image_column=image", "rollout.backend=vllm"], "does not carry images"),
+        (["model.kind=vision"], "model.kind = 'vision' is unknown"),
+    ],
+)
 def test_image_settings_that_cannot_work_fail_at_load(tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=message):
-        load_config(overrides=["model.student=s", "model.teacher=t", "data.path=d", f"logging.output_dir={tmp_path}",
-                               *overrides])
+        load_config(
+            overrides=[
+                "model.student=s",
+                "model.teacher=t",
+                "data.path=d",
+                f"logging.output_dir={tmp_path}",
+                *overrides,
+            ]
+        )
 
 
 def test_boxes_are_read_and_drawn():

@@ -8,13 +8,12 @@ import warnings
 
 import pytest
 import torch
+from tiny import with_scope
 
 from dopd import objectives, routing
 from dopd.objectives import build_objective
 from dopd.plain import compute_objective
-from tiny import with_scope
 from dopd.routing import HS, HT, INVALID, LH, LL
-
 
 V, K = 4, 2
 
@@ -130,11 +129,12 @@ def reference_loss(probs, terms, regimes=REGIMES, routed=True, keep=None, num_se
             if routed and regime != flat_regimes[i]:
                 continue
             t = p_self if target == "self" else p_teacher
-            value = {
-                "full": lambda: divergence(name, s, t, beta),
-                "topk": lambda: topk(name, s, t, K, beta),
-                "sampled": lambda: sampled(name, s[y], t[y], beta),
-            }[granularity]()
+            if granularity == "full":
+                value = divergence(name, s, t, beta)
+            elif granularity == "topk":
+                value = topk(name, s, t, K, beta)
+            else:
+                value = sampled(name, s[y], t[y], beta)
             total += weight * value / lengths[b]
     return total / num_sequences
 
@@ -143,8 +143,8 @@ def run(config=None, batch=None, **kwargs):
     student, ids, mask, self_logits, teacher_logits, _ = batch or hand_batch()
     student = student.clone().requires_grad_()
     objective = build_objective({"top_k": K, **(config or {})})
-    out = compute_objective(objective, student, ids, mask, self_logits_BTV=self_logits, teacher_logits_BTV=teacher_logits,
-                            **with_scope(kwargs))  # fmt: skip
+    out = compute_objective(objective, student, ids, mask, self_logits_BTV=self_logits,
+                            teacher_logits_BTV=teacher_logits, **with_scope(kwargs))  # fmt: skip
     return out, student
 
 
@@ -164,7 +164,7 @@ def test_dopd_loss_is_per_sequence_mean_then_mean_over_sequences():
     *_, probs = hand_batch()
     out, _ = run()
     values = []
-    for i, (b, s, p_self, p_teacher, y) in enumerate(probs):
+    for i, (_, s, p_self, p_teacher, _) in enumerate(probs):
         regime = [r for row in REGIMES for r in row][i]
         target, name, granularity, weight = TABLE[regime]
         t = p_self if target == "self" else p_teacher
@@ -264,9 +264,7 @@ def test_routed_overrides_keep_targets_and_weights():
     assert out.loss.item() == pytest.approx(reference_loss(probs, expected), rel=1e-10)
 
 
-@pytest.mark.parametrize(
-    "mode,dropped", [("lowest_gap", {(1, 0), (0, 0)}), ("highest_gap", {(0, 2), (0, 3)})]
-)
+@pytest.mark.parametrize("mode,dropped", [("lowest_gap", {(1, 0), (0, 0)}), ("highest_gap", {(0, 2), (0, 3)})])
 def test_gap_drop_modes_drop_the_right_tokens(mode, dropped):
     *_, probs = hand_batch()
     out, _ = run({"drop_fraction": 1 / 3, "drop_mode": mode})  # round(6 / 3) = 2 tokens
@@ -351,9 +349,7 @@ def test_eopd_adds_forward_kl_on_high_teacher_entropy_tokens():
     entropies = [entropy(t[3]) for t in probs]
     cut = sorted(entropies)[4]  # the 0.8 quantile of 6 values (linear interpolation): the 5th smallest
     lengths = [4, 2]
-    expected = sum(
-        (kl(s, t) + (kl(t, s) if entropy(t) >= cut else 0.0)) / lengths[b] for b, s, _, t, _ in probs
-    ) / 2
+    expected = sum((kl(s, t) + (kl(t, s) if entropy(t) >= cut else 0.0)) / lengths[b] for b, s, _, t, _ in probs) / 2
     assert out.loss.item() == pytest.approx(expected, rel=1e-10)
 
 

@@ -8,15 +8,17 @@ import os
 import shutil
 
 import pytest
+import tiny
 import torch
 
-import tiny
 from dopd.config import ConfigError
 from dopd.pair_checks import first_difference, render_probe
 from dopd.train import Trainer
 
-OTHER_TEMPLATE = "{% for m in messages %}{{ '[' + m['role'] + '] ' + m['content'] + ' ' }}{% endfor %}" \
-                 "{% if add_generation_prompt %}{{ 'assistant :' }}{% endif %}"
+OTHER_TEMPLATE = (
+    "{% for m in messages %}{{ '[' + m['role'] + '] ' + m['content'] + ' ' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'assistant :' }}{% endif %}"
+)
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +49,11 @@ def test_another_chat_template_stops_the_run_before_weights_load(pair, other_tem
     import dopd.train as train_module
 
     monkeypatch.setattr(train_module, "load_student", lambda *a, **k: pytest.fail("weights loaded"))
-    with pytest.raises(ConfigError, match=r"chat template renders a conversation differently .*character 0: student "
-                                          r"'user: .*teacher '\[system\]"):
+    with pytest.raises(
+        ConfigError,
+        match=r"chat template renders a conversation differently .*character 0: student "
+        r"'user: .*teacher '\[system\]",
+    ):
         Trainer(tiny.make_config(pair, tmp_path / "run", f"model.teacher={other_template_teacher}"))
 
 

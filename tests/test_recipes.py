@@ -15,16 +15,23 @@ from dopd.config import load_config
 from dopd.hints import FORMS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RECIPES = sorted(os.path.relpath(path, ROOT) for pattern in ("*.yaml", "table3/*.yaml")
-                 for path in glob.glob(os.path.join(ROOT, "recipes", pattern)))
+RECIPES = sorted(
+    os.path.relpath(path, ROOT)
+    for pattern in ("*.yaml", "table3/*.yaml")
+    for path in glob.glob(os.path.join(ROOT, "recipes", pattern))
+)
 VLM_RECIPE = "recipes/qwen3-vl-8b-to-2b.yaml"
 MAIN_RECIPE = "recipes/qwen3-8b-to-1.7b.yaml"
 LLM_RECIPES = [path for path in RECIPES if path != VLM_RECIPE]
 TABLE3_RECIPES = [path for path in RECIPES if path.startswith("recipes/table3/")]
 # The paper's Table 3 (section 4.1.1, the table's caption): Qwen3-8B/4B/1.7B -> Qwen3-0.6B, Qwen3-8B/4B -> Qwen3-1.7B.
-PAPER_PAIRS = {("Qwen/Qwen3-8B", "Qwen/Qwen3-0.6B"), ("Qwen/Qwen3-4B", "Qwen/Qwen3-0.6B"),
-               ("Qwen/Qwen3-1.7B", "Qwen/Qwen3-0.6B"), ("Qwen/Qwen3-8B", "Qwen/Qwen3-1.7B"),
-               ("Qwen/Qwen3-4B", "Qwen/Qwen3-1.7B")}
+PAPER_PAIRS = {
+    ("Qwen/Qwen3-8B", "Qwen/Qwen3-0.6B"),
+    ("Qwen/Qwen3-4B", "Qwen/Qwen3-0.6B"),
+    ("Qwen/Qwen3-1.7B", "Qwen/Qwen3-0.6B"),
+    ("Qwen/Qwen3-8B", "Qwen/Qwen3-1.7B"),
+    ("Qwen/Qwen3-4B", "Qwen/Qwen3-1.7B"),
+}
 
 
 def header(path: str) -> list[str]:
@@ -78,9 +85,16 @@ def test_there_are_the_recipes_the_paper_needs():
     names = [os.path.basename(path) for path in RECIPES]
     assert MAIN_RECIPE in RECIPES and VLM_RECIPE in RECIPES
     assert sorted(os.path.basename(path) for path in TABLE3_RECIPES) == [
-        "qwen3-1.7b-to-0.6b.yaml", "qwen3-4b-to-0.6b.yaml", "qwen3-4b-to-1.7b.yaml", "qwen3-8b-to-0.6b.yaml"]
+        "qwen3-1.7b-to-0.6b.yaml",
+        "qwen3-4b-to-0.6b.yaml",
+        "qwen3-4b-to-1.7b.yaml",
+        "qwen3-8b-to-0.6b.yaml",
+    ]
     assert [n for n in names if n.startswith("continual-stage")] == [
-        "continual-stage1-science.yaml", "continual-stage2-math.yaml", "continual-stage3-code.yaml"]
+        "continual-stage1-science.yaml",
+        "continual-stage2-math.yaml",
+        "continual-stage3-code.yaml",
+    ]
     assert sorted(n for n in names if n.startswith("ood-")) == ["ood-train-code.yaml", "ood-train-math.yaml"]
 
 
@@ -165,8 +179,11 @@ def test_table3_recipes_are_the_papers_five_pairs():
         text = " ".join(header(path))
         assert "Table 3" in text and "share a tokenizer" in text
         # Its evaluation measures this pair: the teacher, the base student and the distilled student.
-        evaluated = {build_parser().parse_args(dopd_arguments(c)).model for c in commands(path)
-                     if dopd_arguments(c) and dopd_arguments(c)[0] == "eval"}
+        evaluated = {
+            build_parser().parse_args(dopd_arguments(c)).model
+            for c in commands(path)
+            if dopd_arguments(c) and dopd_arguments(c)[0] == "eval"
+        }
         assert evaluated == {teacher, student, config.logging.output_dir + "/final"}
     assert len({c.logging.output_dir for c in configs.values()} | {main.logging.output_dir}) == len(PAPER_PAIRS)
 
@@ -195,13 +212,15 @@ def test_recipe_opens_with_commands_the_command_line_accepts(path, monkeypatch):
         if args.chat_template_kwargs:
             assert json.loads(args.chat_template_kwargs) == {"enable_thinking": False}
     launches = [" ".join(c) for c in commands(path) if c[0] == "accelerate"]
-    assert launches and all("--num_processes 8" in c and "--config_file configs/accelerate/ddp.yaml" in c
-                            for c in launches)
+    assert launches and all(
+        "--num_processes 8" in c and "--config_file configs/accelerate/ddp.yaml" in c for c in launches
+    )
     assert os.path.exists(os.path.join(ROOT, "configs/accelerate/ddp.yaml"))
     # The data the recipe trains on is what its preparation commands write.
     outputs = [a.out for a in parsed["hints"]] + [c[c.index(">") + 1] for c in commands_with_redirect(path)]
-    assert config.data.path in outputs or config.data.path in {o.replace("$set", s) for o in outputs
-                                                                for s in ("science", "math", "code")}
+    assert config.data.path in outputs or config.data.path in {
+        o.replace("$set", s) for o in outputs for s in ("science", "math", "code")
+    }
 
 
 def commands_with_redirect(path: str) -> list[list[str]]:
@@ -223,11 +242,13 @@ def test_continual_stages_are_the_papers_curriculum():
     for before, after in zip(stages, stages[1:]):
         assert after.model.student == before.logging.output_dir + "/final"
         assert after.model.teacher == before.model.teacher
-    assert [s.data.path for s in stages] == ["data/hints/science.jsonl", "data/hints/math.jsonl",
-                                             "data/hints/code.jsonl"]
+    assert [s.data.path for s in stages] == [
+        "data/hints/science.jsonl",
+        "data/hints/math.jsonl",
+        "data/hints/code.jsonl",
+    ]
     assert len({s.logging.output_dir for s in stages}) == 3
-    for path, stage, dataset in zip(CONTINUAL, stages,
-                                    ("RaR-Science-20K", "DAPO-Math-17K", "Skywork-OR1-Coding-14K")):
+    for path, stage, dataset in zip(CONTINUAL, stages, ("RaR-Science-20K", "DAPO-Math-17K", "Skywork-OR1-Coding-14K")):
         text = " ".join(header(path))
         assert text.startswith(f"DOPD continual learning, stage {CONTINUAL.index(path) + 1} of 3: {dataset}")
         # The paper's probes after every stage: LiveBench (general), MATH500 and BFCLv3 (the specific ones).
@@ -248,8 +269,10 @@ def _parsed(path: str, command: str) -> list:
 def test_ood_splits_are_the_papers():
     # Section 4.2.4 / Figure 7(b): train on the reasoning or the coding set alone, score the other domain's
     # benchmark: reasoning-trained on BFCLv3, coding-trained on MATH500.
-    splits = {"recipes/ood-train-math.yaml": ("math", "DAPO-Math-17K", "BFCLv3"),
-              "recipes/ood-train-code.yaml": ("code", "Skywork-OR1-Coding-14K", "MATH500")}
+    splits = {
+        "recipes/ood-train-math.yaml": ("math", "DAPO-Math-17K", "BFCLv3"),
+        "recipes/ood-train-code.yaml": ("code", "Skywork-OR1-Coding-14K", "MATH500"),
+    }
     for path, (domain, dataset, held_out) in splits.items():
         config = load_config(os.path.join(ROOT, path))
         assert (config.model.student, config.model.teacher) == ("Qwen/Qwen3-1.7B", "Qwen/Qwen3-8B")

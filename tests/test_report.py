@@ -30,8 +30,17 @@ from dopd.run_dir import find_runs, load_run, read_jsonl  # noqa: E402
 from dopd.train import train  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-TRAINER_PLOTS = {"loss", "loss_regimes", "regime_fractions", "gap", "gap_histogram", "entropy",
-                 "completion_length", "time", "optimizer"}
+TRAINER_PLOTS = {
+    "loss",
+    "loss_regimes",
+    "regime_fractions",
+    "gap",
+    "gap_histogram",
+    "entropy",
+    "completion_length",
+    "time",
+    "optimizer",
+}
 
 
 @pytest.fixture(scope="module")
@@ -45,13 +54,28 @@ def runs(tmp_path_factory):
     paths = {}
     for method, steps in (("dopd", 3), ("opd", 2)):
         out = str(directory / method)
-        train(load_config(overrides=[
-            f"model.student={student}", f"model.teacher={teacher}", f"data.path={data}", f"logging.output_dir={out}",
-            f"train.steps={steps}", "train.prompts_per_step=3", "train.micro_batch_size=3",
-            "rollout.num_generations=2", "rollout.max_new_tokens=6", "objective.top_k=8", "optim.lr=1e-2",
-            "logging.progress_bar=false", "logging.sample_every=1", "logging.num_samples=3",
-            "checkpoint.save_every=0", f"objective.method={method}",
-        ]))
+        train(
+            load_config(
+                overrides=[
+                    f"model.student={student}",
+                    f"model.teacher={teacher}",
+                    f"data.path={data}",
+                    f"logging.output_dir={out}",
+                    f"train.steps={steps}",
+                    "train.prompts_per_step=3",
+                    "train.micro_batch_size=3",
+                    "rollout.num_generations=2",
+                    "rollout.max_new_tokens=6",
+                    "objective.top_k=8",
+                    "optim.lr=1e-2",
+                    "logging.progress_bar=false",
+                    "logging.sample_every=1",
+                    "logging.num_samples=3",
+                    "checkpoint.save_every=0",
+                    f"objective.method={method}",
+                ]
+            )
+        )
         paths[method] = out
     torch.set_num_threads(threads)
     return paths
@@ -177,15 +201,30 @@ def test_text_is_escaped(tmp_path):
     run = tmp_path / "odd"
     run.mkdir()
     tokens = ["<b>", "&amp;", ' "x"', "\n", "</span>", ""]
-    record = {"step": 1, "prompt": "<script>alert(1)</script>", "completion": "".join(tokens), "tokens": tokens,
-              "token_ids": list(range(6)), "loss": [0.5] * 6, "regime": ["LH", "LL", "HT", "HS", None, "LH"],
-              "gap": [0.1] * 6, "q_self": [0.2] * 6, "q_teacher": [0.3] * 6}
+    record = {
+        "step": 1,
+        "prompt": "<script>alert(1)</script>",
+        "completion": "".join(tokens),
+        "tokens": tokens,
+        "token_ids": list(range(6)),
+        "loss": [0.5] * 6,
+        "regime": ["LH", "LL", "HT", "HS", None, "LH"],
+        "gap": [0.1] * 6,
+        "q_self": [0.2] * 6,
+        "q_teacher": [0.3] * 6,
+    }
     (run / "samples.jsonl").write_text(json.dumps(record) + "\n")
     page = Page(token_view_html(load_run(str(run)), token_steps=1))
     assert "script" not in page.tags and page.tags.count("b") == 1  # the one <b> is the page's "prompt" label
     assert [s["text"] for s in page.spans] == tokens
-    assert [s["classes"][1] for s in page.spans] == ["regime-LH", "regime-LL", "regime-HT", "regime-HS",
-                                                      "regime-none", "regime-LH"]
+    assert [s["classes"][1] for s in page.spans] == [
+        "regime-LH",
+        "regime-LL",
+        "regime-HT",
+        "regime-HS",
+        "regime-none",
+        "regime-LH",
+    ]
     assert page.completions[0]["text"] == record["completion"]
 
 
@@ -209,8 +248,9 @@ def write_metrics(directory, entropies, extra=None):
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, "metrics.jsonl"), "w") as handle:
         for step, entropy in enumerate(entropies, start=1):
-            handle.write(json.dumps({"step": step, "loss": 1.0 / step, "entropy/student": entropy,
-                                     **(extra or {})}) + "\n")
+            handle.write(
+                json.dumps({"step": step, "loss": 1.0 / step, "entropy/student": entropy, **(extra or {})}) + "\n"
+            )
     return str(directory)
 
 
@@ -223,8 +263,10 @@ def test_collapse_is_flagged_only_below_the_fraction(tmp_path, capsys):
     assert find_collapse(load_run(falling), 0.3) is None and find_collapse(load_run(steady), 0.6).step == 3
     assert main(["report", falling, steady, "--out", str(tmp_path / "out")]) == 0
     printed = capsys.readouterr().out
-    assert "warning: falling: student entropy collapsed at step 4" in printed and "steady" not in printed.split(
-        "warning")[-1]
+    assert (
+        "warning: falling: student entropy collapsed at step 4" in printed
+        and "steady" not in printed.split("warning")[-1]
+    )
     assert f"report: {tmp_path / 'out' / 'report.html'}" in printed
     page = Page(open(tmp_path / "out" / "report.html").read())
     assert len(page.warnings) == 1 and page.warnings[0].startswith("warning: falling:")
@@ -239,8 +281,9 @@ def test_lab_tree_expands_and_runs_compare_on_one_page(runs, tmp_path):
     shutil.copytree(runs["dopd"], lab / "hints" / "search" / "dopd_lr0.01", ignore=skip)  # searches stay out
     (lab / "hints" / "train.jsonl").write_text("{}\n")
     (lab / "results.json").write_text("{}")
-    write_metrics(lab / "answer" / "dopd" / "seed_1", [2.0, 1.9],
-                  {"eval/answer_accuracy": 0.25, "eval/full_match": 0.125})
+    write_metrics(
+        lab / "answer" / "dopd" / "seed_1", [2.0, 1.9], {"eval/answer_accuracy": 0.25, "eval/full_match": 0.125}
+    )
     labels = [label for label, _ in find_runs(str(lab))]
     assert labels == ["answer/dopd/seed_1", "hints/dopd/seed_0", "hints/opd/seed_0"]
     report = build_report([str(lab), runs["opd"]], str(tmp_path / "out"), token_steps=1)
@@ -249,8 +292,9 @@ def test_lab_tree_expands_and_runs_compare_on_one_page(runs, tmp_path):
     page = Page(open(report.html_path).read())
     assert {s["run"] for s in page.spans} == {"hints/dopd/seed_0", "hints/opd/seed_0", "opd"}
     dopd_spans = [s for s in page.spans if s["run"] == "hints/dopd/seed_0"]
-    assert [s["classes"][1] for s in dopd_spans] == [f"regime-{r}" for rec in saved_samples(runs["dopd"], 1)
-                                                      for r in rec["regime"]]
+    assert [s["classes"][1] for s in dopd_spans] == [
+        f"regime-{r}" for rec in saved_samples(runs["dopd"], 1) for r in rec["regime"]
+    ]
     with pytest.raises(FileNotFoundError):
         find_runs(str(tmp_path / "out" / "nothing"))
 
@@ -267,8 +311,17 @@ def test_run_in_progress_with_nothing_logged_yet(runs, tmp_path):
 def test_a_run_that_flagged_a_collapse_is_marked_at_its_step(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    lines = [{"step": s, "loss": 1.0, "entropy/student": 0.5, "completion_length/mean": 30 - 4 * s,
-              "collapse/length": float(s >= 5), **({"collapse/step": 5.0} if s >= 5 else {})} for s in range(1, 8)]
+    lines = [
+        {
+            "step": s,
+            "loss": 1.0,
+            "entropy/student": 0.5,
+            "completion_length/mean": 30 - 4 * s,
+            "collapse/length": float(s >= 5),
+            **({"collapse/step": 5.0} if s >= 5 else {}),
+        }
+        for s in range(1, 8)
+    ]
     (run / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     collapse = find_collapse(load_run(str(run)))
     assert collapse is not None and collapse.step == 5 and "length" in collapse.reason

@@ -25,8 +25,16 @@ from dopd.rollout.vllm import VLLMRollout, engine_settings  # noqa: E402
 
 
 def vllm_config(*extra):
-    return load_config(overrides=["model.student=s", "model.teacher=t", "data.path=d", "logging.output_dir=o",
-                                  "rollout.backend=vllm", *extra])
+    return load_config(
+        overrides=[
+            "model.student=s",
+            "model.teacher=t",
+            "data.path=d",
+            "logging.output_dir=o",
+            "rollout.backend=vllm",
+            *extra,
+        ]
+    )
 
 
 class FixedEngine:
@@ -61,9 +69,14 @@ def test_rollouts_from_fixed_token_ids():
 
 
 def test_engine_settings_follow_the_rollout_config():
-    config = vllm_config("rollout.temperature=0.7", "rollout.top_p=0.9", "rollout.top_k=20",
-                         "rollout.max_new_tokens=64", "data.max_prompt_length=100",
-                         "rollout.vllm.gpu_memory_utilization=0.4")
+    config = vllm_config(
+        "rollout.temperature=0.7",
+        "rollout.top_p=0.9",
+        "rollout.top_k=20",
+        "rollout.max_new_tokens=64",
+        "data.max_prompt_length=100",
+        "rollout.vllm.gpu_memory_utilization=0.4",
+    )
     settings = engine_settings(config, {1, 7}, vocab_size=50, head_rows=50)
     assert settings["mode"] == "colocate" and settings["enable_sleep_mode"] is True
     assert (settings["temperature"], settings["top_p"], settings["top_k"]) == (0.7, 0.9, 20)
@@ -117,7 +130,7 @@ def test_trl_engine_gets_the_checkpoint_names_and_settings(monkeypatch, tmp_path
     for name, value in checkpoint.items():
         torch.testing.assert_close(llm.loaded[name], value, rtol=0, atol=0)
     result = rollout.generate([[3, 4], [5]], 2)
-    (prompts, sampling), = llm.calls
+    ((prompts, sampling),) = llm.calls
     assert [p["prompt_token_ids"] for p in prompts] == [[3, 4], [3, 4], [5], [5]]
     assert sampling["temperature"] == 0.5 and sampling["max_tokens"] == 7 and sampling["n"] == 1
     assert sampling["stop_token_ids"] == [1] and sampling["logprobs"] is None
@@ -188,11 +201,21 @@ def test_trainer_with_the_vllm_backend_syncs_after_every_step(pair, tmp_path, mo
 def test_missing_vllm_is_one_line_before_any_model_loads(tmp_path):
     data = tiny.write_prompts(str(tmp_path / "p.jsonl"), count=4)
     run = subprocess.run(
-        [sys.executable, "-m", "dopd", "train", "model.student=/nonexistent/student", "model.teacher=/nonexistent/t",
-         f"data.path={data}", f"logging.output_dir={tmp_path / 'run'}", "rollout.backend=vllm"],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "dopd",
+            "train",
+            "model.student=/nonexistent/student",
+            "model.teacher=/nonexistent/t",
+            f"data.path={data}",
+            f"logging.output_dir={tmp_path / 'run'}",
+            "rollout.backend=vllm",
+        ],
+        capture_output=True,
+        text=True,
     )
     assert run.returncode == 2
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1, run.stderr
-    assert 'rollout.backend = vllm needs vllm' in lines[0] and 'pip install "dopd[vllm]"' in lines[0]
+    assert "rollout.backend = vllm needs vllm" in lines[0] and 'pip install "dopd[vllm]"' in lines[0]

@@ -12,7 +12,6 @@ from dopd import objectives, routing
 from dopd.plain import compute_objective
 from dopd.routing import HS, HT, INVALID, LH, LL
 
-
 # (q_S, q_T) of 20 valid tokens. Token 0 is an outlier (gap ln(0.9e6) ≈ 13.7) that the 5% trim drops from Ā;
 # with it, Ā would be 1.53 and the ln 4 / ln 3 tokens would be low-gap. Token 6 (sum 0.75) lies between the
 # trimmed (0.742) and the untrimmed (0.795) probability thresholds.

@@ -6,8 +6,8 @@ from __future__ import annotations
 import os
 
 import pytest
-
 import tiny
+
 from dopd.config import ConfigError
 from dopd.run_dir import append_jsonl, check_run_dir, differing_keys, read_jsonl, truncate_after
 from dopd.train import Trainer, train
@@ -16,8 +16,11 @@ from dopd.train import Trainer, train
 def test_an_interrupted_run_with_a_checkpoint_says_how_to_continue(pair, tmp_path):
     common = ["train.steps=3", "checkpoint.save_every=1"]
     tiny.train_stopped_at(tiny.make_config(pair, tmp_path / "run", *common), step=2)
-    with pytest.raises(ConfigError, match=r"holds an interrupted run of this config \(last checkpoint: step_000002\); "
-                                          r"add checkpoint.resume=true to continue it, or logging.overwrite=true"):
+    with pytest.raises(
+        ConfigError,
+        match=r"holds an interrupted run of this config \(last checkpoint: step_000002\); "
+        r"add checkpoint.resume=true to continue it, or logging.overwrite=true",
+    ):
         Trainer(tiny.make_config(pair, tmp_path / "run", *common))
     train(tiny.make_config(pair, tmp_path / "run", *common, "checkpoint.resume=true"))  # and that continues it
 
@@ -36,7 +39,9 @@ def test_another_or_a_finished_run_is_refused(pair, tmp_path):
         check_run_dir(tiny.make_config(pair, tmp_path / "run"))
     with pytest.raises(ConfigError, match="already holds another run"):
         check_run_dir(tiny.make_config(pair, tmp_path / "run", "optim.lr=0.5"))
-    assert differing_keys(str(tmp_path / "run"), tiny.make_config(pair, tmp_path / "run", "optim.lr=0.5")) == ["optim.lr"]
+    assert differing_keys(str(tmp_path / "run"), tiny.make_config(pair, tmp_path / "run", "optim.lr=0.5")) == [
+        "optim.lr"
+    ]
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(ConfigError, match="already holds files"):

@@ -9,10 +9,10 @@ import os
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny import make_config, train_stopped_at
 
 from dopd.self_weights import SelfWeights
 from dopd.train import Trainer, train
-from tiny import make_config, train_stopped_at
 
 
 def _linear() -> torch.nn.Module:

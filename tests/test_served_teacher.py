@@ -12,15 +12,15 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 import tiny  # noqa: E402
+from tiny import make_config  # noqa: E402
 
 from dopd.config import ConfigError, TeacherServerConfig  # noqa: E402
 from dopd.kernels import score_target  # noqa: E402
 from dopd.kernels import scores as chunked_module  # noqa: E402
 from dopd.scoring import frozen_pass, pass_inputs  # noqa: E402
-from dopd.types import Completions  # noqa: E402
 from dopd.served_teacher import ServedTeacher, TeacherServerError  # noqa: E402
 from dopd.train import Trainer  # noqa: E402
-from tiny import make_config  # noqa: E402
+from dopd.types import Completions  # noqa: E402
 
 
 class FakeVLLM:
@@ -228,8 +228,9 @@ def test_training_with_a_served_teacher(pair, server, tmp_path, method, caplog):
     assert "teacher_full: topk_bucket" in open(tmp_path / "run" / "config.yaml").read()
     lines = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert all(torch.isfinite(torch.tensor(line["loss"])) for line in lines)
-    after, start = load_file(os.path.join(result.final_dir, "model.safetensors")), load_file(
-        os.path.join(pair["student"], "model.safetensors")
+    after, start = (
+        load_file(os.path.join(result.final_dir, "model.safetensors")),
+        load_file(os.path.join(pair["student"], "model.safetensors")),
     )
     assert any(not torch.equal(after[k], start[k]) for k in start)
     if method == "dopd":

@@ -12,9 +12,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 import tiny  # noqa: E402
+from tiny import make_config, train_stopped_at, weights  # noqa: E402
 
 from dopd.config import ConfigError, DataConfig  # noqa: E402
-from tiny import make_config, train_stopped_at, weights  # noqa: E402
 from dopd.data import build_prompt_set, load_rows  # noqa: E402
 from dopd.objectives import METHODS  # noqa: E402
 from dopd.routing import assign_regimes  # noqa: E402
@@ -81,7 +81,10 @@ def test_privileged_passes_read_the_context(pair, tmp_path):
         batch = trainer.score(prompts, rollouts)[0]
         mask = batch.completions.mask
         return assign_regimes(
-            batch.self_scores.token_logprobs, batch.teacher_scores.token_logprobs, mask, trainer.batch_thresholds([batch])
+            batch.self_scores.token_logprobs,
+            batch.teacher_scores.token_logprobs,
+            mask,
+            trainer.batch_thresholds([batch]),
         ), batch.teacher_scores.token_logprobs
 
     first, teacher_first = regimes()
@@ -98,8 +101,9 @@ def test_privileged_passes_read_the_context(pair, tmp_path):
 def test_gradient_accumulation_and_plain_form_match(pair, tmp_path):
     """Micro-batches of 1 or 8 sequences, chunked or plain loss: the same step loss and gradients."""
     results = []
-    for number, extra in enumerate((["train.micro_batch_size=8"], ["train.micro_batch_size=1"],
-                                    ["train.micro_batch_size=3", "train.chunk_size=0"])):
+    for number, extra in enumerate(
+        (["train.micro_batch_size=8"], ["train.micro_batch_size=1"], ["train.micro_batch_size=3", "train.chunk_size=0"])
+    ):
         config = make_config(pair, tmp_path / f"run{number}", "rollout.temperature=0", *extra)
         trainer = Trainer(config)
         prompts, rollouts = _step_routing(trainer)
@@ -201,7 +205,8 @@ def test_cli_help_lists_every_key_and_errors_are_one_line(pair, tmp_path):
         assert key in run.stdout
     run = subprocess.run(
         [sys.executable, "-m", "dopd", "train", f"model.student={pair['student']}", "objective.method=nope"],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert run.returncode == 2
     assert run.stderr.strip().startswith("dopd: error: objective.method = 'nope' is unknown")
@@ -250,7 +255,9 @@ def test_cli_help_defaults_are_the_settings_defaults():
                 same = len(shown.split(",")) == len(expected.split(",")) and all(float(a) == float(b) for a, b in pairs)
             except ValueError:
                 same = shown == expected
-            assert same, f"dopd {command} {action.option_strings[0]}: help says {shown!r}, {spec.__name__} has {expected!r}"
+            assert same, (
+                f"dopd {command} {action.option_strings[0]}: help says {shown!r}, {spec.__name__} has {expected!r}"
+            )
             checked += 1
     assert checked >= 25
 
@@ -263,9 +270,25 @@ def test_two_processes_match_one(pair, tmp_path):
     losses = []
     for processes in (1, 2):
         out = tmp_path / f"p{processes}"
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes), "--cpu",
-                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", script,
-                   pair["student"], pair["teacher"], pair["data"], str(out)]
+        command = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--num_processes",
+            str(processes),
+            "--cpu",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            script,
+            pair["student"],
+            pair["teacher"],
+            pair["data"],
+            str(out),
+        ]
         run = subprocess.run(command, capture_output=True, text=True, timeout=600)
         assert run.returncode == 0, run.stderr[-3000:]
         lines = [json.loads(line) for line in open(out / "metrics.jsonl")]
@@ -296,15 +319,21 @@ def test_rollouts_ignore_the_checkpoint_generation_defaults(pair, tmp_path):
 
 def test_ids_beyond_the_shared_vocabulary_are_never_sampled(pair, tmp_path):
     """A student head larger than the teacher's: rows past the shared size are suppressed in rollouts."""
-    trainer = Trainer(make_config(pair, tmp_path / "run", f"model.student={pair['padded_teacher']}",
-                                  f"model.teacher={pair['student']}"))
+    trainer = Trainer(
+        make_config(
+            pair, tmp_path / "run", f"model.student={pair['padded_teacher']}", f"model.teacher={pair['student']}"
+        )
+    )
     config = trainer.engine.generation_config(trainer.inner)
     assert config.suppress_tokens == list(range(trainer.vocab_size, trainer.vocab_size + 8))
 
 
 def test_learning_rate_schedule_steps_once_per_step(pair, tmp_path):
-    result = train(make_config(pair, tmp_path / "run", "train.steps=4", "optim.warmup_steps=2", "optim.lr=1.0",
-                               "logging.sample_every=0"))
+    result = train(
+        make_config(
+            pair, tmp_path / "run", "train.steps=4", "optim.warmup_steps=2", "optim.lr=1.0", "logging.sample_every=0"
+        )
+    )
     lrs = [json.loads(line)["lr"] for line in open(tmp_path / "run" / "metrics.jsonl")]
     expected = [0.0, 0.5, 1.0, 0.5]  # linear warm-up over steps 1-2, then cosine over the remaining two
     assert lrs == pytest.approx(expected)

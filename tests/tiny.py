@@ -62,7 +62,10 @@ def write_pair(directory: str, student_hidden: int = 32, teacher_hidden: int = 4
     """Save a tokenizer, a student and a teacher under `directory`; returns (student_path, teacher_path)."""
     tokenizer = build_tokenizer()
     paths = []
-    for name, hidden, seed, pad in (("student", student_hidden, 0, 0), ("teacher", teacher_hidden, 1, teacher_vocab_pad)):
+    for name, hidden, seed, pad in (
+        ("student", student_hidden, 0, 0),
+        ("teacher", teacher_hidden, 1, teacher_vocab_pad),
+    ):
         path = os.path.join(directory, name)
         build_model(len(tokenizer), hidden, seed=seed, vocab_pad=pad).save_pretrained(path)
         tokenizer.save_pretrained(path)
@@ -95,7 +98,7 @@ class FakeLLM:
     of the last weight sync, as vLLM's `model.load_weights` receives them."""
 
     completions: list[list[int]] = [[5, 6, 1], [7, 8, 9, 10]]
-    instances: list["FakeLLM"] = []
+    instances: list[FakeLLM] = []
 
     def __init__(self, **kwargs):
         self.kwargs = kwargs
@@ -103,8 +106,11 @@ class FakeLLM:
         self.syncs = 0
         self.calls: list = []
         self.sleeping = False
-        self.llm_engine = _Namespace(model_executor=_Namespace(driver_worker=_Namespace(
-            model_runner=_Namespace(model=_Namespace(load_weights=self._load_weights)))))
+        self.llm_engine = _Namespace(
+            model_executor=_Namespace(
+                driver_worker=_Namespace(model_runner=_Namespace(model=_Namespace(load_weights=self._load_weights)))
+            )
+        )
         FakeLLM.instances.append(self)
 
     def _load_weights(self, weights):
@@ -125,8 +131,12 @@ class FakeLLM:
         outputs = []
         for number, prompt in enumerate(prompts):
             ids = self.completions[number % len(self.completions)]
-            outputs.append(_Namespace(prompt_token_ids=prompt["prompt_token_ids"],
-                                      outputs=[_Namespace(token_ids=list(ids), logprobs=None)]))
+            outputs.append(
+                _Namespace(
+                    prompt_token_ids=prompt["prompt_token_ids"],
+                    outputs=[_Namespace(token_ids=list(ids), logprobs=None)],
+                )
+            )
         return outputs
 
 

@@ -48,8 +48,15 @@ def build_tokenizer():
 
     words = ["user", "assistant", ":", "what", "colour", "is", "the", "?", "a", "of", "shape", "it", "."]
     words += list(COLOURS) + list(SHAPES) + [str(d) for d in range(10)]
-    words += [piece for piece, _ in _pre_tokenizer().pre_tokenize_str(box_hint([1, 2, 3, 4], "x", SIZE, coords="norm1000"))]
-    words += [piece for piece, _ in _pre_tokenizer().pre_tokenize_str("Relevant objects in the image (bounding boxes x1, y1, x2, y2):")]
+    words += [
+        piece for piece, _ in _pre_tokenizer().pre_tokenize_str(box_hint([1, 2, 3, 4], "x", SIZE, coords="norm1000"))
+    ]
+    words += [
+        piece
+        for piece, _ in _pre_tokenizer().pre_tokenize_str(
+            "Relevant objects in the image (bounding boxes x1, y1, x2, y2):"
+        )
+    ]
     vocab = {}
     for token in SPECIAL + words:
         vocab.setdefault(token, len(vocab))
@@ -81,8 +88,12 @@ def _processor(tokenizer, images):
     saved = transformers.__dict__.get("VideoProcessorMixin")
     transformers.VideoProcessorMixin = VideoProcessorMixin
     try:
-        return Qwen3VLProcessor(image_processor=images, tokenizer=tokenizer, video_processor=Qwen3VLVideoProcessor(),
-                                chat_template=CHAT_TEMPLATE)
+        return Qwen3VLProcessor(
+            image_processor=images,
+            tokenizer=tokenizer,
+            video_processor=Qwen3VLVideoProcessor(),
+            chat_template=CHAT_TEMPLATE,
+        )
     finally:
         if saved is None:
             del transformers.VideoProcessorMixin
@@ -119,17 +130,38 @@ def build_model(tokenizer, hidden: int = 32, seed: int = 0):
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in VISION}
     config = Qwen3VLConfig(
         text_config=dict(
-            vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-            num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=512, pad_token_id=0,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3],
-                             "mrope_interleaved": True},
+            vocab_size=len(tokenizer),
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=16,
+            max_position_embeddings=512,
+            pad_token_id=0,
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "mrope_section": [2, 3, 3],
+                "mrope_interleaved": True,
+            },
         ),
         vision_config=dict(
-            depth=1, hidden_size=16, intermediate_size=32, num_heads=2, patch_size=PATCH, spatial_merge_size=2,
-            temporal_patch_size=2, out_hidden_size=hidden, num_position_embeddings=64, deepstack_visual_indexes=[0],
+            depth=1,
+            hidden_size=16,
+            intermediate_size=32,
+            num_heads=2,
+            patch_size=PATCH,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            out_hidden_size=hidden,
+            num_position_embeddings=64,
+            deepstack_visual_indexes=[0],
         ),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=True,
     )
     torch.manual_seed(seed)

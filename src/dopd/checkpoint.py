@@ -130,8 +130,14 @@ def save_model(state: CheckpointState, model_state: dict, directory: str) -> Non
 
         merged = os.path.join(directory, "merged")
         model = state.config.model
-        save_merged(model.student, directory, merged, torch.float32, model.trust_remote_code,
-                    hasattr(processing, "image_processor"))
+        save_merged(
+            model.student,
+            directory,
+            merged,
+            torch.float32,
+            model.trust_remote_code,
+            hasattr(processing, "image_processor"),
+        )
         processing.save_pretrained(merged)
 
 

@@ -134,7 +134,9 @@ def _eval(args: argparse.Namespace) -> int:
         try:
             values["chat_template_kwargs"] = json.loads(args.chat_template_kwargs)
         except json.JSONDecodeError as error:
-            raise ConfigError(f"--chat-template-kwargs is not JSON ({error}); e.g. '{{\"enable_thinking\": false}}'")
+            raise ConfigError(
+                f"--chat-template-kwargs is not JSON ({error}); e.g. '{{\"enable_thinking\": false}}'"
+            ) from None
     spec = EvalSpec(**{key: value for key, value in values.items() if value is not None})
     try:
         report = evaluate(spec)
@@ -142,8 +144,10 @@ def _eval(args: argparse.Namespace) -> int:
         raise ConfigError(str(error)) from None
     print(results_table(report))
     if report["completions_at_token_limit"]:
-        print(f"note: {report['completions_at_token_limit']} completions stopped at --max-new-tokens "
-              f"{spec.max_new_tokens} without an end-of-sequence token")
+        print(
+            f"note: {report['completions_at_token_limit']} completions stopped at --max-new-tokens "
+            f"{spec.max_new_tokens} without an end-of-sequence token"
+        )
     print(f"report: {spec.out} and {table_path(spec.out)}")
     print(f"wall time: {report['wall_seconds']} s")
     return 0
@@ -187,18 +191,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     lab.add_argument("--task", help="lab task: order, arith or lookup, or module:Class (default order)")
     lab.add_argument("--privilege", help="privileged kinds, comma-separated: hints, solution, answer (default hints)")
-    lab.add_argument("--methods", help="methods, comma-separated, each with optional objective overrides in brackets "
-                     "(dopd[self_weights=ema], dopd[regimes=LH+HT]); sft and opd are always added as references "
-                     "(default sft,opd,opd-priv,opsd,dopd)")
+    lab.add_argument(
+        "--methods",
+        help="methods, comma-separated, each with optional objective overrides in brackets "
+        "(dopd[self_weights=ema], dopd[regimes=LH+HT]); sft and opd are always added as references "
+        "(default sft,opd,opd-priv,opsd,dopd)",
+    )
     lab.add_argument("--seeds", help="seeds, comma-separated (default 0,1,2)")
     lab.add_argument("--steps", type=int, help="optimizer steps per run (default 40)")
     lab.add_argument("--lr-grid", help="learning rates every method runs at, comma-separated (default 1e-4,3e-4)")
     lab.add_argument("--n-test", type=int, help="held-out test prompts (default 1200)")
     lab.add_argument("--workers", type=int, help="runs in parallel processes, one thread each (default 2)")
-    lab.add_argument("--pair", action="append", metavar="KEY=VALUE",
-                     help="change the pair's pretraining (a LabPairConfig field), e.g. --pair teacher_steps=2000")
-    lab.add_argument("--allow-weak-pair", action="store_true",
-                     help="compare methods on a pair that fails a required property (the results say so)")
+    lab.add_argument(
+        "--pair",
+        action="append",
+        metavar="KEY=VALUE",
+        help="change the pair's pretraining (a LabPairConfig field), e.g. --pair teacher_steps=2000",
+    )
+    lab.add_argument(
+        "--allow-weak-pair",
+        action="store_true",
+        help="compare methods on a pair that fails a required property (the results say so)",
+    )
     lab.add_argument("--quick", action="store_true", help="the same pipeline at a size that takes under a minute")
     lab.add_argument("--full", action="store_true", help="five seeds and the ablations")
     lab.add_argument("--out", help="output directory (default: a new directory under runs/)")
@@ -215,8 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", help="output directory (default: RUN_DIR/report for the first RUN_DIR)")
     report.add_argument("--token-steps", type=int, default=2, help="latest sampled steps in the token view")
     report.add_argument("--max-samples", type=int, help="completions shown per sampled step (default all saved)")
-    report.add_argument("--collapse-fraction", type=float, default=0.5,
-                        help="flag entropy collapse below this fraction of the first step's entropy")
+    report.add_argument(
+        "--collapse-fraction",
+        type=float,
+        default=0.5,
+        help="flag entropy collapse below this fraction of the first step's entropy",
+    )
     report.set_defaults(handler=_report)
     _add_hints_parser(commands)
     _add_eval_parser(commands)
@@ -234,14 +252,19 @@ def _add_hints_parser(commands) -> None:
         "a second request. Generated rows are saved as they come in OUT.partial; a rerun continues from it.",
     )
     hints.add_argument("--input", required=True, help="JSONL/JSON/Parquet/CSV file, save_to_disk directory or hub name")
-    hints.add_argument("--form", required=True, help="answer | solution | stepwise | stepwise-executed | summary | "
-                       "boxes | generated")
+    hints.add_argument(
+        "--form", required=True, help="answer | solution | stepwise | stepwise-executed | summary | boxes | generated"
+    )
     hints.add_argument("--out", required=True, help="output: .jsonl, .parquet, or a directory (save_to_disk)")
     hints.add_argument("--split", help="split of a hub data set or a saved DatasetDict (default train)")
     hints.add_argument("--name", help="hub data set configuration name")
     hints.add_argument("--max-rows", type=int, help="use only the first N rows")
-    hints.add_argument("--prompt-column", "--question-column", dest="prompt_column",
-                       help="the question or prompt column, as train and eval read it (default prompt)")
+    hints.add_argument(
+        "--prompt-column",
+        "--question-column",
+        dest="prompt_column",
+        help="the question or prompt column, as train and eval read it (default prompt)",
+    )
     hints.add_argument("--solution-column", help="default solution")
     hints.add_argument("--answer-column", help="default answer")
     hints.add_argument("--output-column", help="default privileged_context")
@@ -261,8 +284,13 @@ def _add_hints_parser(commands) -> None:
     served.add_argument("--temperature", type=float, help="sampling temperature (default 0)")
     served.add_argument("--max-tokens", type=int, help="longest reply in tokens (default 1024)")
     served.add_argument("--max-hints", type=int, help="hints asked for per row (default 8)")
-    served.add_argument("--no-verify", dest="verify", action="store_false", default=None,
-                        help="skip the second request that checks the hints (the answer rule still applies)")
+    served.add_argument(
+        "--no-verify",
+        dest="verify",
+        action="store_false",
+        default=None,
+        help="skip the second request that checks the hints (the answer rule still applies)",
+    )
     boxes = hints.add_argument_group("boxes form (VLM)")
     boxes.add_argument("--boxes-column", help="[x1, y1, x2, y2] in pixels, or a list of them (default boxes)")
     boxes.add_argument("--labels-column", help="a label or a list of labels, one per box (default labels)")
@@ -283,7 +311,9 @@ def _add_eval_parser(commands) -> None:
         "on the same data) add the gap recovery (model - student) / (teacher - student).",
     )
     evaluation.add_argument("--model", required=True, help="model path or hub name")
-    evaluation.add_argument("--data", required=True, help="JSONL/JSON/Parquet/CSV file, save_to_disk directory or hub name")
+    evaluation.add_argument(
+        "--data", required=True, help="JSONL/JSON/Parquet/CSV file, save_to_disk directory or hub name"
+    )
     evaluation.add_argument("--out", help="report .json; the table goes beside it as .md (default runs/eval-TIME.json)")
     evaluation.add_argument("--split", help="split of a hub data set or a saved DatasetDict (default test)")
     evaluation.add_argument("--name", help="hub data set configuration name")
@@ -299,18 +329,30 @@ def _add_eval_parser(commands) -> None:
     evaluation.add_argument("--batch-size", type=int, help="prompts per generate call (default 16)")
     evaluation.add_argument("--pass-k", help="k values, comma-separated (default 1, powers of 2, --samples)")
     evaluation.add_argument("--seed", type=int, help="sampling seed (default 0)")
-    evaluation.add_argument("--privileged", action="store_true", default=None,
-                            help="insert the privileged context into the prompt (to measure a model reading it)")
+    evaluation.add_argument(
+        "--privileged",
+        action="store_true",
+        default=None,
+        help="insert the privileged context into the prompt (to measure a model reading it)",
+    )
     evaluation.add_argument("--privileged-column", help="default privileged_context")
-    evaluation.add_argument("--template", help="how --privileged inserts it (default '{prompt}\\n\\n{privileged_context}')")
-    evaluation.add_argument("--chat-template-kwargs", help="JSON for the chat template, e.g. '{\"enable_thinking\": false}'")
+    evaluation.add_argument(
+        "--template", help="how --privileged inserts it (default '{prompt}\\n\\n{privileged_context}')"
+    )
+    evaluation.add_argument(
+        "--chat-template-kwargs", help="JSON for the chat template, e.g. '{\"enable_thinking\": false}'"
+    )
     evaluation.add_argument("--tokenizer", help="tokenizer path or hub name (default: the model's)")
-    evaluation.add_argument("--dtype", help="auto (default: bfloat16 on GPU, float32 on CPU) | float32 | bfloat16 | float16")
+    evaluation.add_argument(
+        "--dtype", help="auto (default: bfloat16 on GPU, float32 on CPU) | float32 | bfloat16 | float16"
+    )
     evaluation.add_argument("--device", help="e.g. cpu, cuda:0 (default: cuda if available)")
     evaluation.add_argument("--trust-remote-code", action="store_true", default=None, help="passed to from_pretrained")
     evaluation.add_argument("--teacher-result", help="the teacher's accuracy in [0, 1] or its report .json")
     evaluation.add_argument("--student-result", help="the base student's accuracy in [0, 1] or its report .json")
-    evaluation.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
+    evaluation.add_argument(
+        "--no-progress", dest="progress", action="store_false", default=None, help="no progress bar"
+    )
     evaluation.set_defaults(handler=_eval)
 
 

@@ -19,7 +19,6 @@ from omegaconf.errors import OmegaConfBaseException
 from .objectives import Objective, ObjectiveConfig
 from .prompts import DEFAULT_PRIVILEGED_TEMPLATE, check_template
 
-
 # Every linear layer of a Qwen3 (and Llama-style) decoder block.
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -55,7 +54,9 @@ class ModelConfig:
     trust_remote_code: bool = False  # passed to from_pretrained
     attn_implementation: str | None = None  # e.g. sdpa, flash_attention_2 (default: transformers' choice)
     gradient_checkpointing: bool = False  # recompute the student's activations in backward to save memory
-    kind: str = "auto"  # causal_lm | image_text (AutoModelForImageTextToText) | auto: image_text when data.image_column is set
+    kind: str = (
+        "auto"  # causal_lm | image_text (AutoModelForImageTextToText) | auto: image_text when data.image_column is set
+    )
     freeze_vision: bool = True  # image_text: keep the student's vision tower frozen (LoRA never adapts it)
     lora: LoraConfig = field(default_factory=LoraConfig)
     teacher_server: TeacherServerConfig = field(default_factory=TeacherServerConfig)
@@ -142,7 +143,9 @@ class LoggingConfig:
     sample_every: int = 10  # steps between saved samples with token-level routing (0: never)
     num_samples: int = 4  # completions saved each time
     progress_bar: bool = True  # a progress bar with the loss and the step
-    answer_pattern: str | None = None  # regex an answering completion ends with; others ending early: completion/early_eos
+    answer_pattern: str | None = (
+        None  # regex an answering completion ends with; others ending early: completion/early_eos
+    )
 
 
 @dataclass
@@ -249,7 +252,13 @@ def validate(config: Config) -> Objective:
     except ValueError as error:
         raise ConfigError(str(error)) from None
     m, d, r, o, t, lg, ck = (
-        config.model, config.data, config.rollout, config.optim, config.train, config.logging, config.checkpoint
+        config.model,
+        config.data,
+        config.rollout,
+        config.optim,
+        config.train,
+        config.logging,
+        config.checkpoint,
     )
     if not m.student:
         raise ConfigError("model.student is required: a local path or a hub name of the student model")
@@ -311,9 +320,14 @@ def validate(config: Config) -> Objective:
         try:
             re.compile(lg.answer_pattern)
         except re.error as error:
-            raise ConfigError(f"logging.answer_pattern = {lg.answer_pattern!r} is not a regular expression: {error}")
-    for key, value in (("logging.sample_every", lg.sample_every), ("logging.num_samples", lg.num_samples),
-                       ("checkpoint.save_every", ck.save_every)):
+            raise ConfigError(
+                f"logging.answer_pattern = {lg.answer_pattern!r} is not a regular expression: {error}"
+            ) from None
+    for key, value in (
+        ("logging.sample_every", lg.sample_every),
+        ("logging.num_samples", lg.num_samples),
+        ("checkpoint.save_every", ck.save_every),
+    ):
         if value < 0:
             raise ConfigError(f"{key} = {value} must be >= 0 (0: never)")
     if ck.resume and lg.overwrite:

@@ -145,7 +145,12 @@ class PromptSet:
 
 
 def build_prompt_set(
-    dataset, config: DataConfig, tokenizer, teacher_privileged: bool | None, self_privileged: bool, processor=None,
+    dataset,
+    config: DataConfig,
+    tokenizer,
+    teacher_privileged: bool | None,
+    self_privileged: bool,
+    processor=None,
     teacher_tokenizer=None,
 ) -> PromptSet:
     """Render and tokenize every row; prompts over `max_prompt_length` stop the run (or are dropped). With
@@ -161,8 +166,8 @@ def build_prompt_set(
         prompts = [with_image(p) for p in prompts]
     has_privileged = config.privileged_column in dataset.column_names
     privileged = list(dataset[config.privileged_column]) if has_privileged else [None] * len(prompts)
-    answers = list(dataset[config.answer_column]) if config.answer_column in dataset.column_names else [None] * len(
-        prompts
+    answers = (
+        list(dataset[config.answer_column]) if config.answer_column in dataset.column_names else [None] * len(prompts)
     )
 
     renderer = processor if images is not None else tokenizer  # a processor renders image parts
@@ -183,8 +188,10 @@ def build_prompt_set(
         student_ids, self_ids = (tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts[:2])
         teacher_ids = teacher_renderer(texts[2], add_special_tokens=False)["input_ids"]
     else:  # the same image in all three passes: the same number of placeholder tokens
-        rows = [encode_with_image(processor, list(three), images.checked(i, config.box_column))
-                for i, three in enumerate(zip(*texts))]
+        rows = [
+            encode_with_image(processor, list(three), images.checked(i, config.box_column))
+            for i, three in enumerate(zip(*texts))
+        ]
         student_ids, self_ids, teacher_ids = ([r[k] for r in rows] for k in range(3))
     lengths = [max(len(a), len(b), len(c)) for a, b, c in zip(student_ids, self_ids, teacher_ids)]
     too_long = [i for i, n in enumerate(lengths) if n > config.max_prompt_length]
@@ -241,6 +248,11 @@ def load_prompt_set(config, objective, tokenizer, processor=None, teacher_tokeni
     needs_privileged = bool(objective.teacher_privileged) or (objective.needs_self and config.objective.self_privileged)
     check_columns(dataset, config.data, needs_privileged)
     return build_prompt_set(
-        dataset, config.data, tokenizer, objective.teacher_privileged, config.objective.self_privileged, processor,
+        dataset,
+        config.data,
+        tokenizer,
+        objective.teacher_privileged,
+        config.objective.self_privileged,
+        processor,
         teacher_tokenizer,
     )

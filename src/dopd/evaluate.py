@@ -99,8 +99,9 @@ class MathChecker:
         try:
             import math_verify
         except ImportError:
-            raise ConfigError("--checker math needs the math-verify package: pip install 'math-verify>=0.7' (or use "
-                              "--checker exact)") from None
+            raise ConfigError(
+                "--checker math needs the math-verify package: pip install 'math-verify>=0.7' (or use --checker exact)"
+            ) from None
         self._parse, self._verify = math_verify.parse, math_verify.verify
 
     def parse_reference(self, answer: Any) -> list:
@@ -144,8 +145,10 @@ class LabChecker:
     def prepare(self, answers: list[Any], prompts: list[Any], rows: list[dict]) -> None:
         from .lab.tasks import Example
 
-        self.examples = [Example(prompt=str(p), answer=str(a), completion=str(r.get("completion") or ""))
-                         for p, a, r in zip(prompts, answers, rows)]
+        self.examples = [
+            Example(prompt=str(p), answer=str(a), completion=str(r.get("completion") or ""))
+            for p, a, r in zip(prompts, answers, rows)
+        ]
 
     def score(self, index: int, completion: str) -> bool:
         return self.task.check(self.examples[index], completion).answer_correct
@@ -247,9 +250,16 @@ def read_result(value: str, option: str) -> dict[str, Any]:
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise ConfigError(f"{option} = {value} is not a `dopd eval` report ({type(error).__name__}: {error})") from None
     data, sampling = report.get("data") or {}, report.get("sampling") or {}
-    return {"accuracy": accuracy, "source": value, "model": report.get("model"), "fingerprint": data.get("fingerprint"),
-            "checker": report.get("checker"), "pass_at_k": report.get("pass_at_k"), "rows": data.get("rows"),
-            "samples": sampling.get("samples")}
+    return {
+        "accuracy": accuracy,
+        "source": value,
+        "model": report.get("model"),
+        "fingerprint": data.get("fingerprint"),
+        "checker": report.get("checker"),
+        "pass_at_k": report.get("pass_at_k"),
+        "rows": data.get("rows"),
+        "samples": sampling.get("samples"),
+    }
 
 
 def check_comparable(result: dict, option: str, fingerprint: str, checker: str) -> None:
@@ -257,11 +267,15 @@ def check_comparable(result: dict, option: str, fingerprint: str, checker: str) 
     if result["source"] == "given":
         return
     if result.get("fingerprint") != fingerprint:
-        raise ConfigError(f"{option} = {result['source']} was measured on other prompts or answers; evaluate that "
-                          "model on the same data (same --data, --max-rows, columns), or give its accuracy as a number")
+        raise ConfigError(
+            f"{option} = {result['source']} was measured on other prompts or answers; evaluate that "
+            "model on the same data (same --data, --max-rows, columns), or give its accuracy as a number"
+        )
     if result.get("checker") != checker:
-        raise ConfigError(f"{option} = {result['source']} used --checker {result.get('checker')}, this run {checker}; "
-                          "use the same checker")
+        raise ConfigError(
+            f"{option} = {result['source']} used --checker {result.get('checker')}, this run {checker}; "
+            "use the same checker"
+        )
 
 
 def data_fingerprint(prompts: list[Any], answers: list[Any]) -> str:
@@ -280,8 +294,9 @@ def results_table(report: dict) -> str:
         cells = [f"{pass_k[k]:.3f}" if k in pass_k else "—" for k in ks]
         gap = "—" if recovery is None else f"{100 * recovery:.1f}%"
         prompts, samples = result.get("rows") or "—", result.get("samples") or "—"
-        lines.append(f"| {label} | {prompts} | {samples} | {result['accuracy']:.3f} | " + " | ".join(cells)
-                     + f" | {gap} |")
+        lines.append(
+            f"| {label} | {prompts} | {samples} | {result['accuracy']:.3f} | " + " | ".join(cells) + f" | {gap} |"
+        )
 
     compare = report.get("compare") or {}
     both = "teacher" in compare and "student" in compare
@@ -289,8 +304,12 @@ def results_table(report: dict) -> str:
         if role in compare:
             result = compare[role]
             row(f"{label} ({result.get('model') or result['source']})", result, recovery if both else None)
-    this = {"accuracy": report["accuracy"], "pass_at_k": report["pass_at_k"], "rows": report["data"]["rows"],
-            "samples": report["sampling"]["samples"]}
+    this = {
+        "accuracy": report["accuracy"],
+        "pass_at_k": report["pass_at_k"],
+        "rows": report["data"]["rows"],
+        "samples": report["sampling"]["samples"],
+    }
     row(f"**{report['model']}**", this, report.get("gap_recovery"))
     return "\n".join(lines)
 
@@ -337,15 +356,20 @@ def check_spec(spec: EvalSpec) -> None:
     """The settings alone, before the data set is read."""
     from .prompts import check_template
 
-    for option, value in (("--samples", spec.samples), ("--max-new-tokens", spec.max_new_tokens),
-                          ("--batch-size", spec.batch_size)):
+    for option, value in (
+        ("--samples", spec.samples),
+        ("--max-new-tokens", spec.max_new_tokens),
+        ("--batch-size", spec.batch_size),
+    ):
         if value <= 0:
             raise ConfigError(f"{option} = {value} must be positive")
     if spec.temperature < 0 or not 0 < spec.top_p <= 1 or spec.top_k < 0:
         raise ConfigError("--temperature must be >= 0, --top-p in (0, 1] and --top-k >= 0")
     if spec.temperature == 0 and spec.samples > 1:
-        raise ConfigError(f"--samples {spec.samples} with --temperature 0 gives {spec.samples} identical greedy "
-                          "answers; set --temperature (e.g. 0.6) or --samples 1")
+        raise ConfigError(
+            f"--samples {spec.samples} with --temperature 0 gives {spec.samples} identical greedy "
+            "answers; set --temperature (e.g. 0.6) or --samples 1"
+        )
     for k in spec.pass_k or []:
         if not 1 <= k <= spec.samples:
             raise ConfigError(f"--pass-k {k} must be between 1 and --samples = {spec.samples}")
@@ -370,24 +394,38 @@ def load_eval_rows(spec: EvalSpec) -> tuple[list, list, list[str | None], list[d
     from .hints import check_local_path
 
     check_local_path(spec.data, "--data")
-    config = DataConfig(path=spec.data, name=spec.name, split=spec.split, prompt_column=spec.prompt_column,
-                        privileged_column=spec.privileged_column, answer_column=spec.answer_column,
-                        max_samples=spec.max_rows)
+    config = DataConfig(
+        path=spec.data,
+        name=spec.name,
+        split=spec.split,
+        prompt_column=spec.prompt_column,
+        privileged_column=spec.privileged_column,
+        answer_column=spec.answer_column,
+        max_samples=spec.max_rows,
+    )
     try:
         dataset = load_rows(config)
         check_columns(dataset, config, needs_privileged=spec.privileged)
     except ConfigError as error:
-        raise ConfigError(str(error).replace("data.prompt_column", "--prompt-column").replace(
-            "data.privileged_column", "--privileged-column").replace("data.path", "--data").replace(
-            "data.split", "--split")) from None
+        raise ConfigError(
+            str(error)
+            .replace("data.prompt_column", "--prompt-column")
+            .replace("data.privileged_column", "--privileged-column")
+            .replace("data.path", "--data")
+            .replace("data.split", "--split")
+        ) from None
     if spec.answer_column not in dataset.column_names:
-        raise ConfigError(f"--answer-column = {spec.answer_column!r} is not a column of {spec.data}; its columns are "
-                          f"{', '.join(dataset.column_names)} (set --answer-column)")
+        raise ConfigError(
+            f"--answer-column = {spec.answer_column!r} is not a column of {spec.data}; its columns are "
+            f"{', '.join(dataset.column_names)} (set --answer-column)"
+        )
     answers = list(dataset[spec.answer_column])
     empty = [i for i, a in enumerate(answers) if a is None or not str(a).strip()]
     if empty:
-        raise ConfigError(f"{len(empty)} of {len(answers)} rows have an empty {spec.answer_column!r} "
-                          f"(--answer-column), the first at row {empty[0]}; fill or drop them")
+        raise ConfigError(
+            f"{len(empty)} of {len(answers)} rows have an empty {spec.answer_column!r} "
+            f"(--answer-column), the first at row {empty[0]}; fill or drop them"
+        )
     privileged = list(dataset[spec.privileged_column]) if spec.privileged else [None] * len(answers)
     # Only the text columns a checker may read (the lab's reference completion), never an image column.
     extra = {column: list(dataset[column]) for column in ("completion",) if column in dataset.column_names}
@@ -420,9 +458,14 @@ def sample_completions(model, tokenizer, prompt_ids: list[list[int]], spec: Eval
     from .config import RolloutConfig
     from .rollout.hf import HFRollout
 
-    settings = RolloutConfig(num_generations=spec.samples, max_new_tokens=spec.max_new_tokens,
-                             temperature=spec.temperature, top_p=spec.top_p, top_k=spec.top_k,
-                             batch_size=spec.batch_size)
+    settings = RolloutConfig(
+        num_generations=spec.samples,
+        max_new_tokens=spec.max_new_tokens,
+        temperature=spec.temperature,
+        top_p=spec.top_p,
+        top_k=spec.top_k,
+        batch_size=spec.batch_size,
+    )
     engine = HFRollout(lambda: model, tokenizer, settings)
     torch.manual_seed(spec.seed)
     completions: list[list[str]] = [[] for _ in prompt_ids]
@@ -498,8 +541,10 @@ def _evaluate(spec: EvalSpec) -> dict[str, Any]:
         check_source(spec.tokenizer, "--tokenizer")
     tokenizer = _load_tokenizer(spec)
     try:
-        texts = [render_prompt(tokenizer, p, c, spec.template, spec.use_chat_template, spec.chat_template_kwargs)
-                 for p, c in zip(prompts, privileged)]
+        texts = [
+            render_prompt(tokenizer, p, c, spec.template, spec.use_chat_template, spec.chat_template_kwargs)
+            for p, c in zip(prompts, privileged)
+        ]
     except ValueError as error:
         raise ConfigError(str(error)) from None
     prompt_ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
@@ -509,24 +554,40 @@ def _evaluate(spec: EvalSpec) -> dict[str, Any]:
     ks = sorted(set(spec.pass_k)) if spec.pass_k else default_ks(spec.samples)
     report = {
         "model": spec.model,
-        "data": {"path": spec.data, "split": spec.split, "name": spec.name, "rows": len(prompts),
-                 "prompt_column": spec.prompt_column, "answer_column": spec.answer_column,
-                 "privileged": spec.privileged, "fingerprint": fingerprint},
+        "data": {
+            "path": spec.data,
+            "split": spec.split,
+            "name": spec.name,
+            "rows": len(prompts),
+            "prompt_column": spec.prompt_column,
+            "answer_column": spec.answer_column,
+            "privileged": spec.privileged,
+            "fingerprint": fingerprint,
+        },
         "checker": checker.name,
-        "sampling": {"samples": spec.samples, "temperature": spec.temperature, "top_p": spec.top_p,
-                     "top_k": spec.top_k, "max_new_tokens": spec.max_new_tokens, "seed": spec.seed},
+        "sampling": {
+            "samples": spec.samples,
+            "temperature": spec.temperature,
+            "top_p": spec.top_p,
+            "top_k": spec.top_k,
+            "max_new_tokens": spec.max_new_tokens,
+            "seed": spec.seed,
+        },
         **summarize(correct, ks),
         "completions_at_token_limit": unfinished,
         "compare": compare,
         "gap_recovery": None,
-        "rows": [{"index": i, "answer": answers[i], "correct": correct[i], "completions": completions[i]}
-                 for i in range(len(prompts))],
+        "rows": [
+            {"index": i, "answer": answers[i], "correct": correct[i], "completions": completions[i]}
+            for i in range(len(prompts))
+        ],
         "wall_seconds": round(time.time() - start, 2),
         "dopd_version": __version__,
     }
     if "teacher" in compare and "student" in compare:
-        report["gap_recovery"] = gap_recovery(report["accuracy"], compare["student"]["accuracy"],
-                                              compare["teacher"]["accuracy"])
+        report["gap_recovery"] = gap_recovery(
+            report["accuracy"], compare["student"]["accuracy"], compare["teacher"]["accuracy"]
+        )
     os.makedirs(os.path.dirname(os.path.abspath(spec.out)), exist_ok=True)
     write_json_atomic(spec.out, report)
     write_text_atomic(table_path(spec.out), results_table(report) + "\n")
@@ -538,7 +599,21 @@ def table_path(out: str) -> str:
 
 
 __all__ = [
-    "CHECKERS", "EvalSpec", "ExactChecker", "LabChecker", "MathChecker", "data_fingerprint", "default_ks",
-    "evaluate", "final_answer_text", "gap_recovery", "make_checker", "normalize_exact", "pass_at_k", "read_result",
-    "results_table", "summarize", "write_json_atomic",
+    "CHECKERS",
+    "EvalSpec",
+    "ExactChecker",
+    "LabChecker",
+    "MathChecker",
+    "data_fingerprint",
+    "default_ks",
+    "evaluate",
+    "final_answer_text",
+    "gap_recovery",
+    "make_checker",
+    "normalize_exact",
+    "pass_at_k",
+    "read_result",
+    "results_table",
+    "summarize",
+    "write_json_atomic",
 ]

@@ -140,7 +140,9 @@ def load_model(path: str, config: Config, role: str):
     `train.mixed_precision`, which autocasts its passes); the frozen teacher in `model.dtype`."""
     dtype = DTYPES[config.model.dtype] if role == "teacher" else torch.float32
     m = config.model
-    return load_pretrained(path, f"model.{role}", dtype, m.trust_remote_code, m.attn_implementation, is_image_text(config))
+    return load_pretrained(
+        path, f"model.{role}", dtype, m.trust_remote_code, m.attn_implementation, is_image_text(config)
+    )
 
 
 def _first_line(error: Exception) -> str:

@@ -43,7 +43,9 @@ def add_adapters(model, lora: LoraConfig, exclude_modules: str | None = None):
         wrapped = get_peft_model(model, settings)
     except ValueError as error:  # PEFT's message when no module matches
         first = str(error).splitlines()[0]
-        raise ConfigError(f"model.lora.target_modules = {list(lora.target_modules)} does not fit the student: {first}")
+        raise ConfigError(
+            f"model.lora.target_modules = {list(lora.target_modules)} does not fit the student: {first}"
+        ) from None
     if hasattr(wrapped.get_output_embeddings(), "lora_A"):  # a pattern that also matched the head under another name
         raise ConfigError(
             f"model.lora.target_modules = {list(lora.target_modules)} puts an adapter on the output head, which the "

@@ -264,9 +264,7 @@ def sampled_integrand(name: str, student_logprob: Tensor, target_logprob: Tensor
     return b * torch.exp(ratio_log) * (target_logprob - mixture) + (1.0 - b) * (student_logprob - mixture)
 
 
-def sampled_token_divergence(
-    name: str, student_logprob: Tensor, target_logprob: Tensor, beta: float = 0.5
-) -> Tensor:
+def sampled_token_divergence(name: str, student_logprob: Tensor, target_logprob: Tensor, beta: float = 0.5) -> Tensor:
     """Single-sample surrogate on the sampled token `y ~ s`: its value is `g(y)`, an unbiased estimate of the
     divergence, and its gradient is the estimator of `∇ E_s[g]`.
 

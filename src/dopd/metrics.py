@@ -35,7 +35,8 @@ class StepMetrics:
         if accelerator.num_processes > 1:
             keys = sorted(set().union(*accelerator.gather_for_metrics([keys], use_gather_object=True)))
             packed = torch.tensor(
-                [[self.sums.get(k, 0.0), self.weights.get(k, 0.0)] for k in keys], dtype=torch.float64,
+                [[self.sums.get(k, 0.0), self.weights.get(k, 0.0)] for k in keys],
+                dtype=torch.float64,
                 device=accelerator.device,
             )
             packed = accelerator.reduce(packed, reduction="sum").cpu()

@@ -58,7 +58,9 @@ def load_image(value: Any, column: str, row: int):
         raise
     except Exception as error:  # PIL, the file system and urllib raise many types for an unreadable image
         shown = value if isinstance(value, str) else type(value).__name__
-        raise ConfigError(f"the image in {where} ({shown}) could not be opened: {type(error).__name__}: {error}") from None
+        raise ConfigError(
+            f"the image in {where} ({shown}) could not be opened: {type(error).__name__}: {error}"
+        ) from None
 
 
 def pixel_boxes(value: Any) -> list[list[float]]:
@@ -134,11 +136,14 @@ def load_processor(name: str, trust_remote_code: bool):
             "video processor: pip install torchvision"
         ) from None
     except Exception as error:
-        raise ConfigError(f"the processor {name} could not be loaded (model.tokenizer / model.student): {error}")
+        raise ConfigError(
+            f"the processor {name} could not be loaded (model.tokenizer / model.student): {error}"
+        ) from None
     if getattr(processor, "image_processor", None) is None:
         raise ConfigError(
             f"{name} has no image processor (AutoProcessor gave a {type(processor).__name__}); data.image_column "
-            "needs a vision-language model whose directory holds its processor files (processor_config.json or preprocessor_config.json)"
+            "needs a vision-language model whose directory holds its processor files (processor_config.json or "
+            "preprocessor_config.json)"
         )
     tokenizer = processor.tokenizer
     if tokenizer.pad_token_id is None:
@@ -160,7 +165,7 @@ class ImageRows:
     draw_box: bool
 
     @staticmethod
-    def from_dataset(dataset, config: DataConfig) -> "ImageRows":
+    def from_dataset(dataset, config: DataConfig) -> ImageRows:
         column = config.image_column
         if column not in dataset.column_names:
             raise ConfigError(
@@ -201,7 +206,7 @@ class ImageRows:
         """What the privileged passes see: the image, with the row's boxes drawn when `data.draw_box` is set."""
         return draw_boxes(image, self.boxes[row]) if self.draw_box and self.boxes[row] else image
 
-    def subset(self, keep: list[int]) -> "ImageRows":
+    def subset(self, keep: list[int]) -> ImageRows:
         return ImageRows(self.sources.select(keep), [self.boxes[i] for i in keep], self.column, self.draw_box)
 
 
@@ -214,8 +219,9 @@ def encode_with_image(processor, texts: list[str], image) -> list[list[int]]:
 # ------------------------------------------------------------------------------------------ model inputs
 
 
-def vision_inputs(processor, images: list, input_ids: torch.Tensor, prompt_lengths: list[int] | None = None,
-                  left_padded: bool = False) -> dict[str, torch.Tensor]:
+def vision_inputs(
+    processor, images: list, input_ids: torch.Tensor, prompt_lengths: list[int] | None = None, left_padded: bool = False
+) -> dict[str, torch.Tensor]:
     """`pixel_values`, `image_grid_thw` of one image per row and `mm_token_type_ids` (1 on the image placeholder
     tokens of the prompt, 0 elsewhere) for a batch of `input_ids` [B, L]."""
     pixels = processor.image_processor(images=images, return_tensors="pt")

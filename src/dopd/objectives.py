@@ -62,7 +62,9 @@ class ObjectiveConfig:
     eopd_entropy_quantile: float = 0.8  # EOPD: forward KL on tokens above this quantile of teacher entropy
     eopd_forward_weight: float = 1.0  # EOPD: weight of the forward KL term
     temperature: float = 1.0  # logits are divided by it in every pass
-    teacher_full: str | None = None  # full | topk_bucket: teacher full-vocab terms on its top-K + tail (null: if served)
+    teacher_full: str | None = (
+        None  # full | topk_bucket: teacher full-vocab terms on its top-K + tail (null: if served)
+    )
 
 
 def _one_of(value, known, field_name: str) -> None:
@@ -97,11 +99,15 @@ class Objective:
         if config.drop_fraction > 0 and config.drop_mode is None:
             raise ValueError("objective.drop_fraction > 0 needs objective.drop_mode (random, lowest_gap, highest_gap)")
         if not 0.0 <= config.trim < 1.0:
-            raise ValueError(f"objective.trim = {config.trim} must be in [0, 1): the fraction of largest values dropped")
+            raise ValueError(
+                f"objective.trim = {config.trim} must be in [0, 1): the fraction of largest values dropped"
+            )
         for key in ("beta_w", "beta_l", "ht_weight", "eopd_forward_weight"):
             if getattr(config, key) < 0:
-                raise ValueError(f"objective.{key} = {getattr(config, key)} must be >= 0 (a negative weight maximizes "
-                                 "its divergence)")
+                raise ValueError(
+                    f"objective.{key} = {getattr(config, key)} must be >= 0 (a negative weight maximizes "
+                    "its divergence)"
+                )
         _one_of(config.self_weights, ("live", "frozen", "ema", "lagged"), "objective.self_weights")
         if not 0.0 <= config.self_ema_decay < 1.0:
             raise ValueError(f"objective.self_ema_decay = {config.self_ema_decay} must be in [0, 1)")
@@ -140,9 +146,7 @@ class Objective:
                 )
         self.terms = self._resolve_terms()
         self.needs_teacher = any(term.target == "teacher" for term in self.terms)
-        self.uses_routing = any(0 <= term.applies_to < len(REGIMES) for term in self.terms) or (
-            config.method == "dopd"
-        )
+        self.uses_routing = any(0 <= term.applies_to < len(REGIMES) for term in self.terms) or (config.method == "dopd")
         gap_drop = config.drop_fraction > 0 and config.drop_mode in ("lowest_gap", "highest_gap")
         self.needs_self = any(term.target == "self" for term in self.terms) or self.uses_routing or gap_drop
         if self.uses_routing or gap_drop:
@@ -190,7 +194,8 @@ class Objective:
             # that support, the rest of the vocabulary lumped into one tail entry on both sides.
             terms = [
                 replace(term, granularity="topk", tail="bucket")
-                if term.target == "teacher" and term.granularity == "full" else term
+                if term.target == "teacher" and term.granularity == "full"
+                else term
                 for term in terms
             ]
         return terms

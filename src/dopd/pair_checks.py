@@ -40,7 +40,7 @@ def first_difference(a: str, b: str, context: int = 24) -> str:
     """Where two texts part: the character index and a little of each around it."""
     index = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
     start = max(0, index - context // 2)
-    return f"character {index}: student {a[start:index + context]!r}, teacher {b[start:index + context]!r}"
+    return f"character {index}: student {a[start : index + context]!r}, teacher {b[start : index + context]!r}"
 
 
 def special_tokens(tokenizer) -> dict[str, object]:

@@ -9,7 +9,8 @@ pretraining examples, so that the prompts a model was trained on are the prompts
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 DEFAULT_PRIVILEGED_TEMPLATE = "{prompt}\n\n{privileged_context}"
 

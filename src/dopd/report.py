@@ -143,8 +143,14 @@ def _entropy_plot(runs, out, collapses: dict[str, Collapse], fraction: float):
         collapse = collapses.get(run.label)
         if collapse is not None:
             axis.axvline(collapse.step, color="red", linewidth=1.2, alpha=0.8)
-            axis.plot([collapse.step], [collapse.value], "X", color="red", markersize=11,
-                      label=f"{run.label}: collapse at step {collapse.step}")
+            axis.plot(
+                [collapse.step],
+                [collapse.value],
+                "X",
+                color="red",
+                markersize=11,
+                label=f"{run.label}: collapse at step {collapse.step}",
+            )
     axis.set_title(f"entropy (dash-dot: {fraction:g} x the student's first value; red: collapse)", fontsize=10)
     axis.set_xlabel("step")
     axis.set_ylabel("nats / token")
@@ -175,8 +181,11 @@ def _gap_histogram(runs, out):
                     by_regime[regime if regime in REGIMES else None].append(gap)
         names = [r for r in by_regime if by_regime[r]]
         axis.hist(
-            [by_regime[r] for r in names], bins=20, stacked=True,
-            color=[REGIME_COLOURS.get(r, NEUTRAL_COLOUR) for r in names], label=[r or "no regime" for r in names],
+            [by_regime[r] for r in names],
+            bins=20,
+            stacked=True,
+            color=[REGIME_COLOURS.get(r, NEUTRAL_COLOUR) for r in names],
+            label=[r or "no regime" for r in names],
         )
         threshold = run.value_at("gap/threshold", step)
         if threshold is not None:
@@ -224,28 +233,57 @@ def write_plots(runs: list[Run], out: str, collapses: dict[str, Collapse], fract
     plots = {
         "loss": _line_plot(runs, out, "loss", "loss", [("loss", [("loss", "-o")])], collapses),
         "loss_regimes": _line_plot(runs, out, "loss_regimes", "loss per regime", regime_panels("loss")),
-        "regime_fractions": _line_plot(runs, out, "regime_fractions", "fraction of tokens per regime",
-                                       regime_panels("frac")),
-        "gap": _line_plot(runs, out, "gap", "privilege advantage gap", [
-            ("gap: mean (solid) and threshold Ā (dashed)", [("gap/mean", "-o"), ("gap/threshold", "--")]),
-            ("threshold of q_S + q_T", [("prob_sum/threshold", "-o")]),
-        ]),
+        "regime_fractions": _line_plot(
+            runs, out, "regime_fractions", "fraction of tokens per regime", regime_panels("frac")
+        ),
+        "gap": _line_plot(
+            runs,
+            out,
+            "gap",
+            "privilege advantage gap",
+            [
+                ("gap: mean (solid) and threshold Ā (dashed)", [("gap/mean", "-o"), ("gap/threshold", "--")]),
+                ("threshold of q_S + q_T", [("prob_sum/threshold", "-o")]),
+            ],
+        ),
         "gap_histogram": _gap_histogram(runs, out),
         "entropy": _entropy_plot(runs, out, collapses, fraction),
-        "completion_length": _line_plot(runs, out, "completion_length", "completion length (tokens)", [
-            ("mean", [("completion_length/mean", "-o")]), ("min and max", [("completion_length/min", "-o"),
-                                                                           ("completion_length/max", "-o")]),
-            ("ended before an answer", [("completion/early_eos", "-o")]),
-            ("student's probability of end-of-sequence", [("eos_prob/student", "-o")]),
-        ], collapses),
-        "eval": _line_plot(runs, out, "eval", "evaluation", [
-            ("answer accuracy", [("eval/answer_accuracy", "-o")]), ("full match", [("eval/full_match", "-o")]),
-            ("validation accuracy", [("eval/validation_accuracy", "-o")]),
-        ], collapses),
+        "completion_length": _line_plot(
+            runs,
+            out,
+            "completion_length",
+            "completion length (tokens)",
+            [
+                ("mean", [("completion_length/mean", "-o")]),
+                ("min and max", [("completion_length/min", "-o"), ("completion_length/max", "-o")]),
+                ("ended before an answer", [("completion/early_eos", "-o")]),
+                ("student's probability of end-of-sequence", [("eos_prob/student", "-o")]),
+            ],
+            collapses,
+        ),
+        "eval": _line_plot(
+            runs,
+            out,
+            "eval",
+            "evaluation",
+            [
+                ("answer accuracy", [("eval/answer_accuracy", "-o")]),
+                ("full match", [("eval/full_match", "-o")]),
+                ("validation accuracy", [("eval/validation_accuracy", "-o")]),
+            ],
+            collapses,
+        ),
         "time": _time_plot(runs, out),
-        "optimizer": _line_plot(runs, out, "optimizer", "optimizer", [
-            ("learning rate", [("lr", "-")]), ("gradient norm", [("grad_norm", "-o")]),
-        ]),
+        "optimizer": _line_plot(
+            runs,
+            out,
+            "optimizer",
+            "optimizer",
+            [
+                ("learning rate", [("lr", "-")]),
+                ("gradient norm", [("grad_norm", "-o")]),
+            ],
+        ),
     }
     return {name: path for name, path in plots.items() if path is not None}
 
@@ -320,8 +358,10 @@ def _sample_html(record: dict) -> str:
 def token_view_html(run: Run, token_steps: int = 2, max_samples: int | None = None) -> str:
     """The saved samples of the latest `token_steps` sampled steps, newest first."""
     steps = run.sample_steps()[-token_steps:] if token_steps > 0 else []
-    parts = [f'<section class="tokens" data-run="{html.escape(run.label, quote=True)}">',
-             f"<h3>{html.escape(run.label)}</h3>"]
+    parts = [
+        f'<section class="tokens" data-run="{html.escape(run.label, quote=True)}">',
+        f"<h3>{html.escape(run.label)}</h3>",
+    ]
     if not steps:
         parts.append("<p>no saved samples (yet).</p>")
     for step in reversed(steps):
@@ -361,43 +401,66 @@ def _summary_row(run: Run, collapse: Collapse | None) -> str:
     _, accuracy = run.series("eval/answer_accuracy")
     _, entropy = run.series("entropy/student")
     cells = [
-        run.label, run.method or "?", f"{last if last is not None else '–'} / {run.planned_steps or '?'}",
-        _fmt(loss[-1] if loss else None), _fmt(accuracy[-1] if accuracy else None),
+        run.label,
+        run.method or "?",
+        f"{last if last is not None else '–'} / {run.planned_steps or '?'}",
+        _fmt(loss[-1] if loss else None),
+        _fmt(accuracy[-1] if accuracy else None),
         f"{_fmt(entropy[0])} → {_fmt(entropy[-1])}" if entropy else "–",
-        f"step {collapse.step}" if collapse else "no", str(len(run.sample_steps())), run.path,
+        f"step {collapse.step}" if collapse else "no",
+        str(len(run.sample_steps())),
+        run.path,
     ]
     return "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>"
 
 
 def render_html(runs, plots, collapses, token_steps=2, max_samples=None, fraction=0.5) -> str:
-    header = ["run", "method", "step / planned", "last loss", "last accuracy", "student entropy", "collapse",
-              "sampled steps", "directory"]
+    header = [
+        "run",
+        "method",
+        "step / planned",
+        "last loss",
+        "last accuracy",
+        "student entropy",
+        "collapse",
+        "sampled steps",
+        "directory",
+    ]
     warnings = [collapses[run.label].message() for run in runs if run.label in collapses]
     images = []
     for name, path in plots.items():
         with open(path, "rb") as handle:
             data = base64.b64encode(handle.read()).decode("ascii")
         images.append(f'<h3>{html.escape(name)}</h3><img alt="{html.escape(name)}" src="data:image/png;base64,{data}">')
-    legend = "".join(
-        f'<span style="background:{REGIME_COLOURS[r]}" title="{html.escape(REGIME_MEANING[r])}">{r}: '
-        f"{html.escape(REGIME_MEANING[r])}</span>"
-        for r in REGIMES
-    ) + f'<span style="background:{NEUTRAL_COLOUR}">no regime (method without routing, or token dropped)</span>'
-    return "\n".join([
-        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8"><title>dopd report</title>',
-        f"<style>{STYLE}</style></head><body>", "<h1>dopd report</h1>",
-        *(f'<p class="warning">{html.escape(w)}</p>' for w in warnings),
-        "<h2>runs</h2><table><tr>" + "".join(f"<th>{h}</th>" for h in header) + "</tr>",
-        *(_summary_row(run, collapses.get(run.label)) for run in runs), "</table>",
-        f"<p>collapse: student entropy below {fraction:g} × its value at the first logged step.</p>",
-        "<h2>plots</h2>", *(images or ["<p>no metrics yet.</p>"]),
-        "<h2>tokens</h2>",
-        f"<p>the saved completions of the latest {token_steps} sampled steps; hover a token for its regime, gap "
-        "|log q_T − log q_S|, q_S, q_T and loss.</p>",
-        f'<div class="legend">{legend}</div>',
-        *(token_view_html(run, token_steps, max_samples) for run in runs),
-        "</body></html>",
-    ])
+    legend = (
+        "".join(
+            f'<span style="background:{REGIME_COLOURS[r]}" title="{html.escape(REGIME_MEANING[r])}">{r}: '
+            f"{html.escape(REGIME_MEANING[r])}</span>"
+            for r in REGIMES
+        )
+        + f'<span style="background:{NEUTRAL_COLOUR}">no regime (method without routing, or token dropped)</span>'
+    )
+    return "\n".join(
+        [
+            "<!DOCTYPE html>",
+            '<html lang="en"><head><meta charset="utf-8"><title>dopd report</title>',
+            f"<style>{STYLE}</style></head><body>",
+            "<h1>dopd report</h1>",
+            *(f'<p class="warning">{html.escape(w)}</p>' for w in warnings),
+            "<h2>runs</h2><table><tr>" + "".join(f"<th>{h}</th>" for h in header) + "</tr>",
+            *(_summary_row(run, collapses.get(run.label)) for run in runs),
+            "</table>",
+            f"<p>collapse: student entropy below {fraction:g} × its value at the first logged step.</p>",
+            "<h2>plots</h2>",
+            *(images or ["<p>no metrics yet.</p>"]),
+            "<h2>tokens</h2>",
+            f"<p>the saved completions of the latest {token_steps} sampled steps; hover a token for its regime, gap "
+            "|log q_T − log q_S|, q_S, q_T and loss.</p>",
+            f'<div class="legend">{legend}</div>',
+            *(token_view_html(run, token_steps, max_samples) for run in runs),
+            "</body></html>",
+        ]
+    )
 
 
 @dataclass
@@ -412,8 +475,9 @@ class Report:
         return [self.collapses[run.label].message() for run in self.runs if run.label in self.collapses]
 
 
-def build_report(paths: list[str], out: str, token_steps: int = 2, collapse_fraction: float = 0.5,
-                 max_samples: int | None = None) -> Report:
+def build_report(
+    paths: list[str], out: str, token_steps: int = 2, collapse_fraction: float = 0.5, max_samples: int | None = None
+) -> Report:
     """Read the runs under `paths`, write their plots and `report.html` into `out`."""
     if not 0 < collapse_fraction < 1:
         raise ValueError(f"collapse fraction must lie in (0, 1), got {collapse_fraction}")

@@ -18,8 +18,9 @@ thresholds of zero: nothing is routed because nothing is valid.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor

@@ -59,7 +59,11 @@ class ServedTeacher:
     def __init__(self, server: TeacherServerConfig, model: str, top_k: int, vocab_size: int,
                  max_length: int | None = None):  # fmt: skip
         self.server, self.model, self.top_k, self.vocab_size, self.max_length = (
-            server, model, top_k, vocab_size, max_length
+            server,
+            model,
+            top_k,
+            vocab_size,
+            max_length,
         )
         self.base = server.url.rstrip("/")
         if self.base.endswith("/v1"):

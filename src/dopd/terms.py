@@ -14,8 +14,9 @@ kernel from hidden states and heads (`kernels/chunked.py`). Shape letters: `type
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor

@@ -19,9 +19,9 @@ import logging
 import os
 import random
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
@@ -187,12 +187,15 @@ class Trainer:
         if self.prompts.images is not None:
             images = [self.prompts.images.image(p) for p in prompts]
         try:
-            return self.engine.generate(ids, self.config.rollout.num_generations, **({"images": images} if images else {}))
+            return self.engine.generate(
+                ids, self.config.rollout.num_generations, **({"images": images} if images else {})
+            )
         except RuntimeError as error:
             if "inf" in str(error) or "nan" in str(error):  # torch.multinomial on a broken distribution
                 sampler = "teacher" if self.objective.rollout_model == "teacher" else "student"
-                raise NonFiniteError(f"step {step + 1}: sampling from the {sampler} failed, its probabilities hold NaN "
-                                     f"or inf ({str(error).splitlines()[0]}); {NonFiniteError.FIX}") from None  # fmt: skip
+                first = str(error).splitlines()[0]
+                raise NonFiniteError(f"step {step + 1}: sampling from the {sampler} failed, its probabilities hold "
+                                     f"NaN or inf ({first}); {NonFiniteError.FIX}") from None  # fmt: skip
             raise
 
     def micro_batches(self, prompts: list[int], rollouts: Rollouts) -> list[list[int]]:

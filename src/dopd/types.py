@@ -43,7 +43,7 @@ class Completions:
     mask: Tensor
 
     @staticmethod
-    def from_lists(completions: list[list[int]], pad_id: int) -> "Completions":
+    def from_lists(completions: list[list[int]], pad_id: int) -> Completions:
         width = max(1, max(len(c) for c in completions))
         ids = torch.full((len(completions), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(completions), width), dtype=torch.long)
@@ -93,7 +93,7 @@ class TargetScores:
     full_logprobs: Tensor | None = None
 
     @staticmethod
-    def from_logprobs(logprobs_BTV: Tensor, completion_ids_BT: Tensor, top_k: int | None) -> "TargetScores":
+    def from_logprobs(logprobs_BTV: Tensor, completion_ids_BT: Tensor, top_k: int | None) -> TargetScores:
         logprobs_BTV = logprobs_BTV.detach()
         token = logprobs_BTV.gather(-1, completion_ids_BT.unsqueeze(-1)).squeeze(-1)
         topk = logprobs_BTV.topk(top_k, dim=-1) if top_k else None
@@ -104,11 +104,11 @@ class TargetScores:
             topk_ids=topk.indices if topk is not None else None,
         )
 
-    def flat(self, valid_BT: Tensor) -> "TargetScores":
+    def flat(self, valid_BT: Tensor) -> TargetScores:
         """The valid tokens only, flattened: [B, T, ...] -> [N, ...]."""
         return self.rows(valid_BT)
 
-    def rows(self, index: Tensor | slice) -> "TargetScores":
+    def rows(self, index: Tensor | slice) -> TargetScores:
         """The scores of some tokens: any index of the leading axes (a mask, indices, a slice)."""
         fields = (self.token_logprobs, self.entropy, self.topk_logprobs, self.topk_ids, self.full_logprobs)
         return TargetScores(*(None if tensor is None else tensor[index] for tensor in fields))

@@ -45,8 +45,9 @@ class ChatClient:
     retry_wait: float = 1.0
     temperature: float = 0.0
     max_tokens: int = 1024
-    stats: dict = field(default_factory=lambda: {"requests": 0, "retries": 0, "prompt_tokens": 0,
-                                                 "completion_tokens": 0})
+    stats: dict = field(
+        default_factory=lambda: {"requests": 0, "retries": 0, "prompt_tokens": 0, "completion_tokens": 0}
+    )
 
     def __post_init__(self):
         self.base_url = normalize_base_url(self.base_url)
@@ -85,8 +86,9 @@ class ChatClient:
         data = None if payload is None else json.dumps(payload).encode("utf-8")
         last_error, last_status, last_body = "", None, None
         for attempt in range(self.retries + 1):
-            request = urllib.request.Request(self.base_url + path, data=data, headers=self._headers(),
-                                             method="GET" if payload is None else "POST")
+            request = urllib.request.Request(
+                self.base_url + path, data=data, headers=self._headers(), method="GET" if payload is None else "POST"
+            )
             self._count(requests=1, retries=int(attempt > 0))
             retry_after = None
             try:
@@ -95,8 +97,9 @@ class ChatClient:
                 last_body = error.read().decode("utf-8", "replace")
                 body = last_body[:300]
                 if error.code not in _RETRY_STATUS:
-                    raise ServerError(f"{self.base_url + path} answered {error.code} {error.reason}: {body}",
-                                      error.code, last_body) from None
+                    raise ServerError(
+                        f"{self.base_url + path} answered {error.code} {error.reason}: {body}", error.code, last_body
+                    ) from None
                 last_error, last_status = f"{error.code} {error.reason}: {body}", error.code
                 retry_after = error.headers.get("Retry-After")
             except (urllib.error.URLError, TimeoutError, ConnectionError, OSError, ValueError) as error:
@@ -104,13 +107,18 @@ class ChatClient:
                 last_body = None
             if attempt < self.retries:
                 self._wait(attempt, retry_after)
-        raise ServerError(f"{self.base_url + path} failed {self.retries + 1} times; last: {last_error}", last_status,
-                          last_body)
+        raise ServerError(
+            f"{self.base_url + path} failed {self.retries + 1} times; last: {last_error}", last_status, last_body
+        )
 
     def chat(self, messages: list[dict]) -> tuple[str, bool]:
         """The reply's text (a `<think>` block removed) and whether it was cut by `max_tokens`."""
-        payload = {"model": self.model, "messages": messages, "temperature": self.temperature,
-                   "max_tokens": self.max_tokens}
+        payload = {
+            "model": self.model,
+            "messages": messages,
+            "temperature": self.temperature,
+            "max_tokens": self.max_tokens,
+        }
         answer = self.request("/chat/completions", payload)
         try:
             choice = answer["choices"][0]
@@ -118,26 +126,32 @@ class ChatClient:
         except (KeyError, IndexError, TypeError):
             raise ServerError(f"unexpected answer from {self.base_url}/chat/completions: {str(answer)[:300]}") from None
         usage = answer.get("usage") or {}
-        self._count(prompt_tokens=int(usage.get("prompt_tokens") or 0),
-                    completion_tokens=int(usage.get("completion_tokens") or 0))
+        self._count(
+            prompt_tokens=int(usage.get("prompt_tokens") or 0),
+            completion_tokens=int(usage.get("completion_tokens") or 0),
+        )
         return _THINK.sub("", text).strip(), choice.get("finish_reason") == "length"
 
     def check_reachable(self) -> None:
         """Stop with one clear message when the server cannot be reached, refuses the key or does not serve
         `model`; a server without a `/models` listing is accepted."""
-        quick = ChatClient(self.base_url, self.model, self.api_key, timeout=min(self.timeout, 10.0), retries=1,
-                           retry_wait=0.2)
+        quick = ChatClient(
+            self.base_url, self.model, self.api_key, timeout=min(self.timeout, 10.0), retries=1, retry_wait=0.2
+        )
         try:
             listing = quick.request("/models")
         except ServerError as error:
             self._count(requests=quick.stats["requests"], retries=quick.stats["retries"])
             if error.status in (401, 403):
-                raise ConfigError(f"the server at {self.base_url} refused the API key ({error}); set --api-key or "
-                                  "OPENAI_API_KEY") from None
+                raise ConfigError(
+                    f"the server at {self.base_url} refused the API key ({error}); set --api-key or OPENAI_API_KEY"
+                ) from None
             if error.status in (404, 405):
                 return
-            raise ConfigError(f"cannot reach the server at {self.base_url} ({error}); start it (e.g. `vllm serve "
-                              f"{self.model}`) or set --base-url / OPENAI_BASE_URL") from None
+            raise ConfigError(
+                f"cannot reach the server at {self.base_url} ({error}); start it (e.g. `vllm serve "
+                f"{self.model}`) or set --base-url / OPENAI_BASE_URL"
+            ) from None
         self._count(requests=quick.stats["requests"], retries=quick.stats["retries"])
         served = [item.get("id") for item in listing.get("data", []) if isinstance(item, dict)]
         if served and self.model not in served:
@@ -164,13 +178,16 @@ def generation_messages(question: str, solution: str | None, answer: str, max_hi
     reference = f"Reference solution (for you only):\n{solution}\n\n" if solution else ""
     return [
         {"role": "system", "content": GENERATION_SYSTEM},
-        {"role": "user", "content": (
-            f"Problem:\n{question}\n\n{reference}Final answer (for you only; never write it): {answer}\n\n"
-            f"Write step-wise hints without execution: the plan of the solution, one step per hint, saying what to "
-            f"compute or reason about but not the result. Numbers stated in the problem may appear; no number you "
-            f"computed may. Write at most {max_hints} hints, one per line, numbered \"1.\", \"2.\", ..., and "
-            f"nothing else."
-        )},
+        {
+            "role": "user",
+            "content": (
+                f"Problem:\n{question}\n\n{reference}Final answer (for you only; never write it): {answer}\n\n"
+                f"Write step-wise hints without execution: the plan of the solution, one step per hint, saying what to "
+                f"compute or reason about but not the result. Numbers stated in the problem may appear; no number you "
+                f'computed may. Write at most {max_hints} hints, one per line, numbered "1.", "2.", ..., and '
+                f"nothing else."
+            ),
+        },
     ]
 
 
@@ -178,12 +195,15 @@ def verification_messages(question: str, answer: str, hints: list[str]) -> list[
     listed = "\n".join(f"{i}. {hint}" for i, hint in enumerate(hints, start=1))
     return [
         {"role": "system", "content": VERIFY_SYSTEM},
-        {"role": "user", "content": (
-            f"Problem:\n{question}\n\nFinal answer: {answer}\n\nHints:\n{listed}\n\n"
-            "For each hint, decide whether it reveals the final answer, or a value that must be computed (one the "
-            "problem does not state), or is wrong for this problem. Reply with one line per hint, exactly "
-            "\"<number>: PASS\" or \"<number>: FAIL <short reason>\", and nothing else."
-        )},
+        {
+            "role": "user",
+            "content": (
+                f"Problem:\n{question}\n\nFinal answer: {answer}\n\nHints:\n{listed}\n\n"
+                "For each hint, decide whether it reveals the final answer, or a value that must be computed (one the "
+                "problem does not state), or is wrong for this problem. Reply with one line per hint, exactly "
+                '"<number>: PASS" or "<number>: FAIL <short reason>", and nothing else.'
+            ),
+        },
     ]
 
 
@@ -217,8 +237,9 @@ class HintResult:
     rejected: list[tuple[str, str]] = field(default_factory=list)
 
 
-def generate_hints(client: ChatClient, question: str, solution: str | None, answer: str, max_hints: int = 8,
-                   verify: bool = True) -> HintResult:
+def generate_hints(
+    client: ChatClient, question: str, solution: str | None, answer: str, max_hints: int = 8, verify: bool = True
+) -> HintResult:
     """Ask for hints, drop a last hint cut by `max_tokens`, reject by rule the hints that contain the answer or
     state a computed value, then (with `verify`) ask again about the rest and drop those that fail."""
     text, cut = client.chat(generation_messages(question, solution, answer, max_hints))

@@ -12,9 +12,10 @@ import shutil
 import threading
 import time
 import urllib.parse
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from ..config import ConfigError, DataConfig
 from .client import ChatClient, HintResult, ServerError, generate_hints, normalize_base_url
@@ -119,9 +120,13 @@ def check_spec(spec: HintsSpec) -> None:
         raise ConfigError(f"--on-empty {spec.on_empty!r} is unknown; use drop or keep")
     if spec.coords not in COORDINATE_SYSTEMS:
         raise ConfigError(f"--coords {spec.coords!r} is unknown; use {', '.join(COORDINATE_SYSTEMS)}")
-    for option, value in (("--summary-words", spec.summary_words), ("--concurrency", spec.concurrency),
-                          ("--max-tokens", spec.max_tokens), ("--max-hints", spec.max_hints),
-                          ("--timeout", spec.timeout)):
+    for option, value in (
+        ("--summary-words", spec.summary_words),
+        ("--concurrency", spec.concurrency),
+        ("--max-tokens", spec.max_tokens),
+        ("--max-hints", spec.max_hints),
+        ("--timeout", spec.timeout),
+    ):
         if value <= 0:
             raise ConfigError(f"{option} = {value} must be positive")
     if spec.retries < 0 or spec.retry_wait < 0 or spec.temperature < 0:
@@ -133,8 +138,10 @@ def check_spec(spec: HintsSpec) -> None:
         raise ConfigError(f"--out {spec.out} already exists; choose another path or pass --overwrite")
     if spec.form == "generated":
         if not spec.base_url:
-            raise ConfigError("--form generated needs the server: --base-url (or OPENAI_BASE_URL), e.g. "
-                              "http://localhost:8000/v1 for `vllm serve`")
+            raise ConfigError(
+                "--form generated needs the server: --base-url (or OPENAI_BASE_URL), e.g. "
+                "http://localhost:8000/v1 for `vllm serve`"
+            )
         if not spec.model:
             raise ConfigError("--form generated needs --model (or OPENAI_MODEL): the served model's name")
         if urllib.parse.urlparse(normalize_base_url(spec.base_url)).scheme not in ("http", "https"):
@@ -192,14 +199,21 @@ def check_columns(dataset, spec: HintsSpec) -> None:
         raise ConfigError(f"--input {spec.input} has no rows")
     for option, column in _needed_columns(spec, dataset.column_names, dataset[0]):
         if column not in dataset.column_names:
-            size_help = (" (normalized --coords need the image size: an --image-column, or --width-column and "
-                         "--height-column)" if option in ("--width-column", "--height-column") else "")
-            raise ConfigError(f"{option} = {column!r} is not a column of {spec.input}; its columns are "
-                              f"{', '.join(dataset.column_names)} (set {option}){size_help}")
+            size_help = (
+                " (normalized --coords need the image size: an --image-column, or --width-column and --height-column)"
+                if option in ("--width-column", "--height-column")
+                else ""
+            )
+            raise ConfigError(
+                f"{option} = {column!r} is not a column of {spec.input}; its columns are "
+                f"{', '.join(dataset.column_names)} (set {option}){size_help}"
+            )
         empty = [i for i, value in enumerate(dataset[column]) if _is_empty(value)]
         if empty:
-            raise ConfigError(f"{len(empty)} of {len(dataset)} rows have an empty {column!r} ({option}), the first at "
-                              f"row {empty[0]}; fill or drop them")
+            raise ConfigError(
+                f"{len(empty)} of {len(dataset)} rows have an empty {column!r} ({option}), the first at "
+                f"row {empty[0]}; fill or drop them"
+            )
 
 
 def _text(value: Any) -> str:
@@ -214,6 +228,7 @@ def _text(value: Any) -> str:
 
 def row_builder(spec: HintsSpec, columns: list[str], client: ChatClient | None = None) -> Callable[[dict], HintResult]:
     """The function from a row to its `HintResult` for `spec.form`."""
+
     def get(row: dict, column: str) -> str:
         return _text(row.get(column)) if column in columns else ""
 
@@ -228,16 +243,34 @@ def row_builder(spec: HintsSpec, columns: list[str], client: ChatClient | None =
     if form == "stepwise-executed":
         return lambda row: one(executed_hints(get(row, spec.solution_column)))
     if form == "stepwise":
-        return lambda row: one(stepwise_hints(get(row, spec.solution_column), get(row, spec.prompt_column),
-                                              get(row, spec.answer_column) or None))
+        return lambda row: one(
+            stepwise_hints(
+                get(row, spec.solution_column), get(row, spec.prompt_column), get(row, spec.answer_column) or None
+            )
+        )
     if form == "summary":
-        return lambda row: one(summary_hints(get(row, spec.solution_column), get(row, spec.prompt_column),
-                                             get(row, spec.answer_column) or None, spec.summary_words))
+        return lambda row: one(
+            summary_hints(
+                get(row, spec.solution_column),
+                get(row, spec.prompt_column),
+                get(row, spec.answer_column) or None,
+                spec.summary_words,
+            )
+        )
     if form == "boxes":
-        return lambda row: one(box_hint(row.get(spec.boxes_column), row.get(spec.labels_column),
-                                        _row_size(row, spec, columns), spec.coords))
-    return lambda row: generate_hints(client, get(row, spec.prompt_column), get(row, spec.solution_column) or None,
-                                      get(row, spec.answer_column), spec.max_hints, spec.verify)
+        return lambda row: one(
+            box_hint(
+                row.get(spec.boxes_column), row.get(spec.labels_column), _row_size(row, spec, columns), spec.coords
+            )
+        )
+    return lambda row: generate_hints(
+        client,
+        get(row, spec.prompt_column),
+        get(row, spec.solution_column) or None,
+        get(row, spec.answer_column),
+        spec.max_hints,
+        spec.verify,
+    )
 
 
 def _row_size(row: dict, spec: HintsSpec, columns: list[str]) -> tuple[int, int] | None:
@@ -295,7 +328,8 @@ class PartialLog:
             raise ConfigError(f"{self.path} is damaged ({error}); delete it to start over") from None
         if header.get("settings") != self.settings:
             raise ConfigError(
-                f"{self.path} holds rows made with other settings or another input ({_difference(header, self.settings)}); "
+                f"{self.path} holds rows made with other settings or another input "
+                f"({_difference(header, self.settings)}); "
                 "rerun with the same options to continue it, or delete it to start over"
             )
         self.done = {record["index"]: record for record in records}
@@ -321,8 +355,18 @@ def _difference(header: dict, settings: dict) -> str:
 
 def _settings(spec: HintsSpec, dataset) -> dict:
     """What the partial file must agree on with a rerun: the form's settings and a hash of the input rows."""
-    keys = ["form", "prompt_column", "solution_column", "answer_column", "prefix", "model", "temperature",
-            "max_tokens", "max_hints", "verify"]
+    keys = [
+        "form",
+        "prompt_column",
+        "solution_column",
+        "answer_column",
+        "prefix",
+        "model",
+        "temperature",
+        "max_tokens",
+        "max_hints",
+        "verify",
+    ]
     settings = {key: getattr(spec, key) for key in keys}
     settings["prefix"] = DEFAULT_PREFIXES[spec.form] if spec.prefix is None else spec.prefix
     used = [c for c in (spec.prompt_column, spec.solution_column, spec.answer_column) if c in dataset.column_names]
@@ -436,8 +480,16 @@ def _run_hints(spec: HintsSpec) -> HintsSummary:
     notes = _notes(spec, dataset.column_names)
     client = None
     if spec.form == "generated":
-        client = ChatClient(spec.base_url, spec.model, spec.api_key, spec.timeout, spec.retries, spec.retry_wait,
-                            spec.temperature, spec.max_tokens)
+        client = ChatClient(
+            spec.base_url,
+            spec.model,
+            spec.api_key,
+            spec.timeout,
+            spec.retries,
+            spec.retry_wait,
+            spec.temperature,
+            spec.max_tokens,
+        )
         client.check_reachable()
     build = row_builder(spec, dataset.column_names, client)
     records, resumed = _build_all(spec, dataset, build, prefix)
@@ -461,8 +513,9 @@ def _build_all(spec: HintsSpec, dataset, build, prefix: str) -> tuple[dict[int, 
     if spec.form != "generated":
         with _progress(len(dataset), 0, spec.progress, f"hints ({spec.form})") as progress:
             results = _rule_results(dataset, build, progress)
-        return {i: {"context": _with_prefix(r, prefix), "kept": r.kept, "rejected": r.rejected}
-                for i, r in results.items()}, 0
+        return {
+            i: {"context": _with_prefix(r, prefix), "kept": r.kept, "rejected": r.rejected} for i, r in results.items()
+        }, 0
     log = PartialLog(spec.out + ".partial", _settings(spec, dataset))
     log.open()
     resumed = len(log.done)
@@ -470,8 +523,10 @@ def _build_all(spec: HintsSpec, dataset, build, prefix: str) -> tuple[dict[int, 
         with _progress(len(dataset), resumed, spec.progress, "hints (generated)") as progress:
             _served_results(dataset, build, log, spec.concurrency, prefix, progress)
     except ServerError as error:
-        raise ConfigError(f"{error}. {len(log.done)} of {len(dataset)} rows are done and saved in {log.path}; run "
-                          "the same command again to continue") from None
+        raise ConfigError(
+            f"{error}. {len(log.done)} of {len(dataset)} rows are done and saved in {log.path}; run "
+            "the same command again to continue"
+        ) from None
     finally:
         log.close()
     return log.done, resumed
@@ -483,8 +538,10 @@ def check_writable(dataset, spec: HintsSpec) -> None:
     features = getattr(dataset, "features", {}) or {}
     images = [name for name, feature in features.items() if type(feature).__name__ == "Image"]
     if kind == "jsonl" and images:
-        raise ConfigError(f"--out {spec.out}: the data set has image columns ({', '.join(images)}), which JSON lines "
-                          "cannot hold; write .parquet or a directory (save_to_disk) instead")
+        raise ConfigError(
+            f"--out {spec.out}: the data set has image columns ({', '.join(images)}), which JSON lines "
+            "cannot hold; write .parquet or a directory (save_to_disk) instead"
+        )
     parent = os.path.dirname(os.path.abspath(spec.out.rstrip("/")))
     try:
         os.makedirs(parent, exist_ok=True)
@@ -520,11 +577,15 @@ def _notes(spec: HintsSpec, columns: list[str]) -> list[str]:
     notes = []
     if spec.form in ("stepwise", "summary"):
         if spec.prompt_column not in columns:
-            notes.append(f"no {spec.prompt_column!r} column: numbers the question states could not be told apart "
-                         "from computed ones (set --prompt-column)")
+            notes.append(
+                f"no {spec.prompt_column!r} column: numbers the question states could not be told apart "
+                "from computed ones (set --prompt-column)"
+            )
         if spec.answer_column not in columns:
-            notes.append(f"no {spec.answer_column!r} column: the answer was taken from each solution's #### line or "
-                         "\\boxed{} (set --answer-column)")
+            notes.append(
+                f"no {spec.answer_column!r} column: the answer was taken from each solution's #### line or "
+                "\\boxed{} (set --answer-column)"
+            )
     if spec.form == "generated" and spec.solution_column not in columns:
         notes.append(f"no {spec.solution_column!r} column: the model wrote hints from the question and answer alone")
     return notes
@@ -540,9 +601,18 @@ def _summary(spec, records, resumed, dropped, written, notes, client, replaced, 
             if len(examples) < 3:
                 examples.append((index, hint, reason))
     return HintsSummary(
-        form=spec.form, out=spec.out, rows_read=len(records), rows_resumed=resumed, rows_written=written,
-        rows_dropped=dropped, hints_kept=sum(r["kept"] for r in records.values()), rejections=rejections,
-        examples_rejected=examples, notes=notes, stats=dict(client.stats) if client else {}, replaced_column=replaced,
+        form=spec.form,
+        out=spec.out,
+        rows_read=len(records),
+        rows_resumed=resumed,
+        rows_written=written,
+        rows_dropped=dropped,
+        hints_kept=sum(r["kept"] for r in records.values()),
+        rejections=rejections,
+        examples_rejected=examples,
+        notes=notes,
+        stats=dict(client.stats) if client else {},
+        replaced_column=replaced,
         seconds=seconds,
     )
 
@@ -556,16 +626,22 @@ def describe(summary: HintsSummary, output_column: str) -> list[str]:
         f"form:      {summary.form} ({kind})",
         f"rows:      {summary.rows_read} read, {summary.rows_resumed} already done by an earlier run, "
         f"{summary.rows_written} written, {len(summary.rows_dropped)} dropped for an empty privileged context"
-        + (f" (rows {', '.join(map(str, summary.rows_dropped[:10]))}{', ...' if len(summary.rows_dropped) > 10 else ''})"
-           if summary.rows_dropped else ""),
+        + (
+            f" (rows {', '.join(map(str, summary.rows_dropped[:10]))}"
+            f"{', ...' if len(summary.rows_dropped) > 10 else ''})"
+            if summary.rows_dropped
+            else ""
+        ),
         f"hints:     {summary.hints_kept} kept, {rejected} rejected" + (f" ({reasons})" if rejected else ""),
     ]
     for index, hint, reason in summary.examples_rejected:
         lines.append(f"           row {index}: {hint[:70]!r}: {reason}")
     if summary.stats:
         s = summary.stats
-        lines.append(f"requests:  {s['requests']} ({s['retries']} retries), tokens {s['prompt_tokens']} prompt / "
-                     f"{s['completion_tokens']} completion")
+        lines.append(
+            f"requests:  {s['requests']} ({s['retries']} retries), tokens {s['prompt_tokens']} prompt / "
+            f"{s['completion_tokens']} completion"
+        )
     lines.append(f"output:    {summary.out} (column {output_column}{', replaced' if summary.replaced_column else ''})")
     lines += [f"note:      {note}" for note in summary.notes]
     lines.append(f"wall time: {summary.seconds:.1f} s")

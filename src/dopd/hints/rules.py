@@ -100,9 +100,9 @@ def hide_computed_values(steps: list[str], question: str = "", answer: str | Non
     A number is a computed value where it is the result of an `=`: the number right after `=`, `= $` or `=-`
     that is not followed by an operator (`48/2 = 24 clips`: 24; `3 + 4 = 7`: 7; `x = 3 + 4`: none), unless the
     question states that number (`x + 3 = 7` restating the problem: 7 is given, not computed). Once a value has
-    appeared as a result, its later occurrences get the same placeholder. The numeric reference answer is treated as a result from the
-    start, so `She sold 72 clips.` hides 72 too. A non-numeric answer (e.g. `\\frac{1}{2}`) is replaced by
-    `[answer]` where it appears verbatim. Other numbers (operands, constants such as the 2 of "half") stay.
+    appeared as a result, its later occurrences get the same placeholder. The numeric reference answer is treated as
+    a result from the start, so `She sold 72 clips.` hides 72 too. A non-numeric answer (e.g. `\\frac{1}{2}`) is
+    replaced by `[answer]` where it appears verbatim. Other numbers (operands, constants such as the 2 of "half") stay.
     """
     given = _numbers(question)
     ids: dict[Decimal, str] = {}
@@ -117,7 +117,7 @@ def hide_computed_values(steps: list[str], question: str = "", answer: str | Non
     for step in steps:
         results = {m.start("num") for m in _RESULT.finditer(step)}
 
-        def replace(match: re.Match) -> str:
+        def replace(match: re.Match, results: set[int] = results) -> str:
             value = _value(match.group())
             if match.start() in results and value not in given:
                 known.add(value)
@@ -177,7 +177,8 @@ def answer_hint(answer: str) -> str:
 
 def contains_answer(text: str, answer: str) -> bool:
     """Whether `text` states the reference answer: for a numeric answer, any number in `text` of the same value
-    (`72`, `72.0`, `1,200` for 1200); otherwise the answer's text, ignoring case and runs of spaces, not inside a longer word."""
+    (`72`, `72.0`, `1,200` for 1200); otherwise the answer's text, ignoring case and runs of spaces, not inside a
+    longer word."""
     value = numeric_value(answer)
     if value is not None:
         return value in _numbers(text)

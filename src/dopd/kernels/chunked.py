@@ -1,4 +1,5 @@
-"""The objective from hidden states and output heads, a bounded number of tokens at a time (docs/scale.md, "Memory: the chunked loss").
+"""The objective from hidden states and output heads, a bounded number of tokens at a time (docs/scale.md,
+"Memory: the chunked loss").
 
 At Qwen3 scale (vocabulary 151,936) the full logits of three passes over a thousand completion tokens take
 gigabytes. This form holds at most one pool of full-vocabulary rows, allocated once per call and reused by every
@@ -204,7 +205,8 @@ def _check_heads(student: Head, completion_ids_BT: Tensor, mask_BT: Tensor, head
         )
     if student.hidden.shape[-1] != student.weight.shape[1]:
         raise ValueError(
-            f"the student's hidden size {student.hidden.shape[-1]} does not match its head {tuple(student.weight.shape)}"
+            f"the student's hidden size {student.hidden.shape[-1]} does not match its head "
+            f"{tuple(student.weight.shape)}"
         )
     labels = {"self": "privileged student", "teacher": "teacher"}
     for name, head in heads.items():

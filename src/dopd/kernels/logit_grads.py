@@ -20,7 +20,7 @@ every form against autograd of `losses.divergence` and by `gradcheck`.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -111,7 +111,9 @@ def _forward_kl_(coefficient, student_lp, student_p, target_lp, q, scratch):
     values = row_sums(  # Σ t (log t − log s)
         q.shape[0],
         scratch,
-        lambda rows, s: torch.exp(target_lp[rows], out=s[0]).mul_(torch.sub(target_lp[rows], student_lp[rows], out=s[1])),
+        lambda rows, s: torch.exp(target_lp[rows], out=s[0]).mul_(
+            torch.sub(target_lp[rows], student_lp[rows], out=s[1])
+        ),
     )
     target_p = torch.exp(target_lp, out=q)
     target_mass = target_p.sum(-1)

@@ -7,7 +7,8 @@ and training (`dopd.prompts.render_prompt`, privileged context inserted with `LA
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -22,7 +23,11 @@ def render_lab_prompt(tokenizer: Any, example: Example, kind: str = "none") -> s
 
 @torch.no_grad()
 def generate_completions(
-    model: Any, tokenizer: Any, prompts: Sequence[str], batch_size: int = 128, max_new_tokens: int = 64,
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    batch_size: int = 128,
+    max_new_tokens: int = 64,
     sample: bool = False,
 ) -> list[str]:
     """Completions (special tokens removed) of already rendered prompts, left-padded in batches: greedy, or with
@@ -67,7 +72,9 @@ def evaluate(
         raise ValueError("evaluate() needs at least one example")
     if max_new_tokens is None:
         # Room for the longest reference plus eos and a little more, so that a rambling model is caught.
-        max_new_tokens = max(len(tokenizer(ex.completion, add_special_tokens=False)["input_ids"]) for ex in examples) + 8
+        max_new_tokens = (
+            max(len(tokenizer(ex.completion, add_special_tokens=False)["input_ids"]) for ex in examples) + 8
+        )
     prompts = [render_lab_prompt(tokenizer, ex, kind) for ex in examples]
     completions = generate_completions(model, tokenizer, prompts, batch_size, max_new_tokens)
     results = [task.check(ex, text) for ex, text in zip(examples, completions)]

@@ -86,7 +86,7 @@ class LabPairConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "LabPairConfig":
+    def from_dict(cls, d: dict[str, Any]) -> LabPairConfig:
         d = dict(d)
         d["teacher"] = ModelSize(**d["teacher"])
         d["student"] = ModelSize(**d["student"])
@@ -405,10 +405,18 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Pretrain the lab's teacher/student pair and measure its properties.")
     parser.add_argument("--task", default="order")
     parser.add_argument("--out", default=None, help="output directory (default: the cache directory of the config)")
-    parser.add_argument("--pair", action="append", default=[], metavar="KEY=VALUE",
-                        help="a LabPairConfig field to change, e.g. --pair teacher_steps=2000 (repeatable)")
-    parser.add_argument("--like-shipped", action="store_true",
-                        help="start from the config of the pair shipped for the task instead of today's defaults")
+    parser.add_argument(
+        "--pair",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a LabPairConfig field to change, e.g. --pair teacher_steps=2000 (repeatable)",
+    )
+    parser.add_argument(
+        "--like-shipped",
+        action="store_true",
+        help="start from the config of the pair shipped for the task instead of today's defaults",
+    )
     parser.add_argument("--n-eval", type=int, default=300)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)

@@ -13,8 +13,9 @@ import copy
 import math
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
@@ -110,9 +111,7 @@ def pretrain(
     rng = random.Random(seed)
     heldout = {ex.prompt for ex in task.examples(N_HELDOUT, EVAL_SEED)}
     kinds, weights = zip(*recipe.kind_mix)
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=recipe.lr, betas=(0.9, 0.98), weight_decay=recipe.weight_decay
-    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, betas=(0.9, 0.98), weight_decay=recipe.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(recipe))
     model.train()
     history, kept, running, start = [], {}, 0.0, time.time()

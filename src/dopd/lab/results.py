@@ -47,12 +47,15 @@ def method_stats(runs: list[dict], teacher: dict, student: dict) -> dict:
             stats[f"{part}_mean"], stats[f"{part}_se"] = _mean(values), standard_error(values)
             stats[f"{part}_change"] = stats[f"{part}_mean"] - student[part]
     if "regime_fractions" in runs[0]:
-        stats["regime_fractions"] = {k: _mean([r["regime_fractions"][k] for r in runs]) for k in ("LH", "LL", "HT", "HS")}
+        stats["regime_fractions"] = {
+            k: _mean([r["regime_fractions"][k] for r in runs]) for k in ("LH", "LL", "HT", "HS")
+        }
     return stats
 
 
 def choose_rates(records: list[dict], labels: list[str], grid: list[float]) -> tuple[float, dict[str, float], dict]:
     """The common rate, each method's own rate, and the mean validation accuracy of each rate over all methods."""
+
     def validation(label: str | None, lr: float) -> float:
         return _mean([r["validation_accuracy"] for r in records if r["lr"] == lr and label in (None, r["label"])])
 
@@ -166,9 +169,10 @@ def kind_markdown(results: dict, kind: str) -> str:
     n = len(results["seeds"])
     split = ""
     if student.get("undetermined") is not None:
-        split = (f" Determined by the prompt: {student['n_determined']} test prompts (teacher {teacher['determined']:.3f}, "
-                 f"student {student['determined']:.3f}); not determined: {student['n_undetermined']} (teacher "
-                 f"{teacher['undetermined']:.3f}, student {student['undetermined']:.3f}).")  # fmt: skip
+        split = (f" Determined by the prompt: {student['n_determined']} test prompts (teacher "
+                 f"{teacher['determined']:.3f}, student {student['determined']:.3f}); not determined: "
+                 f"{student['n_undetermined']} (teacher {teacher['undetermined']:.3f}, student "
+                 f"{student['undetermined']:.3f}).")  # fmt: skip
     refs = "; ".join(
         f"{name} recovers {100 * ref['gap_recovery']:.1f}% of the gap (required {100 * ref['required']:.0f}%: "
         f"{'met' if ref['meets'] else 'NOT met'})"
@@ -181,8 +185,11 @@ def kind_markdown(results: dict, kind: str) -> str:
         f"{student['answer_accuracy']:.3f}.{split}",
         "",
         f"Budget check at the common rate: {refs}. "
-        + ("The budget moves the student." if k["budget_moves_student"] else
-           "**The budget does not move the student as required: read the comparison below as no evidence.**"),
+        + (
+            "The budget moves the student."
+            if k["budget_moves_student"]
+            else "**The budget does not move the student as required: read the comparison below as no evidence.**"
+        ),
     ]
     if results["pair"]["weak"]:
         lines += ["", "**The pair fails a required property and was allowed with --allow-weak-pair.**"]
@@ -200,13 +207,19 @@ def kind_markdown(results: dict, kind: str) -> str:
     lines += ["", "### The whole grid: test accuracy (mean ± SE), validation in parentheses", "",
               "| method | " + " | ".join(f"lr {r}" for r in rates) + " |", "|---|" + "---|" * len(rates)]  # fmt: skip
     for label, row in k["grid"].items():
-        cells = [f"{_pm(row[r]['accuracy_mean'], row[r]['accuracy_se'])} ({row[r]['validation_mean']:.3f})" for r in rates]
+        cells = [
+            f"{_pm(row[r]['accuracy_mean'], row[r]['accuracy_se'])} ({row[r]['validation_mean']:.3f})" for r in rates
+        ]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines.append("| mean validation over methods | " + " | ".join(f"{k['validation_by_lr'][r]:.3f}" for r in rates) + " |")
+    lines.append(
+        "| mean validation over methods | " + " | ".join(f"{k['validation_by_lr'][r]:.3f}" for r in rates) + " |"
+    )
     routed = {label: m["regime_fractions"] for label, m in k["main"].items() if "regime_fractions" in m}
     if routed:
-        lines += [""] + [f"{label} regime fractions at the last step: " + ", ".join(f"{r} {v:.2f}" for r, v in f.items())
-                         + "." for label, f in routed.items()]  # fmt: skip
+        lines.append("")
+        for label, fractions in routed.items():
+            shown = ", ".join(f"{r} {v:.2f}" for r, v in fractions.items())
+            lines.append(f"{label} regime fractions at the last step: {shown}.")
     return "\n".join(lines)
 
 

@@ -193,15 +193,30 @@ def run_config(job: Job):
     task = get_task(c.task)
     return load_config(
         model={"student": str(pair / "student"), "teacher": str(pair / "teacher")},
-        data={"path": job.data_path, "teacher_template": LAB_PRIVILEGED_TEMPLATE,
-              "self_template": LAB_PRIVILEGED_TEMPLATE, "max_prompt_length": 512},  # fmt: skip
+        data={
+            "path": job.data_path,
+            "teacher_template": LAB_PRIVILEGED_TEMPLATE,
+            "self_template": LAB_PRIVILEGED_TEMPLATE,
+            "max_prompt_length": 512,
+        },  # fmt: skip
         rollout={"num_generations": c.num_generations, "max_new_tokens": job.max_new_tokens, "temperature": 1.0},
         objective={"method": job.spec.method, "top_k": c.top_k, **dict(job.spec.overrides)},
         optim={"lr": job.lr, "schedule": "cosine", "warmup_steps": c.warmup_steps},
-        train={"steps": c.steps, "prompts_per_step": c.prompts_per_step, "seed": job.seed, "device": "cpu",
-               "micro_batch_size": c.prompts_per_step * c.num_generations},  # fmt: skip
-        logging={"output_dir": job.run_dir, "overwrite": True, "progress_bar": False,
-                 "sample_every": max(1, c.steps // 4), "num_samples": 4, "answer_pattern": task.answer_pattern},
+        train={
+            "steps": c.steps,
+            "prompts_per_step": c.prompts_per_step,
+            "seed": job.seed,
+            "device": "cpu",
+            "micro_batch_size": c.prompts_per_step * c.num_generations,
+        },  # fmt: skip
+        logging={
+            "output_dir": job.run_dir,
+            "overwrite": True,
+            "progress_bar": False,
+            "sample_every": max(1, c.steps // 4),
+            "num_samples": 4,
+            "answer_pattern": task.answer_pattern,
+        },
         checkpoint={"save_every": 0},
     )
 
@@ -227,7 +242,9 @@ def run_job(job: Job) -> dict:
     def measure(step: int, trainer) -> dict[str, float]:
         if step == 0:
             return {}  # the student before training is measured once, by the lab
-        out = {"eval/validation_accuracy": evaluate(trainer.inner, trainer.tokenizer, task, validation)["answer_accuracy"]}
+        out = {
+            "eval/validation_accuracy": evaluate(trainer.inner, trainer.tokenizer, task, validation)["answer_accuracy"]
+        }
         if step == c.steps:
             result = evaluate(trainer.inner, trainer.tokenizer, task, test)
             final.update(answer_accuracy=result["answer_accuracy"], full_match=result["full_match"],
@@ -277,6 +294,7 @@ def summarize_run(job: Job, lines: list[dict], test: dict, seconds: float) -> di
 
 def _run_all(jobs: list[Job], workers: int, threads: int, log) -> list[dict]:
     """Every job, in `workers` processes (one thread each), in the order given to start; results in job order."""
+
     def done(record: dict) -> None:
         test = record["test"]["answer_accuracy"]
         collapse = f", collapse at step {record['collapse_step']:.0f}" if record["collapse_step"] else ""
@@ -364,7 +382,9 @@ def run_lab(config: LabConfig, log=print) -> dict:
 
 def describe_baseline(baseline: dict, config: LabConfig, pair) -> str:
     teacher, student = baseline["teacher"], baseline["student"]
-    lines = [f"lab pair {pair.path} (student: {_student_origin(pair)}); test prompts ({config.n_test}), answer accuracy:"]
+    lines = [
+        f"lab pair {pair.path} (student: {_student_origin(pair)}); test prompts ({config.n_test}), answer accuracy:"
+    ]
     for role, values in (("teacher", teacher), ("student", student)):
         cells = [f"{kind} {values[kind]['answer_accuracy']:.3f}" for kind in ["none", *config.privilege]]
         parts = values["none"]

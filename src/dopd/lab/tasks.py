@@ -288,7 +288,9 @@ class LookupTask(Task):
 
 
 TASKS: dict[str, type[Task]] = {
-    ArithmeticTask.name: ArithmeticTask, OrderTask.name: OrderTask, LookupTask.name: LookupTask
+    ArithmeticTask.name: ArithmeticTask,
+    OrderTask.name: OrderTask,
+    LookupTask.name: LookupTask,
 }
 
 

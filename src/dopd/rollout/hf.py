@@ -10,7 +10,7 @@ placeholder tokens.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -20,7 +20,11 @@ from . import Rollouts, end_of_sequence_ids, trim_completion
 
 class HFRollout:
     def __init__(
-        self, model_getter: Callable[[], torch.nn.Module], tokenizer, config: RolloutConfig, vocab_size: int | None = None,
+        self,
+        model_getter: Callable[[], torch.nn.Module],
+        tokenizer,
+        config: RolloutConfig,
+        vocab_size: int | None = None,
         processor=None,
     ):
         self.model_getter = model_getter

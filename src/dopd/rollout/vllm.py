@@ -83,7 +83,7 @@ class VLLMRollout:
         self.synced = False
 
     @classmethod
-    def create(cls, model, accelerator, tokenizer, config: Config, vocab_size: int) -> "VLLMRollout":
+    def create(cls, model, accelerator, tokenizer, config: Config, vocab_size: int) -> VLLMRollout:
         """Start (colocate) or connect to (server) vLLM for `model`, the unwrapped student (a PEFT model with
         LoRA). Every process must call it: engine start-up and weight gathering are collective."""
         require_vllm(accelerator.device)
