@@ -19,13 +19,8 @@ import tiny  # noqa: E402
 
 from dopd.cli import main  # noqa: E402
 from dopd.config import load_config  # noqa: E402
-from dopd.report import (  # noqa: E402
-    NEUTRAL_COLOUR,
-    REGIME_COLOURS,
-    build_report,
-    find_collapse,
-    token_view_html,
-)
+from dopd.report import build_report, find_collapse  # noqa: E402
+from dopd.report_html import NEUTRAL_COLOUR, REGIME_COLOURS, token_view_html  # noqa: E402
 from dopd.run_dir import find_runs, load_run, read_jsonl  # noqa: E402
 from dopd.train import train  # noqa: E402
 

@@ -1,7 +1,9 @@
 """Every setting of a training run, as dataclasses; loaded from YAML with dotted `key=value` overrides (OmegaConf
 does the parsing and type checks), validated before any model loads, and saved with each run.
 
-The comment after each field is its help text: `dopd train --help` and the README's table are made from it.
+The comment after each field is its help text: `dopd train --help` and the key table of docs/training.md are made
+from it. Over 400 lines on purpose: every key is defined here once, with its help, and the check of its value sits
+beside the dataclasses, so that a key and what may be given for it are read in one place.
 """
 
 from __future__ import annotations
@@ -242,6 +244,15 @@ def to_yaml(config: Config) -> str:
 
 def to_dict(config: Config) -> dict:
     return dataclasses.asdict(config)
+
+
+def flat_dict(config: Config) -> dict:
+    """`{"section.key": value}` with values a tracker can show (lists and nested settings as text)."""
+    flat = {}
+    for section, values in to_dict(config).items():
+        for key, value in values.items():
+            flat[f"{section}.{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat
 
 
 def validate(config: Config) -> Objective:

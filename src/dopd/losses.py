@@ -1,4 +1,4 @@
-"""Divergences between a student and a target distribution, as pure tensor functions (spec, "Divergences").
+"""Divergences between a student and a target distribution, as pure tensor functions (docs/method.md, "Routing").
 
 Every function takes log-probabilities over a last axis (the vocabulary, or a Top-K support) and returns one
 value per token, i.e. the input shape without its last axis. Work is done in at least float32 whatever the input

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
+
+from .diagnostics import early_eos_fraction
 
 
 class StepMetrics:
@@ -61,3 +64,19 @@ def reduce_number(accelerator, value: float, reduction: str) -> float:
         return value
     gathered = accelerator.gather(torch.tensor([value], dtype=torch.float64, device=accelerator.device))
     return float({"max": gathered.max, "min": gathered.min, "mean": gathered.mean}[reduction]())
+
+
+def completion_metrics(accelerator, rollouts, tokenizer, answer_pattern: str | None) -> dict[str, float]:
+    """Lengths, finished and early-ended shares of a step's completions (`types.Rollouts`), over all processes."""
+    lengths = [len(c) for c in rollouts.completion_ids]
+    result = {
+        "completion_length/mean": reduce_number(accelerator, float(np.mean(lengths)), "mean"),
+        "completion_length/max": reduce_number(accelerator, float(np.max(lengths)), "max"),
+        "completion_length/min": reduce_number(accelerator, float(np.min(lengths)), "min"),
+        "completion/finished": reduce_number(accelerator, float(np.mean(rollouts.finished)), "mean"),
+    }
+    if answer_pattern:
+        texts = tokenizer.batch_decode(rollouts.completion_ids, skip_special_tokens=True)
+        early = early_eos_fraction(texts, rollouts.finished, answer_pattern)
+        result["completion/early_eos"] = reduce_number(accelerator, early, "mean")
+    return result

@@ -1,4 +1,4 @@
-"""Images for vision-language students and teachers (spec, "Setting": the prompt plus an image; "Privileged input":
+"""Images for vision-language students and teachers (docs/method.md, "Setting": the prompt plus an image; "Privileged input":
 a bounding box with its label), selected by `data.image_column`.
 
 Every pass reads the row's image: the rollout and the deployed student the image as it is, the privileged student

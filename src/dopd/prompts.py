@@ -1,4 +1,4 @@
-"""Rendering prompts for the three scoring passes (spec, "Privileged input": insertion).
+"""Rendering prompts for the three scoring passes (docs/method.md, "Privileged input": insertion).
 
 The deployed student sees the prompt alone; the privileged student and the teacher see the prompt with the
 privileged context inserted by a template inside the user turn. Every pass renders through the tokenizer's chat

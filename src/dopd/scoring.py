@@ -1,4 +1,4 @@
-"""The three scoring passes over the same completions (spec, step 2): the deployed student with gradient, the
+"""The three scoring passes over the same completions (docs/method.md, "Setting": step 2): the deployed student with gradient, the
 privileged student (same weights, no gradient) and the teacher (frozen), each on its own prompt.
 
 The privileged prompts are longer than the plain one, so a completion token sits at a different absolute
@@ -31,6 +31,20 @@ def pack_by_tokens(lengths: list[int], budget: int) -> list[list[int]]:
         else:
             batches.append([index])
     return batches
+
+
+def micro_batches(prompts: list[int], rollouts, prompt_sets: list[list[list[int]]], size: int, budget: int):
+    """Rollout indices of each micro-batch of a step: `size` in order, or, with a token `budget`, packed by the
+    padded tokens of the longest of the passes' prompts (`prompt_sets`, each indexed by data set row) plus the
+    completion. `prompts[rollouts.prompt_index[i]]` is rollout i's row."""
+    count = len(rollouts)
+    if not budget:
+        return [list(range(start, min(start + size, count))) for start in range(0, count, size)]
+    lengths = [
+        max(len(ids[prompts[rollouts.prompt_index[i]]]) for ids in prompt_sets) + len(rollouts.completion_ids[i])
+        for i in range(count)
+    ]
+    return pack_by_tokens(lengths, budget)
 
 
 def pass_inputs(prompts: list[list[int]], completions: Completions, pad_id: int) -> PassInputs:

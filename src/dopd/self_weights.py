@@ -18,12 +18,14 @@ sharded parameter (an FSDP2 `DTensor`) is copied and swapped as its local shard.
 
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 
 import torch
 from torch import Tensor
 
 MODES = ("live", "frozen", "ema", "lagged")
+logger = logging.getLogger("dopd")
 
 
 def _local(tensor: Tensor) -> Tensor:
@@ -47,6 +49,19 @@ class SelfWeights:
         if mode != "live":
             with torch.no_grad():
                 self.copy = [_local(p).detach().clone() for p in self.params]
+
+    @classmethod
+    def for_run(cls, objective, model: torch.nn.Module, log: bool = True) -> SelfWeights | None:
+        """The run's privileged-self weights (`objective.self_weights`), copied from `model` as it is now (its
+        step-0 weights; a resumed run then loads the copy from its checkpoint), or None when no pass reads them.
+        `log`: say in the log which weights and how much memory the copy takes."""
+        if not objective.needs_self:
+            return None
+        c = objective.config
+        weights = cls(c.self_weights, model, c.self_ema_decay, c.self_sync_every)
+        if log:
+            logger.warning(weights.describe())
+        return weights
 
     @property
     def is_live(self) -> bool:

@@ -93,6 +93,28 @@ def compute_batch_thresholds(
     return thresholds
 
 
+def step_thresholds(objective: Objective, batches: list, gather: Gather | None) -> Thresholds | None:
+    """The thresholds of a whole step from its scored micro-batches (`types.MicroBatch`): the valid tokens' scores
+    of every micro-batch, then of every process through `gather`."""
+
+    def flat(name: str) -> TargetScores | None:
+        parts = [getattr(b, f"{name}_scores") for b in batches]
+        if parts[0] is None:
+            return None
+        masks = [b.completions.mask.bool().to(p.token_logprobs.device) for b, p in zip(batches, parts)]
+        return TargetScores(
+            torch.cat([p.token_logprobs[m] for p, m in zip(parts, masks)]),
+            torch.cat([p.entropy[m] for p, m in zip(parts, masks)]),
+        )
+
+    self_flat, teacher_flat = flat("self"), flat("teacher")
+    reference = self_flat or teacher_flat
+    if reference is None:
+        return None
+    mask = torch.ones_like(reference.token_logprobs, dtype=torch.bool)
+    return compute_batch_thresholds(objective, self_flat, teacher_flat, mask, gather)
+
+
 # ---------------------------------------------------------------------------------------- token weights
 
 

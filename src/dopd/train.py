@@ -28,23 +28,23 @@ import torch
 
 from . import checkpoint as ckpt
 from . import run_dir
-from .config import Config, ConfigError, is_image_text, to_yaml, validate
+from .config import Config, ConfigError, flat_dict, is_image_text, to_yaml, validate
 from .data import PromptOrder, load_prompt_set
-from .diagnostics import CollapseWatch, NonFiniteError, check_finite, early_eos_fraction
+from .diagnostics import CollapseWatch, NonFiniteError, check_finite
 from .engines import check_engine, configure_deepspeed, frozen_head, prepare_teacher
 from .kernels import chunked_objective, score_target
 from .loading import check_sources, common_vocab_size, load_model, load_processing, load_student
 from .lora import require_peft
-from .metrics import StepMetrics, reduce_number
+from .metrics import StepMetrics, completion_metrics
 from .pair_checks import check_teacher_fidelity
 from .plain import compute_objective
 from .rollout import end_of_sequence_ids, make_engine
 from .routing import make_gather
-from .scoring import frozen_pass, pack_by_tokens, pass_inputs, trainable_pass
+from .scoring import frozen_pass, micro_batches, pass_inputs, trainable_pass
 from .self_weights import SelfWeights
 from .served_teacher import connect as connect_served_teacher
-from .terms import LossScope, check_top_k, compute_batch_thresholds
-from .types import Completions, Head, MicroBatch, Rollouts, TargetScores
+from .terms import LossScope, check_top_k, step_thresholds
+from .types import Completions, Head, MicroBatch, Rollouts
 
 logger = logging.getLogger("dopd")
 
@@ -130,7 +130,7 @@ class Trainer:
         self.teacher_head_weights = frozen_head(self.teacher, vocab, self.accelerator) if teacher is not None else None
         self.student_head_weights = frozen_head(self.inner, vocab, self.accelerator) if c.model.lora.enabled else None
         self.order = PromptOrder(len(self.prompts), c.train.seed, c.data.shuffle)
-        self.self_weights = self._self_weights()
+        self.self_weights = SelfWeights.for_run(self.objective, self.inner, log=self.is_main)
         self.collapse = CollapseWatch()
         self.start_step = ckpt.load_state(resume_dir, self.checkpoint_state()) if resume_dir else 0
         if c.checkpoint.resume and self.is_main:
@@ -143,17 +143,6 @@ class Trainer:
         if self.is_main and not resume_dir:
             run_dir.init_run_dir(config, restart)
         self.accelerator.wait_for_everyone()
-
-    def _self_weights(self) -> SelfWeights | None:
-        """The privileged self pass's weights (`objective.self_weights`), copied from the student as it is now (its
-        step-0 weights; a resumed run loads the copy from the checkpoint), or None when no pass reads them."""
-        if not self.objective.needs_self:
-            return None
-        o = self.config.objective
-        weights = SelfWeights(o.self_weights, self.inner, o.self_ema_decay, o.self_sync_every)
-        if self.is_main:
-            logger.warning(weights.describe())
-        return weights
 
     @property
     def inner(self):
@@ -199,22 +188,14 @@ class Trainer:
             raise
 
     def micro_batches(self, prompts: list[int], rollouts: Rollouts) -> list[list[int]]:
-        """Rollout indices of each micro-batch: `micro_batch_size` in order, or packed by padded tokens of the
-        longest of the passes when `max_tokens_per_micro_batch` is set (the loss is the same either way)."""
-        count, budget = len(rollouts), self.config.train.max_tokens_per_micro_batch
-        if not budget:
-            size = self.config.train.micro_batch_size
-            return [list(range(start, min(start + size, count))) for start in range(0, count, size)]
+        """Rollout indices of each micro-batch (`scoring.micro_batches`; the loss is the same either way)."""
         prompt_sets = [self.prompts.student_ids]
         if self.objective.needs_self:
             prompt_sets.append(self.prompts.self_ids)
         if self.objective.needs_teacher:
             prompt_sets.append(self.prompts.teacher_ids)
-        lengths = [
-            max(len(ids[prompts[rollouts.prompt_index[i]]]) for ids in prompt_sets) + len(rollouts.completion_ids[i])
-            for i in range(count)
-        ]
-        return pack_by_tokens(lengths, budget)
+        t = self.config.train
+        return micro_batches(prompts, rollouts, prompt_sets, t.micro_batch_size, t.max_tokens_per_micro_batch)
 
     def score(self, prompts: list[int], rollouts: Rollouts) -> list[MicroBatch]:
         """The no-gradient passes of every micro-batch: privileged student and teacher."""
@@ -268,23 +249,7 @@ class Trainer:
         """Routing thresholds over the whole step, all processes (None for micro-batch scope or no routing)."""
         if self.config.objective.threshold_scope != "batch":
             return None
-
-        def flat(name: str) -> TargetScores | None:
-            parts = [getattr(b, f"{name}_scores") for b in batches]
-            if parts[0] is None:
-                return None
-            masks = [b.completions.mask.bool().to(p.token_logprobs.device) for b, p in zip(batches, parts)]
-            return TargetScores(
-                torch.cat([p.token_logprobs[m] for p, m in zip(parts, masks)]),
-                torch.cat([p.entropy[m] for p, m in zip(parts, masks)]),
-            )
-
-        self_flat, teacher_flat = flat("self"), flat("teacher")
-        reference = self_flat or teacher_flat
-        if reference is None:
-            return None
-        mask = torch.ones_like(reference.token_logprobs, dtype=torch.bool)
-        return compute_batch_thresholds(self.objective, self_flat, teacher_flat, mask, self.gather)
+        return step_thresholds(self.objective, batches, self.gather)
 
     def update(self, batches: list[MicroBatch], thresholds, step: int, metrics: StepMetrics):
         """Student passes with gradient, the objective and backward, micro-batch by micro-batch."""
@@ -302,7 +267,7 @@ class Trainer:
                 check_finite("student", step, student.hidden.detach(), mask)
                 if batch.self_head is not None and self.self_weights.is_live:
                     # The same weights, read live: a sharded head kept since scoring may have been freed by now.
-                    batch.self_head = _same_head(batch.self_head, student)
+                    batch.self_head = batch.self_head.with_weights_of(student)
                 output = self.objective_output(student, batch.completions.ids.to(student.hidden.device), mask, batch,
                                                scope)  # fmt: skip
                 check_finite("loss", step, output.loss.detach())
@@ -314,9 +279,9 @@ class Trainer:
     def objective_output(self, student: Head, ids, mask, batch: MicroBatch, scope: LossScope):
         if self.config.train.chunk_size == 0:
             return compute_objective(
-                self.objective, _logits(student), ids, mask, scope=scope,
-                self_logits_BTV=None if batch.self_head is None else _logits(batch.self_head),
-                teacher_logits_BTV=None if batch.teacher_head is None else _logits(batch.teacher_head),
+                self.objective, student.logits(), ids, mask, scope=scope,
+                self_logits_BTV=None if batch.self_head is None else batch.self_head.logits(),
+                teacher_logits_BTV=None if batch.teacher_head is None else batch.teacher_head.logits(),
             )  # fmt: skip
         return chunked_objective(
             self.objective, student, ids, mask, scope=scope, chunk_size=self.chunk_size,
@@ -352,7 +317,9 @@ class Trainer:
         self.engine.sync_weights()
         done = timer()
         result = metrics.reduce(self.accelerator)
-        result.update(self.completion_metrics(rollouts))
+        result.update(
+            completion_metrics(self.accelerator, rollouts, self.tokenizer, self.config.logging.answer_pattern)
+        )
         result.update({"step": step + 1, "lr": lr, "time/rollout": rolled - start, "time/scoring": scored - rolled,
                        "time/update": done - scored, "time/step": done - start,
                        "tokens_per_second": result.get("tokens", 0.0) / max(done - start, 1e-9)})  # fmt: skip
@@ -363,21 +330,6 @@ class Trainer:
             records = run_dir.sample_records(step + 1, batches[0], outputs[0], self.prompts, self.tokenizer,
                                              self.config.logging.num_samples)  # fmt: skip
             run_dir.append_jsonl(os.path.join(self.run_dir, "samples.jsonl"), records)
-        return result
-
-    def completion_metrics(self, rollouts: Rollouts) -> dict[str, float]:
-        """Lengths, finished and early-ended shares of the step's completions, over all processes."""
-        lengths, a = [len(c) for c in rollouts.completion_ids], self.accelerator
-        result = {
-            "completion_length/mean": reduce_number(a, float(np.mean(lengths)), "mean"),
-            "completion_length/max": reduce_number(a, float(np.max(lengths)), "max"),
-            "completion_length/min": reduce_number(a, float(np.min(lengths)), "min"),
-            "completion/finished": reduce_number(a, float(np.mean(rollouts.finished)), "mean"),
-        }
-        if self.config.logging.answer_pattern:
-            texts = self.tokenizer.batch_decode(rollouts.completion_ids, skip_special_tokens=True)
-            early = early_eos_fraction(texts, rollouts.finished, self.config.logging.answer_pattern)
-            result["completion/early_eos"] = reduce_number(a, early, "mean")
         return result
 
     # -------------------------------------------------------------------------------------------------- run
@@ -398,7 +350,7 @@ class Trainer:
             run_dir.write_config(self.run_dir, to_yaml(config))
         if config.logging.report_to:
             name = config.logging.run_name or os.path.basename(self.run_dir)
-            accelerator.init_trackers(config.logging.project, config=_flat_config(config),
+            accelerator.init_trackers(config.logging.project, config=flat_dict(config),
                                       init_kwargs={"wandb": {"name": name}})  # fmt: skip
         bar = tqdm(total=config.train.steps, initial=self.start_step, desc="dopd",
                    disable=not (self.is_main and config.logging.progress_bar))  # fmt: skip
@@ -422,26 +374,6 @@ class Trainer:
         if config.logging.report_to:
             accelerator.end_training()
         return TrainResult(self.run_dir, final_dir, config.train.steps, result)
-
-
-def _same_head(frozen: Head, live: Head) -> Head:
-    bias = None if live.bias is None else live.bias.detach()
-    return Head(frozen.hidden, live.weight.detach(), bias)
-
-
-def _logits(head: Head) -> torch.Tensor:
-    logits = head.hidden @ head.weight.T
-    return logits if head.bias is None else logits + head.bias
-
-
-def _flat_config(config: Config) -> dict:
-    from .config import to_dict
-
-    flat = {}
-    for section, values in to_dict(config).items():
-        for key, value in values.items():
-            flat[f"{section}.{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
-    return flat
 
 
 def train(config: Config) -> TrainResult:

@@ -76,6 +76,16 @@ class Head:
     def vocab_size(self) -> int:
         return self.weight.shape[0]
 
+    def logits(self) -> Tensor:
+        """Full logits [B, T, V] (the plain form of the loss)."""
+        logits = self.hidden @ self.weight.T
+        return logits if self.bias is None else logits + self.bias
+
+    def with_weights_of(self, live: Head) -> Head:
+        """These hidden states with `live`'s head, detached (a privileged pass of the live weights whose head, kept
+        since scoring, a sharding engine may have freed by now)."""
+        return Head(self.hidden, live.weight.detach(), None if live.bias is None else live.bias.detach())
+
 
 @dataclass
 class TargetScores:

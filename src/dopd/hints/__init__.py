@@ -1,4 +1,4 @@
-"""Building the privileged input `p` from a data set of questions with reference solutions (spec, "Privileged
+"""Building the privileged input `p` from a data set of questions with reference solutions (docs/method.md, "Privileged
 input"): the paper finds step-wise hints without execution help most and a bare final answer hurts.
 
 `dopd hints` reads a data set (question, solution, answer columns), adds a `privileged_context` column in one

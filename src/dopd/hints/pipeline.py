@@ -5,23 +5,18 @@ output."""
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
-import threading
 import time
-import urllib.parse
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
 from typing import Any
 
 from ..config import ConfigError, DataConfig
-from .client import ChatClient, HintResult, ServerError, generate_hints, normalize_base_url
+from .client import ChatClient, HintResult, ServerError, generate_hints
+from .partial import PartialLog, _settings
 from .rules import (
-    COORDINATE_SYSTEMS,
-    RULE_FORMS,
     answer_hint,
     box_hint,
     executed_hints,
@@ -30,190 +25,17 @@ from .rules import (
     stepwise_hints,
     summary_hints,
 )
-
-FORMS = RULE_FORMS + ("generated",)
-# A label before the hints, so that a model reading "{prompt}\n\n{privileged_context}" can tell them apart
-# from the problem. `--prefix ''` leaves the bare text.
-DEFAULT_PREFIXES = {
-    "answer": "Reference answer: ",
-    "solution": "Reference solution:\n",
-    "stepwise": "Hints (the plan of a solution; [r1], [r2], ... stand for values you compute):\n",
-    "stepwise-executed": "Hints (the steps of a solution):\n",
-    "summary": "Outline of a solution: ",
-    "generated": "Hints:\n",
-    "boxes": "Relevant objects in the image (bounding boxes x1, y1, x2, y2):\n",
-}
-
-# ------------------------------------------------------------------------------------------ data set pipeline
-
-
-@dataclass
-class HintsSpec:
-    """Every setting of `dopd hints` (the command line's options, one field each)."""
-
-    input: str
-    out: str
-    form: str
-    split: str = "train"
-    name: str | None = None
-    max_rows: int | None = None
-    prompt_column: str = "prompt"
-    solution_column: str = "solution"
-    answer_column: str = "answer"
-    output_column: str = "privileged_context"
-    prefix: str | None = None  # None: the form's DEFAULT_PREFIXES entry
-    on_empty: str = "drop"  # drop | keep: rows whose privileged context comes out empty
-    overwrite: bool = False
-    summary_words: int = 10
-    base_url: str | None = None
-    model: str | None = None
-    api_key: str | None = None
-    concurrency: int = 8
-    # The served model's settings take the client's own defaults, so that the two cannot drift apart.
-    retries: int = ChatClient.retries
-    retry_wait: float = ChatClient.retry_wait
-    timeout: float = ChatClient.timeout
-    temperature: float = ChatClient.temperature
-    max_tokens: int = ChatClient.max_tokens
-    max_hints: int = 8
-    verify: bool = True
-    boxes_column: str = "boxes"
-    labels_column: str = "labels"
-    image_column: str = "image"
-    width_column: str = "width"
-    height_column: str = "height"
-    coords: str = "pixel"
-    progress: bool = True
-
-
-@dataclass
-class HintsSummary:
-    form: str
-    out: str
-    rows_read: int
-    rows_resumed: int
-    rows_written: int
-    rows_dropped: list[int]
-    hints_kept: int
-    rejections: dict[str, int]
-    examples_rejected: list[tuple[int, str, str]]
-    notes: list[str]
-    stats: dict
-    replaced_column: bool
-    seconds: float
-
-
-def resolve_server(spec: HintsSpec) -> None:
-    """Fill the server settings of the generated form from the environment: `DOPD_HINTS_BASE_URL` or
-    `OPENAI_BASE_URL`, `DOPD_HINTS_MODEL` or `OPENAI_MODEL`, `OPENAI_API_KEY`."""
-    env = os.environ
-    spec.base_url = spec.base_url or env.get("DOPD_HINTS_BASE_URL") or env.get("OPENAI_BASE_URL")
-    spec.model = spec.model or env.get("DOPD_HINTS_MODEL") or env.get("OPENAI_MODEL")
-    spec.api_key = spec.api_key or env.get("OPENAI_API_KEY")
-
-
-def check_spec(spec: HintsSpec) -> None:
-    """The settings alone (before the data set is read): one message naming the option and the fix."""
-    if spec.form not in FORMS:
-        raise ConfigError(f"--form {spec.form!r} is unknown; choose one of {', '.join(FORMS)}")
-    if spec.on_empty not in ("drop", "keep"):
-        raise ConfigError(f"--on-empty {spec.on_empty!r} is unknown; use drop or keep")
-    if spec.coords not in COORDINATE_SYSTEMS:
-        raise ConfigError(f"--coords {spec.coords!r} is unknown; use {', '.join(COORDINATE_SYSTEMS)}")
-    for option, value in (
-        ("--summary-words", spec.summary_words),
-        ("--concurrency", spec.concurrency),
-        ("--max-tokens", spec.max_tokens),
-        ("--max-hints", spec.max_hints),
-        ("--timeout", spec.timeout),
-    ):
-        if value <= 0:
-            raise ConfigError(f"{option} = {value} must be positive")
-    if spec.retries < 0 or spec.retry_wait < 0 or spec.temperature < 0:
-        raise ConfigError("--retries, --retry-wait and --temperature must be >= 0")
-    if spec.max_rows is not None and spec.max_rows <= 0:
-        raise ConfigError(f"--max-rows = {spec.max_rows} must be positive")
-    output_kind(spec.out)
-    if os.path.exists(spec.out) and not spec.overwrite:
-        raise ConfigError(f"--out {spec.out} already exists; choose another path or pass --overwrite")
-    if spec.form == "generated":
-        if not spec.base_url:
-            raise ConfigError(
-                "--form generated needs the server: --base-url (or OPENAI_BASE_URL), e.g. "
-                "http://localhost:8000/v1 for `vllm serve`"
-            )
-        if not spec.model:
-            raise ConfigError("--form generated needs --model (or OPENAI_MODEL): the served model's name")
-        if urllib.parse.urlparse(normalize_base_url(spec.base_url)).scheme not in ("http", "https"):
-            raise ConfigError(f"--base-url {spec.base_url} must start with http:// or https://")
-
-
-def check_local_path(path: str, option: str) -> None:
-    """A data source that looks local must exist, and a hub name must be reachable: otherwise `datasets` would take
-    a mistyped path for a hub name and spend half a minute retrying the network before failing (loading.py)."""
-    from ..loading import check_source
-
-    check_source(path, option, "dataset")
-
-
-def output_kind(out: str) -> str:
-    """jsonl | parquet | disk (a `save_to_disk` directory: a path without an extension)."""
-    extension = os.path.splitext(out.rstrip("/"))[1].lower()
-    if extension in (".jsonl", ".json"):
-        return "jsonl"
-    if extension == ".parquet":
-        return "parquet"
-    if extension == "" or os.path.isdir(out):
-        return "disk"
-    raise ConfigError(f"--out {out} has extension {extension!r}; use .jsonl, .json, .parquet or a directory path")
-
-
-def _needed_columns(spec: HintsSpec, columns: list[str], first_row: dict) -> list[tuple[str, str]]:
-    """(option, column) pairs that must exist and be non-empty for the form."""
-    need = {
-        "answer": [("--answer-column", spec.answer_column)],
-        "solution": [("--solution-column", spec.solution_column)],
-        "stepwise": [("--solution-column", spec.solution_column)],
-        "stepwise-executed": [("--solution-column", spec.solution_column)],
-        "summary": [("--solution-column", spec.solution_column)],
-        "generated": [("--prompt-column", spec.prompt_column), ("--answer-column", spec.answer_column)],
-        "boxes": [("--boxes-column", spec.boxes_column)],
-    }[spec.form]
-    if spec.form == "boxes":
-        boxes = first_row.get(spec.boxes_column)
-        dicts = isinstance(boxes, dict) or (isinstance(boxes, list) and boxes and isinstance(boxes[0], dict))
-        if not dicts:
-            need.append(("--labels-column", spec.labels_column))
-        if spec.coords != "pixel" and spec.image_column not in columns:
-            need += [("--width-column", spec.width_column), ("--height-column", spec.height_column)]
-    return need
-
-
-def _is_empty(value: Any) -> bool:
-    return value is None or (isinstance(value, str) and not value.strip()) or (isinstance(value, list) and not value)
-
-
-def check_columns(dataset, spec: HintsSpec) -> None:
-    """Every column the form needs exists and no row leaves it empty."""
-    if len(dataset) == 0:
-        raise ConfigError(f"--input {spec.input} has no rows")
-    for option, column in _needed_columns(spec, dataset.column_names, dataset[0]):
-        if column not in dataset.column_names:
-            size_help = (
-                " (normalized --coords need the image size: an --image-column, or --width-column and --height-column)"
-                if option in ("--width-column", "--height-column")
-                else ""
-            )
-            raise ConfigError(
-                f"{option} = {column!r} is not a column of {spec.input}; its columns are "
-                f"{', '.join(dataset.column_names)} (set {option}){size_help}"
-            )
-        empty = [i for i, value in enumerate(dataset[column]) if _is_empty(value)]
-        if empty:
-            raise ConfigError(
-                f"{len(empty)} of {len(dataset)} rows have an empty {column!r} ({option}), the first at "
-                f"row {empty[0]}; fill or drop them"
-            )
+from .spec import (  # noqa: F401  (re-exported by dopd.hints)
+    DEFAULT_PREFIXES,
+    FORMS,
+    HintsSpec,
+    HintsSummary,
+    check_columns,
+    check_local_path,
+    check_spec,
+    output_kind,
+    resolve_server,
+)
 
 
 def _text(value: Any) -> str:
@@ -283,98 +105,6 @@ def _row_size(row: dict, spec: HintsSpec, columns: list[str]) -> tuple[int, int]
 
 def _with_prefix(result: HintResult, prefix: str) -> str:
     return prefix + result.context if result.context.strip() else ""
-
-
-# ------------------------------------------------------------------------------------------ the partial file
-
-
-class PartialLog:
-    """`OUT.partial`: a header line with the run's settings, then one JSON line per finished row
-    {"index", "context", "kept", "rejected"}, flushed as it comes. A rerun with the same settings and input reads
-    the finished rows back; a torn last line (a kill in mid-write) is cut off."""
-
-    def __init__(self, path: str, settings: dict):
-        self.path, self.settings = path, settings
-        self.done: dict[int, dict] = {}
-        self._lock = threading.Lock()
-        self._handle = None
-
-    def open(self) -> None:
-        if os.path.exists(self.path):
-            self._read()
-        else:
-            self.open_new()
-        self._handle = open(self.path, "a", encoding="utf-8")
-
-    def open_new(self) -> None:
-        with open(self.path, "w", encoding="utf-8") as handle:
-            handle.write(json.dumps({"dopd_hints_partial": 1, "settings": self.settings}) + "\n")
-
-    def _read(self) -> None:
-        with open(self.path, "rb") as handle:
-            data = handle.read()
-        complete = data[: data.rfind(b"\n") + 1]
-        if len(complete) < len(data):
-            with open(self.path, "r+b") as handle:
-                handle.truncate(len(complete))
-        lines = complete.decode("utf-8").splitlines()
-        if not lines:  # killed before the header was written: nothing to keep
-            os.remove(self.path)
-            self.open_new()
-            return
-        try:
-            header, records = json.loads(lines[0]), [json.loads(line) for line in lines[1:]]
-        except json.JSONDecodeError as error:
-            raise ConfigError(f"{self.path} is damaged ({error}); delete it to start over") from None
-        if header.get("settings") != self.settings:
-            raise ConfigError(
-                f"{self.path} holds rows made with other settings or another input "
-                f"({_difference(header, self.settings)}); "
-                "rerun with the same options to continue it, or delete it to start over"
-            )
-        self.done = {record["index"]: record for record in records}
-
-    def append(self, index: int, result: HintResult, context: str) -> None:
-        record = {"index": index, "context": context, "kept": result.kept, "rejected": result.rejected}
-        with self._lock:
-            self._handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-            self._handle.flush()
-            self.done[index] = record
-
-    def close(self) -> None:
-        if self._handle is not None:
-            self._handle.close()
-            self._handle = None
-
-
-def _difference(header: dict, settings: dict) -> str:
-    old = header.get("settings") or {}
-    keys = [key for key in settings if old.get(key) != settings.get(key)]
-    return ", ".join(f"{key}: {old.get(key)!r} then, {settings.get(key)!r} now" for key in keys[:3]) or "no header"
-
-
-def _settings(spec: HintsSpec, dataset) -> dict:
-    """What the partial file must agree on with a rerun: the form's settings and a hash of the input rows."""
-    keys = [
-        "form",
-        "prompt_column",
-        "solution_column",
-        "answer_column",
-        "prefix",
-        "model",
-        "temperature",
-        "max_tokens",
-        "max_hints",
-        "verify",
-    ]
-    settings = {key: getattr(spec, key) for key in keys}
-    settings["prefix"] = DEFAULT_PREFIXES[spec.form] if spec.prefix is None else spec.prefix
-    used = [c for c in (spec.prompt_column, spec.solution_column, spec.answer_column) if c in dataset.column_names]
-    digest = hashlib.sha256()
-    for column in used:
-        digest.update(json.dumps(dataset[column], default=str, ensure_ascii=False).encode("utf-8"))
-    settings.update(rows=len(dataset), input_sha256=digest.hexdigest())
-    return settings
 
 
 # --------------------------------------------------------------------------------------------- the run

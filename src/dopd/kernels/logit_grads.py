@@ -1,5 +1,5 @@
 """Full-vocabulary divergences with their gradient with respect to the student's logits in closed form, computed
-in place on buffers the caller owns (design, "kernels/"; spec, "Divergences").
+in place on buffers the caller owns (docs/method.md, "Routing").
 
 Running autograd through a divergence over [rows, V] keeps a dozen [rows, V] intermediates alive (masks, `where`
 copies, the mixture, saved tensors of every step), which at V = 151,936 is what the chunked loss's memory and time

@@ -1,6 +1,6 @@
 """The lab's teacher/student pair: tiny Qwen3 models pretrained here by SFT, cached, and their properties measured.
 
-The pair must show what DOPD needs (spec, "Setting"): a teacher clearly better than the student without
+The pair must show what DOPD needs (docs/method.md, "Setting"): a teacher clearly better than the student without
 privileged input, privileged input that both models read (otherwise the privileged-student pass equals the plain
 one), and a student with headroom. Tiny models read privileged input only when reading it pays off during
 pretraining (lab notes), so the SFT data mixes the privileged kinds on problems (nested expressions) that the
@@ -34,16 +34,21 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dopd.lab.evaluation import evaluate
 from dopd.lab.pretraining import EVAL_SEED, ModelSize, Recipe, make_model, pretrain
-from dopd.lab.tasks import PRIVILEGED_KINDS, Task, get_task
+from dopd.lab.properties import (  # noqa: F401  (part of the pair's API)
+    MIN_PRIVILEGE_GAIN,
+    MIN_TEACHER_GAP,
+    REQUIRED_PRIVILEGE_KINDS,
+    check_properties,
+    choose_student,
+    describe_weakness,
+    measure_accuracy,
+    measure_properties,
+)
+from dopd.lab.tasks import Task, get_task
 from dopd.lab.tokenizer import build_tokenizer
 
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"
-# Property thresholds (task brief): (a) teacher - student without privileged input; (b) gain from privilege.
-MIN_TEACHER_GAP = 0.25
-MIN_PRIVILEGE_GAIN = 0.10
-REQUIRED_PRIVILEGE_KINDS = ("hints", "solution")
 COMPLETE_MARKER = "lab_pair.json"
 
 
@@ -122,101 +127,6 @@ class LabPair:
 
 class WeakPairError(ValueError):
     """A pair that fails a required property; the message names the property, the figures and the way on."""
-
-
-def measure_accuracy(
-    model: Any, tokenizer: Any, task: Task, examples: list, batch_size: int = 150
-) -> dict[str, dict[str, float]]:
-    """One model's answer accuracy and full match without and with each privileged kind."""
-    accuracy = {}
-    for kind in PRIVILEGED_KINDS:
-        result = evaluate(model, tokenizer, task, examples, kind=kind, batch_size=batch_size)
-        accuracy[kind] = {"answer_accuracy": result["answer_accuracy"], "full_match": result["full_match"]}
-    return accuracy
-
-
-def measure_properties(
-    pair: LabPair, task: Task | str | None = None, n_eval: int = 300, seed: int = EVAL_SEED, batch_size: int = 150
-) -> dict[str, Any]:
-    """Teacher and student accuracy without and with each privileged kind on held-out prompts, and the checks.
-
-    checks["a_teacher_gap"]: teacher answer accuracy without privileged input >= student's + MIN_TEACHER_GAP.
-    checks["b_privilege_helps"]: for "hints" and "solution", both models gain >= MIN_PRIVILEGE_GAIN.
-    """
-    task = get_task(task if task is not None else pair.config.task)
-    examples = task.examples(n_eval, seed)
-    accuracy = {
-        role: measure_accuracy(model, pair.tokenizer, task, examples, batch_size)
-        for role, model in (("teacher", pair.teacher), ("student", pair.student))
-    }
-    return {"task": task.name, "n_eval": n_eval, "eval_seed": seed, "accuracy": accuracy,
-            "checks": check_properties(accuracy)}  # fmt: skip
-
-
-def check_properties(accuracy: dict[str, dict[str, dict[str, float]]]) -> dict[str, Any]:
-    def acc(role: str, kind: str) -> float:
-        return accuracy[role][kind]["answer_accuracy"]
-
-    gap = acc("teacher", "none") - acc("student", "none")
-    gains = {
-        f"{role}_{kind}_gain": round(acc(role, kind) - acc(role, "none"), 4)
-        for role in ("teacher", "student")
-        for kind in PRIVILEGED_KINDS[1:]
-    }
-    helps = all(
-        gains[f"{role}_{kind}_gain"] >= MIN_PRIVILEGE_GAIN
-        for role in ("teacher", "student")
-        for kind in REQUIRED_PRIVILEGE_KINDS
-    )
-    return {
-        "teacher_minus_student": round(gap, 4),
-        "a_teacher_gap": gap >= MIN_TEACHER_GAP,
-        "b_privilege_helps": helps,
-        **gains,
-        "thresholds": {"min_teacher_gap": MIN_TEACHER_GAP, "min_privilege_gain": MIN_PRIVILEGE_GAIN},
-    }
-
-
-def _shortfall(checks: dict[str, Any]) -> float:
-    """How far a candidate is from meeting both properties (0 when it meets them): the larger of the missing
-    points of the gap and of the smallest required gain."""
-    gains = [checks[f"{r}_{k}_gain"] for r in ("teacher", "student") for k in REQUIRED_PRIVILEGE_KINDS]
-    return max(0.0, MIN_TEACHER_GAP - checks["teacher_minus_student"], MIN_PRIVILEGE_GAIN - min(gains))
-
-
-def choose_student(teacher: dict, candidates: dict[int, dict]) -> tuple[int, dict[int, dict]]:
-    """The candidate student to keep: the latest checkpoint that meets both properties against `teacher` (the most
-    trained student that still leaves the gap and reads the privileged input), else the one nearest to meeting
-    them. `teacher` and each candidate: `measure_accuracy` tables. Returns the step and each candidate's checks."""
-    checks = {step: check_properties({"teacher": teacher, "student": acc}) for step, acc in candidates.items()}
-    meeting = [step for step, c in checks.items() if c["a_teacher_gap"] and c["b_privilege_helps"]]
-    if meeting:
-        return max(meeting), checks
-    return min(checks, key=lambda step: (_shortfall(checks[step]), -step)), checks
-
-
-def describe_weakness(properties: dict[str, Any], task: str) -> str:
-    """One line: which property the pair fails, with its figures, and the ways on."""
-    checks, accuracy = properties["checks"], properties["accuracy"]
-    failed = []
-    if not checks["a_teacher_gap"]:
-        failed.append(
-            f"(a) teacher - student gap {100 * checks['teacher_minus_student']:+.1f} points < "
-            f"+{100 * MIN_TEACHER_GAP:.0f} (teacher {accuracy['teacher']['none']['answer_accuracy']:.3f}, student "
-            f"{accuracy['student']['none']['answer_accuracy']:.3f} without privileged input)"
-        )
-    if not checks["b_privilege_helps"]:
-        low = [
-            f"{role} {kind} {100 * checks[f'{role}_{kind}_gain']:+.1f}"
-            for role in ("teacher", "student")
-            for kind in REQUIRED_PRIVILEGE_KINDS
-            if checks[f"{role}_{kind}_gain"] < MIN_PRIVILEGE_GAIN
-        ]
-        failed.append(f"(b) privileged input raises {', '.join(low)} points < +{100 * MIN_PRIVILEGE_GAIN:.0f}")
-    return (
-        f"the lab pair of task {task!r} fails {' and '.join(failed)}; pass --allow-weak-pair to compare methods "
-        "on it anyway (the results say so), or change its pretraining with --pair KEY=VALUE"
-    )
 
 
 def default_cache_root() -> Path:

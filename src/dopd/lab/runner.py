@@ -31,10 +31,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .methods import REFERENCES, MethodSpec, method_specs, parse_method  # noqa: F401
 from .models import WeakPairError, default_pair_config, describe_weakness, load_or_build_pair, pair_config_with
 from .tasks import LAB_PRIVILEGED_TEMPLATE, PRIVILEGED_KINDS, get_task
 
-REFERENCES = ("sft", "opd")  # the runs that show the budget moves the student
 DEFAULT_METHODS = ["sft", "opd", "opd-priv", "opsd", "dopd"]
 FULL_ABLATIONS = [
     "dopd[self_weights=live]", "dopd[self_weights=ema]", "dopd[self_weights=lagged]", "opsd[self_weights=live]",
@@ -83,62 +83,6 @@ class LabConfig:
         values = {"seeds": [0, 1, 2, 3, 4], "methods": DEFAULT_METHODS + FULL_ABLATIONS}
         values.update({k: v for k, v in overrides.items() if v is not None})
         return LabConfig(**values)
-
-
-# ----------------------------------------------------------------------------------------------- methods
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    """A method of `--methods` with objective overrides: `dopd[self_weights=frozen]`, `dopd[regimes=LH+HT]`."""
-
-    label: str
-    method: str
-    overrides: tuple[tuple[str, object], ...] = ()
-
-
-def parse_method(text: str) -> MethodSpec:
-    """`name` or `name[key=value,key=value]`: every `objective.*` key, values in YAML, `+` joining list items.
-    Raises ValueError with one line when the method, a key or a value cannot work."""
-    import yaml
-
-    from ..objectives import METHODS, ObjectiveConfig, build_objective
-
-    label = text.strip()
-    name, bracket, rest = label.partition("[")
-    if bracket and not rest.endswith("]"):
-        raise ValueError(f"--methods {label!r}: overrides go in brackets, e.g. dopd[self_weights=frozen]")
-    if name not in METHODS:
-        raise ValueError(f"--methods has {name!r}; known: {', '.join(METHODS)}")
-    overrides: dict[str, object] = {}
-    for item in filter(None, rest[:-1].split(",")) if bracket else ():
-        key, sep, value = item.partition("=")
-        key = key.strip().removeprefix("objective.")
-        if not sep or key not in ObjectiveConfig.__dataclass_fields__:
-            raise ValueError(f"--methods {label!r}: {item!r} is not KEY=VALUE with KEY an objective key "
-                             f"(e.g. self_weights, regimes, beta_w)")  # fmt: skip
-        if key == "method":
-            raise ValueError(f"--methods {label!r}: the method is the name before the brackets")
-        parsed = [yaml.safe_load(v) for v in value.split("+")] if "+" in value else yaml.safe_load(value)
-        if isinstance(getattr(ObjectiveConfig(), key), list) and not isinstance(parsed, list):
-            parsed = [parsed]
-        overrides[key] = parsed
-    try:
-        build_objective({"method": name, **overrides})
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"--methods {label!r}: {error}") from None
-    return MethodSpec(label, name, tuple(sorted(overrides.items())))
-
-
-def method_specs(config: LabConfig) -> list[MethodSpec]:
-    """The methods to run: the two references first (added when missing), then the others, each once."""
-    specs, seen = [], set()
-    for text in [*REFERENCES, *config.methods]:
-        spec = parse_method(text)
-        if spec.label not in seen:
-            seen.add(spec.label)
-            specs.append(spec)
-    return specs
 
 
 def check_lab_config(config: LabConfig) -> list[MethodSpec]:
