@@ -1,10 +1,11 @@
 """LoRA adapters on the student through PEFT (`model.lora.enabled`).
 
-Only the adapters train; the base weights stay frozen. The privileged student pass (docs/method.md, "Setting": step 2) runs the same
-PEFT model, adapters on, so `q_S` always comes from the student being trained. Checkpoints hold the adapter in
-PEFT's `save_pretrained` form (loadable with `PeftModel.from_pretrained` or by transformers with PEFT installed);
-`model.lora.save_merged` also writes the base with the adapter merged, a plain checkpoint for vLLM or evaluation.
-PEFT is imported only when LoRA is on.
+Only the adapters train; the base weights stay frozen. The privileged student pass (docs/method.md, "Setting":
+step 2) runs the same PEFT model with the adapters of `objective.self_weights` (a copy of the adapters only for
+frozen, EMA or lagged weights; the base is shared). Checkpoints hold the adapter in PEFT's `save_pretrained` form
+(loadable with `PeftModel.from_pretrained` or by transformers with PEFT installed); `model.lora.save_merged` also
+writes the base with the adapter merged, a plain checkpoint for vLLM or evaluation. PEFT is imported only when LoRA
+is on.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""Images for vision-language students and teachers (docs/method.md, "Setting": the prompt plus an image; "Privileged input":
-a bounding box with its label), selected by `data.image_column`.
+"""Images for vision-language students and teachers (docs/method.md, "Setting": the prompt plus an image;
+"Privileged input": a bounding box with its label), selected by `data.image_column`.
 
 Every pass reads the row's image: the rollout and the deployed student the image as it is, the privileged student
 and the teacher the same image (or, with `data.draw_box`, a copy with the row's boxes drawn on it) beside the

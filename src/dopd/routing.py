@@ -1,4 +1,5 @@
-"""DOPD's token router: the privilege advantage gap, trimmed batch thresholds and four regimes (docs/method.md, "Routing").
+"""DOPD's token router: the privilege advantage gap, trimmed batch thresholds and four regimes (docs/method.md,
+"Routing").
 
 For each completion token `y_n`, from the sampled token's log-probabilities under the privileged student
 (`log q_S`) and the privileged teacher (`log q_T`):

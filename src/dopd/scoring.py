@@ -1,5 +1,6 @@
-"""The three scoring passes over the same completions (docs/method.md, "Setting": step 2): the deployed student with gradient, the
-privileged student (same weights, no gradient) and the teacher (frozen), each on its own prompt.
+"""The three scoring passes over the same completions (docs/method.md, "Setting": step 2): the deployed student with
+gradient, the privileged student (no gradient, with the weights `objective.self_weights` says) and the teacher
+(frozen), each on its own prompt.
 
 The privileged prompts are longer than the plain one, so a completion token sits at a different absolute
 position in each pass: every pass is aligned by the completion. Sequences are `prompt + completion`, right-padded;

@@ -1,9 +1,9 @@
 """Tasks of the privilege-illusion lab: problems with a worked reference completion and privileged input.
 
-Each task samples an `Example`: a prompt, the reference completion (worked steps ending in `A:<answer>`), and
-three forms of privileged input (docs/method.md, "Privileged input"): the final answer, step-wise hints without execution
-(the plan: which operations in which order, never a computed value), and the full worked solution. Two families
-of different structure:
+Each task samples an `Example`: a prompt, the reference completion (worked steps ending in `A:<answer>`), and three
+forms of privileged input (docs/method.md, "Privileged input"): the final answer, step-wise hints without execution (the
+plan: which operations in which order, never a computed value), and the full worked solution. Two families of different
+structure:
 
 - `arith`: nested +/- expressions such as `Q:50-(12+(9+4))=`. The plan (which subexpression first) depends on
   the parenthesis structure, so hints (the operations in evaluation order, previous results written `_`) remove

@@ -1,4 +1,5 @@
-"""Rollouts: the student samples completions of prompts it sees without privileged context (docs/method.md, "Setting": step 1).
+"""Rollouts: the student samples completions of prompts it sees without privileged context (docs/method.md,
+"Setting": step 1).
 
 A backend implements one narrow interface, `RolloutEngine.generate(prompt_ids, num_generations)`, and returns
 completion token ids without padding (ending with the end-of-sequence token when the model produced one). The
