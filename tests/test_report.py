@@ -18,7 +18,6 @@ sys.path.insert(0, os.path.dirname(__file__))
 import tiny  # noqa: E402
 
 from dopd.cli import main  # noqa: E402
-from dopd.config import load_config  # noqa: E402
 from dopd.report import build_report, find_collapse  # noqa: E402
 from dopd.report_html import NEUTRAL_COLOUR, REGIME_COLOURS, token_view_html  # noqa: E402
 from dopd.run_dir import find_runs, load_run, read_jsonl  # noqa: E402
@@ -39,38 +38,17 @@ TRAINER_PLOTS = {
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(pair, tmp_path_factory):
     """A dopd run (3 steps) and an opd run (2 steps, no regimes), samples saved at every step."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     directory = tmp_path_factory.mktemp("report")
-    student, teacher = tiny.write_pair(str(directory))
     data = tiny.write_prompts(str(directory / "prompts.jsonl"), count=16)
     paths = {}
     for method, steps in (("dopd", 3), ("opd", 2)):
         out = str(directory / method)
-        train(
-            load_config(
-                overrides=[
-                    f"model.student={student}",
-                    f"model.teacher={teacher}",
-                    f"data.path={data}",
-                    f"logging.output_dir={out}",
-                    f"train.steps={steps}",
-                    "train.prompts_per_step=3",
-                    "train.micro_batch_size=3",
-                    "rollout.num_generations=2",
-                    "rollout.max_new_tokens=6",
-                    "objective.top_k=8",
-                    "optim.lr=1e-2",
-                    "logging.progress_bar=false",
-                    "logging.sample_every=1",
-                    "logging.num_samples=3",
-                    "checkpoint.save_every=0",
-                    f"objective.method={method}",
-                ]
-            )
-        )
+        train(tiny.make_config({**pair, "data": data}, out, f"train.steps={steps}", "train.prompts_per_step=3",
+                               "logging.num_samples=3", f"objective.method={method}"))  # fmt: skip
         paths[method] = out
     torch.set_num_threads(threads)
     return paths
