@@ -1,10 +1,12 @@
-"""Reproduce the lab's shipped teacher/student pairs: pretrain both models and measure their properties.
+"""Remake the lab's shipped teacher/student pairs: pretrain the teacher, choose the student among its checkpoints
+(or pretrain a student of its own), and measure the pair's properties.
 
     python scripts/pretrain_lab.py --task order --out src/dopd/lab/pretrained/order --n-eval 300 --threads 1
-    python scripts/pretrain_lab.py --task arith --out src/dopd/lab/pretrained/arith --n-eval 300
+    python scripts/pretrain_lab.py --task arith --like-shipped --out src/dopd/lab/pretrained/arith --n-eval 300
 
-are the commands that made the shipped pairs (the same as `python -m dopd.lab.models ...`); see
-docs/lab_design.md.
+The first made the default pair (today's `LabPairConfig` defaults); the second remakes the older `arith` pair from
+the config it ships with (a 2 x 48 student of its own). `--pair KEY=VALUE` changes any `LabPairConfig` field. The
+same as `python -m dopd.lab.models ...`; docs/lab_design.md records every pair tried.
 """
 
 from dopd.lab.models import main

@@ -12,12 +12,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 import tiny  # noqa: E402
-from tiny import make_config, train_stopped_at, weights  # noqa: E402
+from tiny import make_config, weights  # noqa: E402
 
-from dopd.config import ConfigError, DataConfig  # noqa: E402
-from dopd.data import build_prompt_set, load_rows  # noqa: E402
+from dopd.config import ConfigError  # noqa: E402
 from dopd.objectives import METHODS  # noqa: E402
-from dopd.routing import assign_regimes  # noqa: E402
 from dopd.train import Trainer, train  # noqa: E402
 
 
@@ -48,56 +46,6 @@ def test_teacher_untouched_in_memory(pair, tmp_path):
     assert not any(p.requires_grad for p in trainer.teacher.parameters())
 
 
-def test_eval_mode_turns_every_module_to_eval_and_restores_each_one():
-    from dopd.scoring import eval_mode
-
-    model = tiny.build_model(12)
-    model.train()
-    model.model.layers[0].eval()  # a part the caller keeps in eval stays in eval
-    before = {name: m.training for name, m in model.named_modules()}
-    for _ in range(2):  # the second time from the kept module list
-        with eval_mode(model):
-            assert not any(m.training for m in model.modules())
-        assert {name: m.training for name, m in model.named_modules()} == before
-    with pytest.raises(RuntimeError), eval_mode(model):
-        raise RuntimeError("a failing pass")
-    assert {name: m.training for name, m in model.named_modules()} == before
-
-
-def _step_routing(trainer):
-    prompts = trainer.local_prompts()
-    return prompts, trainer.engine.generate([trainer.prompts.student_ids[p] for p in prompts], 2)
-
-
-def test_privileged_passes_read_the_context(pair, tmp_path):
-    config = make_config(pair, tmp_path / "run", "rollout.temperature=0")
-    trainer = Trainer(config)
-    tok = trainer.tokenizer
-    assert "hint" in tok.decode(trainer.prompts.teacher_ids[0]) and "hint" in tok.decode(trainer.prompts.self_ids[0])
-    assert "hint" not in tok.decode(trainer.prompts.student_ids[0])
-    prompts, rollouts = _step_routing(trainer)
-
-    def regimes():
-        batch = trainer.score(prompts, rollouts)[0]
-        mask = batch.completions.mask
-        return assign_regimes(
-            batch.self_scores.token_logprobs,
-            batch.teacher_scores.token_logprobs,
-            mask,
-            trainer.batch_thresholds([batch]),
-        ), batch.teacher_scores.token_logprobs
-
-    first, teacher_first = regimes()
-    rows = [json.loads(line) for line in open(pair["data"])]
-    for row in rows:
-        row["privileged_context"] = "hint : add 19 then 19 then 19 ."
-    other = DataConfig(path=_write_rows(tmp_path / "other.jsonl", rows))
-    trainer.prompts = build_prompt_set(load_rows(other), other, tok, True, True)
-    second, teacher_second = regimes()
-    assert not torch.allclose(teacher_first, teacher_second)
-    assert not torch.equal(first, second)
-
-
 def test_gradient_accumulation_and_plain_form_match(pair, tmp_path):
     """Micro-batches of 1 or 8 sequences, chunked or plain loss: the same step loss and gradients."""
     results = []
@@ -106,7 +54,7 @@ def test_gradient_accumulation_and_plain_form_match(pair, tmp_path):
     ):
         config = make_config(pair, tmp_path / f"run{number}", "rollout.temperature=0", *extra)
         trainer = Trainer(config)
-        prompts, rollouts = _step_routing(trainer)
+        prompts, rollouts = tiny.first_rollouts(trainer)
         batches = trainer.score(prompts, rollouts)
         from dopd.train import StepMetrics
 
@@ -119,19 +67,6 @@ def test_gradient_accumulation_and_plain_form_match(pair, tmp_path):
         torch.testing.assert_close(grads, results[0][1], rtol=1e-4, atol=1e-7)
 
 
-def test_resume_gives_the_same_weights(pair, tmp_path):
-    common = ["train.steps=4", "checkpoint.save_every=2", "optim.schedule=cosine"]
-    straight = train(make_config(pair, tmp_path / "straight", *common))
-
-    train_stopped_at(make_config(pair, tmp_path / "resumed", *common), step=2)
-    assert os.listdir(tmp_path / "resumed" / "checkpoints") == ["step_000002"]
-    resumed = train(make_config(pair, tmp_path / "resumed", *common, "checkpoint.resume=true"))
-    a, b = weights(straight.final_dir), weights(resumed.final_dir)
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    steps = [json.loads(line)["step"] for line in open(tmp_path / "resumed" / "metrics.jsonl")]
-    assert steps == [1, 2, 3, 4]
-
-
 def test_padded_teacher_embeddings_and_chat_prompts(pair, tmp_path):
     chat_data = tiny.write_prompts(str(tmp_path / "chat.jsonl"), count=8, chat=True)
     config = make_config(pair, tmp_path / "run", f"model.teacher={pair['padded_teacher']}", f"data.path={chat_data}")
@@ -140,13 +75,6 @@ def test_padded_teacher_embeddings_and_chat_prompts(pair, tmp_path):
     assert trainer.teacher.get_output_embeddings().weight.shape[0] == len(trainer.tokenizer) + 8
     result = trainer.run()
     assert torch.isfinite(torch.tensor(result.last_metrics["loss"]))
-
-
-def _write_rows(path, rows):
-    with open(path, "w") as handle:
-        for row in rows:
-            handle.write(json.dumps(row) + "\n")
-    return str(path)
 
 
 @pytest.mark.parametrize(
@@ -164,10 +92,10 @@ def _write_rows(path, rows):
 def test_bad_input_stops_before_training(pair, tmp_path, case, message):
     extra = []
     if case == "missing_column":
-        extra = [f"data.path={_write_rows(tmp_path / 'd.jsonl', [{'prompt': 'what is 1 ?'}])}"]
+        extra = [f"data.path={tiny.write_rows(tmp_path / 'd.jsonl', [{'prompt': 'what is 1 ?'}])}"]
     elif case == "empty_privileged":
         rows = [{"prompt": "what is 1 ?", "privileged_context": "hint"}, {"prompt": "1", "privileged_context": " "}]
-        extra = [f"data.path={_write_rows(tmp_path / 'd.jsonl', rows)}"]
+        extra = [f"data.path={tiny.write_rows(tmp_path / 'd.jsonl', rows)}"]
     elif case == "template":
         with pytest.raises(ConfigError, match="could not be parsed"):
             make_config(pair, tmp_path / "run", "data.teacher_template={prompt} hint")
@@ -196,70 +124,6 @@ def test_refuses_a_directory_with_another_run(pair, tmp_path):
     train(make_config(pair, tmp_path / "run", "logging.overwrite=true", "train.steps=1"))
     with pytest.raises(ConfigError, match="train.seed"):
         Trainer(make_config(pair, tmp_path / "run", "checkpoint.resume=true", "train.seed=5"))
-
-
-def test_cli_help_lists_every_key_and_errors_are_one_line(pair, tmp_path):
-    run = subprocess.run([sys.executable, "-m", "dopd", "train", "--help"], capture_output=True, text=True)
-    assert run.returncode == 0
-    for key in ("objective.beta_w", "rollout.num_generations", "data.teacher_template", "checkpoint.resume"):
-        assert key in run.stdout
-    run = subprocess.run(
-        [sys.executable, "-m", "dopd", "train", f"model.student={pair['student']}", "objective.method=nope"],
-        capture_output=True,
-        text=True,
-    )
-    assert run.returncode == 2
-    assert run.stderr.strip().startswith("dopd: error: objective.method = 'nope' is unknown")
-    assert len(run.stderr.strip().splitlines()) == 1
-
-
-def _default_text(value) -> str | None:
-    if isinstance(value, list):
-        return ",".join(map(str, value))
-    return None if value is None else str(value)
-
-
-def test_cli_help_defaults_are_the_settings_defaults():
-    """Every `default X` in the help of `dopd lab`, `hints` and `eval` is the default of the dataclass field the
-    option sets (LabConfig, HintsSpec, EvalSpec), so the help cannot drift from what the command does."""
-    import argparse
-    import codecs
-    import dataclasses
-    import re
-
-    from dopd.cli import build_parser
-    from dopd.evaluate import EvalSpec
-    from dopd.hints import HintsSpec
-    from dopd.lab.runner import LabConfig
-
-    subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    checked = 0
-    for command, spec in (("lab", LabConfig), ("hints", HintsSpec), ("eval", EvalSpec)):
-        fields = {f.name: f for f in dataclasses.fields(spec)}
-        for action in subparsers.choices[command]._actions:
-            match = re.search(r"\bdefault ('[^']*'|[^\s):]+)", action.help or "")
-            if not match or action.dest not in fields:
-                continue
-            item = fields[action.dest]
-            value = item.default_factory() if item.default_factory is not dataclasses.MISSING else item.default
-            if value is dataclasses.MISSING:  # a required field: the command line fills it (e.g. a timestamped --out)
-                continue
-            expected = _default_text(value)
-            if expected is None:  # the help describes what None means
-                continue
-            shown = match.group(1).rstrip(",")
-            if shown.startswith("'"):
-                shown = codecs.decode(shown.strip("'"), "unicode_escape")
-            pairs = list(zip(shown.split(","), expected.split(",")))
-            try:  # numbers compare by value, item by item (1e-4 is 0.0001)
-                same = len(shown.split(",")) == len(expected.split(",")) and all(float(a) == float(b) for a, b in pairs)
-            except ValueError:
-                same = shown == expected
-            assert same, (
-                f"dopd {command} {action.option_strings[0]}: help says {shown!r}, {spec.__name__} has {expected!r}"
-            )
-            checked += 1
-    assert checked >= 25
 
 
 @pytest.mark.slow
@@ -338,20 +202,3 @@ def test_learning_rate_schedule_steps_once_per_step(pair, tmp_path):
     expected = [0.0, 0.5, 1.0, 0.5]  # linear warm-up over steps 1-2, then cosine over the remaining two
     assert lrs == pytest.approx(expected)
     assert result.steps == 4
-
-
-@pytest.mark.parametrize(
-    "override, message",
-    [
-        ("objective.trim=1.0", "objective.trim = 1.0 must be in"),
-        ("objective.beta_l=-0.6", "objective.beta_l = -0.6 must be >= 0"),
-        ("rollout.top_k=-3", "rollout.top_k = -3 must be >= 0"),
-        ("rollout.backend=sglang", "rollout.backend = 'sglang' is unknown; use hf or vllm"),
-        ("train.max_tokens_per_micro_batch=-1", "train.max_tokens_per_micro_batch = -1 must be >= 0"),
-        ("checkpoint.save_every=-1", "checkpoint.save_every = -1 must be >= 0"),
-        ("train.mixed_precision=fp8", "train.mixed_precision = 'fp8' is unknown"),
-    ],
-)
-def test_settings_that_cannot_work_fail_at_load(pair, tmp_path, override, message):
-    with pytest.raises(ConfigError, match=message):
-        make_config(pair, tmp_path / "run", override)

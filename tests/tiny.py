@@ -269,3 +269,16 @@ def with_scope(kwargs: dict) -> dict:
     fields = ("thresholds", "num_sequences", "gather", "generator", "eos_ids")
     scope = {key: kwargs.pop(key) for key in fields if key in kwargs}
     return {**kwargs, "scope": LossScope(**scope)} if scope else kwargs
+
+
+def write_rows(path, rows: list[dict]) -> str:
+    """A JSONL file of the given rows."""
+    with open(path, "w") as handle:
+        handle.writelines(json.dumps(row) + "\n" for row in rows)
+    return str(path)
+
+
+def first_rollouts(trainer, generations: int = 2):
+    """The prompts of a trainer's next step and `generations` completions of each, sampled by its engine."""
+    prompts = trainer.local_prompts()
+    return prompts, trainer.engine.generate([trainer.prompts.student_ids[p] for p in prompts], generations)

@@ -186,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
         "validation and at each method's own, DOPD's paired differences, and plots.",
         epilog="time on a 2-core CPU once the pair exists: `dopd lab` at most 15 minutes (5 methods x 2 rates x 3 "
         "seeds); `--quick` at most 60 seconds (one seed, one rate, 6 steps); `--full` at most 45 minutes (5 seeds "
-        "and the ablations of the privileged self's weights and of the routing). A task without a shipped pair "
+        "and the ablations of the privileged self's weights and of the regimes). A task without a shipped pair "
         "builds one first (at most 10 minutes).",
     )
     lab.add_argument("--task", help="lab task: order, arith or lookup, or module:Class (default order)")

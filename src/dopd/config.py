@@ -56,9 +56,7 @@ class ModelConfig:
     trust_remote_code: bool = False  # passed to from_pretrained
     attn_implementation: str | None = None  # e.g. sdpa, flash_attention_2 (default: transformers' choice)
     gradient_checkpointing: bool = False  # recompute the student's activations in backward to save memory
-    kind: str = (
-        "auto"  # causal_lm | image_text (AutoModelForImageTextToText) | auto: image_text when data.image_column is set
-    )
+    kind: str = "auto"  # causal_lm | image_text (AutoModelForImageTextToText) | auto: image_text with data.image_column
     freeze_vision: bool = True  # image_text: keep the student's vision tower frozen (LoRA never adapts it)
     lora: LoraConfig = field(default_factory=LoraConfig)
     teacher_server: TeacherServerConfig = field(default_factory=TeacherServerConfig)
@@ -145,9 +143,7 @@ class LoggingConfig:
     sample_every: int = 10  # steps between saved samples with token-level routing (0: never)
     num_samples: int = 4  # completions saved each time
     progress_bar: bool = True  # a progress bar with the loss and the step
-    answer_pattern: str | None = (
-        None  # regex an answering completion ends with; others ending early: completion/early_eos
-    )
+    answer_pattern: str | None = None  # regex of an answering ending (completion/early_eos counts those without)
 
 
 @dataclass

@@ -62,9 +62,7 @@ class ObjectiveConfig:
     eopd_entropy_quantile: float = 0.8  # EOPD: forward KL on tokens above this quantile of teacher entropy
     eopd_forward_weight: float = 1.0  # EOPD: weight of the forward KL term
     temperature: float = 1.0  # logits are divided by it in every pass
-    teacher_full: str | None = (
-        None  # full | topk_bucket: teacher full-vocab terms on its top-K + tail (null: if served)
-    )
+    teacher_full: str | None = None  # full | topk_bucket: teacher's full-vocab terms on its top-K + tail (null: served)
 
 
 def _one_of(value, known, field_name: str) -> None:

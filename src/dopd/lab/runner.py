@@ -38,7 +38,7 @@ from .tasks import LAB_PRIVILEGED_TEMPLATE, PRIVILEGED_KINDS, get_task
 DEFAULT_METHODS = ["sft", "opd", "opd-priv", "opsd", "dopd"]
 FULL_ABLATIONS = [
     "dopd[self_weights=live]", "dopd[self_weights=ema]", "dopd[self_weights=lagged]", "opsd[self_weights=live]",
-    "dopd[regimes=LH+HT]", "dopd[routing=false]",
+    "dopd[regimes=LH+HT]",
 ]  # fmt: skip
 TRAIN_SEED, VALIDATION_SEED, TEST_SEED = 101, 202, 303
 # Required shares of the teacher-student gap recovered by the references at the common rate.
