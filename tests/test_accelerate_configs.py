@@ -128,8 +128,11 @@ def test_deepspeed_zero3_config(monkeypatch):
     assert plugin.zero_stage == 3 and plugin.deepspeed_config["gradient_accumulation_steps"] == 1
     accelerator = fake_accelerator("DEEPSPEED", deepspeed=plugin)
     one_batch = ["train.prompts_per_step=8", "rollout.num_generations=4", "train.micro_batch_size=32"]
-    lora = ["train.mixed_precision=bf16", "model.lora.enabled=true", *one_batch]
+    lora = ["train.mixed_precision=bf16", "model.lora.enabled=true", "objective.self_weights=live", *one_batch]
     check_engine(dopd_config(*lora), accelerator)
+    # No process holds whole adapters under ZeRO-3 to keep a frozen, EMA or lagged copy of
+    with pytest.raises(ConfigError, match="objective.self_weights = frozen under DeepSpeed ZeRO-3 is not supported"):
+        check_engine(dopd_config(*[o for o in lora if "self_weights" not in o]), accelerator)
     with pytest.raises(ConfigError, match="ZeRO-3 with a fully trained student is not supported.*FSDP2.*LoRA"):
         check_engine(dopd_config("train.mixed_precision=bf16", *one_batch), accelerator)
     with pytest.raises(ConfigError, match="clips gradients at 1.0 but optim.max_grad_norm = 0.5"):
@@ -140,7 +143,7 @@ def test_deepspeed_zero3_config(monkeypatch):
     with pytest.raises(ConfigError, match="train.max_tokens_per_micro_batch=0"):
         check_engine(dopd_config(*lora, "train.max_tokens_per_micro_batch=4096"), accelerator)
     accelerator.num_processes = 8  # 8 prompts x 4 over 8 processes: 4 sequences each
-    check_engine(dopd_config(*lora[:2], "train.prompts_per_step=8", "train.micro_batch_size=4"), accelerator)
+    check_engine(dopd_config(*lora[:3], "train.prompts_per_step=8", "train.micro_batch_size=4"), accelerator)
     del accelerator.num_processes
     # What the config leaves at auto and accelerate would take from a DataLoader (prepare fails without one)
     assert plugin.is_auto("train_micro_batch_size_per_gpu")

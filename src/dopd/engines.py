@@ -91,6 +91,12 @@ def check_engine(config: Config, accelerator) -> None:
                 "head outside the forward, where ZeRO-3 has freed it; use FSDP2 (configs/accelerate/fsdp2.yaml) or "
                 "LoRA (model.lora.enabled=true, whose head is frozen)"
             )
+        if zero_stage(accelerator) == 3 and config.objective.self_weights != "live":
+            raise ConfigError(
+                f"objective.self_weights = {config.objective.self_weights} under DeepSpeed ZeRO-3 is not supported: "
+                "ZeRO-3 partitions the adapters across processes, so no process holds a whole copy to score with; set "
+                "objective.self_weights=live, or use FSDP2 (configs/accelerate/fsdp2.yaml)"
+            )
 
 
 def configure_deepspeed(config: Config, accelerator) -> None:
