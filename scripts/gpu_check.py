@@ -476,29 +476,12 @@ def cast(tensor, dtype, leaf: bool):
 
 
 def run_form(form: str, objective, x: dict, chunk_size: int | None):
-    """Forward and backward of the plain or chunked form; gradients land in the student leaves' `.grad`."""
-    import torch
+    """Forward and backward of the plain or chunked form: `benchmarks/loss_memory.py`'s, on whatever device the
+    inputs are; gradients land in the student leaves' `.grad`."""
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    from loss_memory import run_form as loss_memory_run_form
 
-    from dopd.kernels import Head, chunked_objective
-    from dopd.plain import compute_objective
-
-    if form == "plain":
-        student_logits = x["student_hidden"] @ x["student_weight"].T
-        with torch.no_grad():
-            self_logits = x["self_hidden"] @ x["student_weight"].T
-            teacher_logits = x["teacher_hidden"] @ x["teacher_weight"].T
-        out = compute_objective(
-            objective, student_logits_BTV=student_logits, completion_ids_BT=x["completion_ids"], mask_BT=x["mask"],
-            self_logits_BTV=self_logits, teacher_logits_BTV=teacher_logits,
-        )  # fmt: skip
-    else:
-        out = chunked_objective(
-            objective, Head(x["student_hidden"], x["student_weight"]), completion_ids_BT=x["completion_ids"],
-            mask_BT=x["mask"], self_head=Head(x["self_hidden"], x["student_weight"].detach()),
-            teacher_head=Head(x["teacher_hidden"], x["teacher_weight"]), chunk_size=chunk_size,
-        )  # fmt: skip
-    out.loss.backward()
-    return out
+    return loss_memory_run_form(form, objective, x, chunk_size)
 
 
 @dataclass

@@ -65,6 +65,10 @@ def inputs(tmp_path_factory, pair):
     return files
 
 
+def eval_args(inputs, *extra):
+    return ["eval", "--model", inputs["student"], "--data", inputs["math"], "--out", "r.json", *extra]
+
+
 def train_args(inputs, *extra):
     return ["train", f"model.student={inputs['student']}", f"model.teacher={inputs['teacher']}",
             f"data.path={inputs['data']}", "logging.output_dir=run", *STEPS, *extra]  # fmt: skip
@@ -87,17 +91,17 @@ CASES = {
     "no_data": lambda f: (
         ["train", f"model.student={f['student']}", f"model.teacher={f['teacher']}", "logging.output_dir=run"],
         "data.path is required",
-    ),  # fmt: skip
+    ),
     "no_output_dir": lambda f: (
         ["train", f"model.student={f['student']}", f"model.teacher={f['teacher']}", f"data.path={f['data']}"],
         "logging.output_dir is required",
-    ),  # fmt: skip
+    ),
     "negative_lr": lambda f: (train_args(f, "optim.lr=-1"), "optim.lr = -1.0 must be positive"),
     "warmup_too_long": lambda f: (train_args(f, "optim.warmup_steps=5"), "optim.warmup_steps = 5"),
     "resume_and_overwrite": lambda f: (
         train_args(f, "checkpoint.resume=true", "logging.overwrite=true"),
         "checkpoint.resume and logging.overwrite",
-    ),  # fmt: skip
+    ),
     "bad_regex": lambda f: (train_args(f, "logging.answer_pattern=A:["), "logging.answer_pattern"),
     "self_weights": lambda f: (train_args(f, "objective.self_weights=stale"), "objective.self_weights = 'stale'"),
     "ema_decay": lambda f: (train_args(f, "objective.self_ema_decay=1.5"), "objective.self_ema_decay = 1.5"),
@@ -133,7 +137,7 @@ CASES = {
     "teacher_template": lambda f: (
         train_args(f, f"model.teacher={f['other_template']}"),
         "data.teacher_chat_template=true",
-    ),  # fmt: skip
+    ),
     # lab
     "lab_seeds": lambda f: (["lab", "--out", "lab", "--seeds", "a,b"], "--seeds"),
     "lab_steps": lambda f: (["lab", "--out", "lab", "--steps", "-5"], "--steps = -5 must be at least 1"),
@@ -150,41 +154,32 @@ CASES = {
     "eval_data": lambda f: (
         ["eval", "--model", f["student"], "--data", "missing.jsonl", "--out", "r.json"],
         "--data missing.jsonl does not exist",
-    ),  # fmt: skip
+    ),
     "eval_model": lambda f: (
         ["eval", "--model", "./nope", "--data", f["math"], "--out", "r.json", "--checker", "exact"],
         "--model ./nope does not exist",
-    ),  # fmt: skip
+    ),
     "eval_column": lambda f: (
-        ["eval", "--model", f["student"], "--data", f["math"], "--out", "r.json", "--answer-column", "solutionz"],
+        eval_args(f, "--answer-column", "solutionz"),
         "--answer-column = 'solutionz' is not a column",
-    ),  # fmt: skip
-    "eval_samples": lambda f: (
-        ["eval", "--model", f["student"], "--data", f["math"], "--out", "r.json", "--samples", "0"],
-        "--samples",
-    ),  # fmt: skip
-    "eval_pass_k": lambda f: (
-        ["eval", "--model", f["student"], "--data", f["math"], "--out", "r.json", "--pass-k", "a,b"],
-        "--pass-k",
-    ),  # fmt: skip
-    "eval_checker": lambda f: (
-        ["eval", "--model", f["student"], "--data", f["math"], "--out", "r.json", "--checker", "nosuch"],
-        "--checker",
-    ),  # fmt: skip
+    ),
+    "eval_samples": lambda f: (eval_args(f, "--samples", "0"), "--samples"),
+    "eval_pass_k": lambda f: (eval_args(f, "--pass-k", "a,b"), "--pass-k"),
+    "eval_checker": lambda f: (eval_args(f, "--checker", "nosuch"), "--checker"),
     # hints
     "hints_input": lambda f: (
         ["hints", "--input", "missing.jsonl", "--form", "stepwise", "--out", "h.jsonl"],
         "--input missing.jsonl does not exist",
-    ),  # fmt: skip
+    ),
     "hints_form": lambda f: (["hints", "--input", f["math"], "--form", "nosuch", "--out", "h.jsonl"], "--form"),
     "hints_out_exists": lambda f: (
         ["hints", "--input", f["math"], "--form", "stepwise", "--out", f["existing_out"]],
         "--out",
-    ),  # fmt: skip
+    ),
     "hints_column": lambda f: (
         ["hints", "--input", f["math"], "--form", "stepwise", "--out", "h.jsonl", "--solution-column", "solutionz"],
         "solutionz",
-    ),  # fmt: skip
+    ),
     "hints_required": lambda f: (["hints", "--input", f["math"], "--out", "h.jsonl"], "--form"),
     # report
     "report_missing": lambda f: (["report", "no-such-run"], "no-such-run"),

@@ -243,43 +243,9 @@ def test_rule_forms_through_the_command(tmp_path, capsys):
     assert rows[0]["privileged_context"].startswith("Hints (the plan of a solution")
     assert rows[0]["privileged_context"].endswith("2. Natalia sold 48+[r1] = [r2] clips altogether in April and May.")
     assert rows[0]["solution"] == NATALIA_S  # the other columns are kept as they were
-    assert (
-        main(
-            [
-                "hints",
-                "--input",
-                source,
-                "--form",
-                "answer",
-                "--prefix",
-                "",
-                "--out",
-                str(tmp_path / "a.jsonl"),
-                "--on-empty",
-                "keep",
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+    assert main(hints_argv(source, str(tmp_path / "a.jsonl"), "answer", "--prefix", "", "--on-empty", "keep")) == 0
     assert [row["privileged_context"] for row in read_jsonl(tmp_path / "a.jsonl")] == ["72", "10", "3"]
-    assert (
-        main(
-            [
-                "hints",
-                "--input",
-                source,
-                "--form",
-                "solution",
-                "--prefix",
-                "",
-                "--out",
-                str(tmp_path / "s"),
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+    assert main(hints_argv(source, str(tmp_path / "s"), "solution", "--prefix", "")) == 0
     import datasets
 
     assert datasets.load_from_disk(str(tmp_path / "s"))["privileged_context"][0] == NATALIA_S.replace(
@@ -426,6 +392,11 @@ def sums(n):
     return [{"prompt": f"What is {i + 1} + {i + 11} + {i + 21}?", "answer": str(3 * i + 33), "id": i} for i in range(n)]
 
 
+def hints_argv(source, out, form: str, *options: str) -> list[str]:
+    """The arguments of `dopd hints` for one input, output and form, without progress bars."""
+    return ["hints", "--input", str(source), "--form", form, "--out", str(out), "--no-progress", *options]
+
+
 def served_spec(source, out, url, **extra):
     settings = dict(
         input=str(source),
@@ -460,14 +431,10 @@ def test_generated_hints_reject_leaks_by_rule_and_by_the_check(tmp_path, server)
 def test_generated_form_end_to_end(tmp_path, server, capsys):
     source = write_jsonl(tmp_path / "sums.jsonl", sums(5))
     out = tmp_path / "sums-hints.jsonl"
-    argv = [
-        "hints",
-        "--input",
+    argv = hints_argv(
         source,
-        "--form",
-        "generated",
-        "--out",
         str(out),
+        "generated",
         "--base-url",
         server.url + "/",
         "--model",
@@ -476,8 +443,7 @@ def test_generated_form_end_to_end(tmp_path, server, capsys):
         "3",
         "--retry-wait",
         "0.01",
-        "--no-progress",
-    ]
+    )
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert (
@@ -515,20 +481,9 @@ def test_unreachable_server_and_unknown_model_stop_before_any_work(tmp_path, cap
     out = tmp_path / "out.jsonl"
     with pytest.raises(ConfigError, match=f"cannot reach the server at http://127.0.0.1:{closed_port}/v1"):
         run_hints(served_spec(source, out, f"http://127.0.0.1:{closed_port}/v1"))
-    argv = [
-        "hints",
-        "--input",
-        source,
-        "--form",
-        "generated",
-        "--out",
-        str(out),
-        "--model",
-        "tiny-teacher",
-        "--base-url",
-        f"http://127.0.0.1:{closed_port}/v1",
-        "--no-progress",
-    ]
+    argv = hints_argv(
+        source, str(out), "generated", "--model", "tiny-teacher", "--base-url", f"http://127.0.0.1:{closed_port}/v1"
+    )
     assert main(argv) == 2
     error = capsys.readouterr().err.strip()
     assert error.startswith("dopd: error: cannot reach the server") and len(error.splitlines()) == 1
@@ -583,20 +538,9 @@ def test_a_killed_process_resumes_without_repeating_finished_rows(tmp_path):
             sys.executable,
             "-m",
             "dopd",
-            "hints",
-            "--input",
-            source,
-            "--form",
-            "generated",
-            "--out",
-            str(out),
-            "--base-url",
-            slow.url,
-            "--model",
-            "tiny-teacher",
-            "--concurrency",
-            "1",
-            "--no-progress",
+            *hints_argv(
+                source, str(out), "generated", "--base-url", slow.url, "--model", "tiny-teacher", "--concurrency", "1"
+            ),
         ]
         process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 60

@@ -13,8 +13,8 @@ import pytest
 
 from dopd.cli import _split_methods
 from dopd.lab.models import WeakPairError
-from dopd.lab.results import choose_rates, paired
-from dopd.lab.runner import LabConfig, check_lab_config, method_specs, parse_method, run_lab, standard_error
+from dopd.lab.results import choose_rates, paired, standard_error
+from dopd.lab.runner import LabConfig, check_lab_config, method_specs, parse_method, run_lab
 
 TINY_PAIR = ["teacher={layers: 1, hidden: 16, heads: 2, kv_heads: 1, intermediate: 32}", "teacher_steps=4",
              "student_checkpoints=[2]", "batch_size=4", "warmup_steps=1"]  # fmt: skip

@@ -4,6 +4,7 @@ say where results went."""
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from .config import ConfigError, keys_help
@@ -356,24 +357,17 @@ def _add_eval_parser(commands) -> None:
     evaluation.set_defaults(handler=_eval)
 
 
+class _StderrLines(logging.Handler):
+    """dopd's own lines (one per loaded model, warnings) on the stderr of the moment, which tests swap."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        sys.stderr.write(f"dopd: {record.getMessage()}\n")
+
+
 def _log_to_stderr() -> None:
-    """dopd's own lines (one per loaded model, warnings) on stderr, once per process."""
-    import logging
-
-    class ToStderr(logging.StreamHandler):  # the stderr of the moment, not the one at set-up (tests swap it)
-        @property
-        def stream(self):
-            return sys.stderr
-
-        @stream.setter
-        def stream(self, value):
-            pass
-
     logger = logging.getLogger("dopd")
-    if not any(isinstance(h, logging.StreamHandler) and type(h).__name__ == "ToStderr" for h in logger.handlers):
-        handler = ToStderr()
-        handler.setFormatter(logging.Formatter("dopd: %(message)s"))
-        logger.addHandler(handler)
+    if not any(isinstance(handler, _StderrLines) for handler in logger.handlers):
+        logger.addHandler(_StderrLines())
         logger.setLevel(logging.INFO)
 
 

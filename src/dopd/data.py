@@ -23,15 +23,10 @@ _FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".cs
 def load_rows(config: DataConfig):
     """The data set as a `datasets.Dataset`: a local file, a `save_to_disk` directory or a hub name (read without
     `datasets`' progress bars)."""
-    from datasets.utils import logging as datasets_logging
+    from .loading import datasets_progress
 
-    enabled = datasets_logging.is_progress_bar_enabled()
-    datasets_logging.disable_progress_bar()
-    try:
+    with datasets_progress(False):
         return _load_rows(config)
-    finally:
-        if enabled:
-            datasets_logging.enable_progress_bar()
 
 
 def _load_rows(config: DataConfig):

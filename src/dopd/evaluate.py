@@ -336,23 +336,8 @@ class _TokenProgress:
 
 
 def evaluate(spec: EvalSpec) -> dict[str, Any]:
-    """Check everything, sample, score; write the report and the table; return the report."""
-    from transformers.utils import logging as transformers_logging
-
-    from .hints import datasets_progress
-
-    was_enabled = transformers_logging.is_progress_bar_enabled()
-    if not spec.progress:
-        transformers_logging.disable_progress_bar()
-    try:
-        with datasets_progress(spec.progress):
-            return _evaluate(spec)
-    finally:
-        if was_enabled and not spec.progress:
-            transformers_logging.enable_progress_bar()
-
-
-def _evaluate(spec: EvalSpec) -> dict[str, Any]:
+    """Check everything, sample, score; write the report and the table; return the report. (Loading the data and
+    the model prints no bars of datasets' or transformers': `loading.py`.)"""
     from . import __version__
     from .prompts import render_prompt
 

@@ -100,6 +100,21 @@ def quiet_transformers():
             hf_logging.enable_progress_bar()
 
 
+@contextlib.contextmanager
+def datasets_progress(enabled: bool):
+    """`datasets`' own progress bars (reading, converting) off while `enabled` is false, restored after."""
+    from datasets.utils import logging as datasets_logging
+
+    was_enabled = datasets_logging.is_progress_bar_enabled()
+    if not enabled:
+        datasets_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled and not enabled:
+            datasets_logging.enable_progress_bar()
+
+
 def load_tokenizer(name: str, key: str, trust_remote_code: bool = False):
     """A tokenizer with a pad token (its end-of-sequence token when it has none)."""
     from transformers import AutoTokenizer

@@ -43,8 +43,8 @@ class SelfWeights:
         if mode not in MODES:
             raise ValueError(f"objective.self_weights = {mode!r} is unknown; known: {', '.join(MODES)}")
         self.mode, self.ema_decay, self.sync_every = mode, ema_decay, sync_every
-        self.names = [name for name, p in model.named_parameters() if p.requires_grad]
-        self.params = [p for _, p in model.named_parameters() if p.requires_grad]
+        trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        self.names, self.params = [name for name, _ in trainable], [p for _, p in trainable]
         self.copy: list[Tensor] = []
         if mode != "live":
             with torch.no_grad():
@@ -60,7 +60,7 @@ class SelfWeights:
         c = objective.config
         weights = cls(c.self_weights, model, c.self_ema_decay, c.self_sync_every)
         if log:
-            logger.warning(weights.describe())
+            logger.info(weights.describe())
         return weights
 
     @property

@@ -28,7 +28,7 @@ import torch
 
 from . import checkpoint as ckpt
 from . import run_dir
-from .config import Config, ConfigError, flat_dict, is_image_text, to_yaml, validate
+from .config import Config, ConfigError, flat_dict, resolve, to_yaml, validate
 from .data import PromptOrder, load_prompt_set
 from .diagnostics import CollapseWatch, NonFiniteError, check_finite
 from .engines import check_engine, configure_deepspeed, frozen_head, prepare_teacher
@@ -83,7 +83,7 @@ class Trainer:
         from accelerate import Accelerator
 
         self.config, c = config, config
-        self.objective = validate(config)
+        self.objective = validate(resolve(config))  # a config built in code gets the defaults load_config fills
         restart = run_dir.check_run_dir(config)  # an interrupted run that never reached a checkpoint: start again
         self.accelerator = accelerator or Accelerator(
             cpu=c.train.device == "cpu", log_with=list(c.logging.report_to) or None,
@@ -138,7 +138,8 @@ class Trainer:
         student_model = lambda: self.inner  # noqa: E731  (the engine reads the live student module)
         self.engine = make_engine(config, self.objective, self.accelerator, student_model, self.teacher,
                                   self.tokenizer, self.vocab_size, self.processor)  # fmt: skip
-        self.eos_ids = tuple(sorted(end_of_sequence_ids(self.tokenizer, self.inner)))
+        # The ids whose probability is a metric, within the vocabulary both heads score.
+        self.eos_ids = tuple(sorted(i for i in end_of_sequence_ids(self.tokenizer, self.inner) if i < self.vocab_size))
         self.gather = make_gather(self.accelerator)
         if self.is_main and not resume_dir:
             run_dir.init_run_dir(config, restart)
@@ -180,7 +181,7 @@ class Trainer:
                 ids, self.config.rollout.num_generations, **({"images": images} if images else {})
             )
         except RuntimeError as error:
-            if "inf" in str(error) or "nan" in str(error):  # torch.multinomial on a broken distribution
+            if "probability tensor contains" in str(error):  # torch.multinomial on a distribution with NaN or inf
                 sampler = "teacher" if self.objective.rollout_model == "teacher" else "student"
                 first = str(error).splitlines()[0]
                 raise NonFiniteError(f"step {step + 1}: sampling from the {sampler} failed, its probabilities hold "
@@ -197,8 +198,9 @@ class Trainer:
         t = self.config.train
         return micro_batches(prompts, rollouts, prompt_sets, t.micro_batch_size, t.max_tokens_per_micro_batch)
 
-    def score(self, prompts: list[int], rollouts: Rollouts) -> list[MicroBatch]:
-        """The no-gradient passes of every micro-batch: privileged student and teacher."""
+    def score(self, prompts: list[int], rollouts: Rollouts, step: int = 0) -> list[MicroBatch]:
+        """The no-gradient passes of every micro-batch: privileged student and teacher, their scores checked to be
+        finite (`step`, counted from 0, names where they were not)."""
         pad = self.tokenizer.pad_token_id
         # No top-K here (top_k=None): routing reads only the sampled token, and the loss computes a target's top-K
         # for just the tokens whose Top-K term applies (LH: teacher; LL, HS: self), from the heads kept here.
@@ -227,6 +229,9 @@ class Trainer:
                 teacher_head = frozen_pass(self.teacher, inputs, self.vocab_size, self.teacher_head_weights)
                 teacher_scores = score_target(teacher_head, completions.ids, completions.mask, None, temperature,
                                               self.chunk_size)  # fmt: skip
+            for name, scores in (("self", self_scores), ("teacher", teacher_scores)):
+                if scores is not None:  # a NaN score would route every token to one regime, silently
+                    check_finite(name, step, scores.token_logprobs, completions.mask)
             batches.append(MicroBatch(owners, completions, self_head, teacher_head, self_scores, teacher_scores))
         return batches
 
@@ -295,12 +300,7 @@ class Trainer:
         prompts = self.local_prompts()
         rollouts = self.rollouts(prompts, step)
         rolled = timer()
-        batches = self.score(prompts, rollouts)
-        for batch in batches:  # before routing: a NaN score would route every token to one regime, silently
-            for name in ("self", "teacher"):
-                scores = getattr(batch, f"{name}_scores")
-                if scores is not None:
-                    check_finite(name, step, scores.token_logprobs, batch.completions.mask)
+        batches = self.score(prompts, rollouts, step)
         thresholds = self.batch_thresholds(batches)
         scored = timer()
         metrics = StepMetrics()
@@ -379,6 +379,3 @@ class Trainer:
 def train(config: Config) -> TrainResult:
     """Train a student as `config` says; returns where the run and the final model are."""
     return Trainer(config).run()
-
-
-__all__ = ["TrainResult", "Trainer", "build_optimizer", "is_image_text", "train"]

@@ -86,7 +86,7 @@ def _difference(header: dict, settings: dict) -> str:
     return ", ".join(f"{key}: {old.get(key)!r} then, {settings.get(key)!r} now" for key in keys[:3]) or "no header"
 
 
-def _settings(spec: HintsSpec, dataset) -> dict:
+def run_settings(spec: HintsSpec, dataset) -> dict:
     """What the partial file must agree on with a rerun: the form's settings and a hash of the input rows."""
     keys = [
         "form",

@@ -4,7 +4,6 @@ output."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -14,8 +13,9 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any
 
 from ..config import ConfigError, DataConfig
+from ..loading import datasets_progress  # noqa: F401  (re-exported by dopd.hints)
 from .client import ChatClient, HintResult, ServerError, generate_hints
-from .partial import PartialLog, _settings
+from .partial import PartialLog, run_settings
 from .rules import (
     answer_hint,
     box_hint,
@@ -108,21 +108,6 @@ def _with_prefix(result: HintResult, prefix: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------- the run
-
-
-@contextlib.contextmanager
-def datasets_progress(enabled: bool):
-    """`datasets`' own progress bars (reading, converting) off while `enabled` is false, restored after."""
-    from datasets.utils import logging as datasets_logging
-
-    was_enabled = datasets_logging.is_progress_bar_enabled()
-    if not enabled:
-        datasets_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled and not enabled:
-            datasets_logging.enable_progress_bar()
 
 
 def _progress(total: int, initial: int, enabled: bool, description: str):
@@ -246,7 +231,7 @@ def _build_all(spec: HintsSpec, dataset, build, prefix: str) -> tuple[dict[int, 
         return {
             i: {"context": _with_prefix(r, prefix), "kept": r.kept, "rejected": r.rejected} for i, r in results.items()
         }, 0
-    log = PartialLog(spec.out + ".partial", _settings(spec, dataset))
+    log = PartialLog(spec.out + ".partial", run_settings(spec, dataset))
     log.open()
     resumed = len(log.done)
     try:

@@ -44,9 +44,12 @@ from dopd.lab.properties import (  # noqa: F401  (part of the pair's API)
     describe_weakness,
     measure_accuracy,
     measure_properties,
+    properties_hold,
+    properties_record,
 )
 from dopd.lab.tasks import Task, get_task
 from dopd.lab.tokenizer import build_tokenizer
+from dopd.loading import quiet_transformers
 
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"
 COMPLETE_MARKER = "lab_pair.json"
@@ -122,7 +125,7 @@ class LabPair:
     def weak(self) -> bool:
         """True when the pair was kept although it fails a property (built with allow_weak)."""
         checks = self.properties.get("checks", {})
-        return bool(checks) and not (checks.get("a_teacher_gap") and checks.get("b_privilege_helps"))
+        return bool(checks) and not properties_hold(checks)
 
 
 class WeakPairError(ValueError):
@@ -149,8 +152,6 @@ def default_pair_config(task: str) -> LabPairConfig:
 
 def load_pair(path: str | Path) -> LabPair:
     """A pair saved by `build_pair` (teacher/, student/, tokenizer/ and lab_pair.json)."""
-    from dopd.loading import quiet_transformers
-
     path = Path(path)
     meta = json.loads((path / COMPLETE_MARKER).read_text())
     with quiet_transformers():
@@ -193,7 +194,8 @@ def _pretrain_teacher_and_student(config: LabPairConfig, task: Task, tokenizer, 
         candidate.load_state_dict(kept[chosen])
         student = candidate.eval()
         timings["selection_seconds"] = round(time.time() - start, 1)
-        selection = {"chosen_step": chosen, "candidates": {str(step): checks[step] for step in measured}}
+        selection = {"chosen_step": chosen, "candidates": {str(step): checks[step] for step in measured},
+                     "accuracy": {"teacher": teacher_accuracy, "student": measured[chosen]}}  # fmt: skip
         if log:
             log(f"student: the teacher's state after {chosen} steps (candidates {list(kept)})")
     else:
@@ -227,14 +229,16 @@ def build_pair(
     built = _pretrain_teacher_and_student(config, task, tokenizer, n_eval, log)
     timings = built["timings"]
     pair = LabPair(built["teacher"], built["student"], tokenizer, out_dir, config=config, built=True)
-    if n_eval:
+    selection = built["selection"]
+    if selection:  # the choice measured teacher and student on the held-out prompts already
+        pair.properties = properties_record(task.name, n_eval, EVAL_SEED, selection.pop("accuracy"))
+        pair.properties["student_selection"] = selection
+    elif n_eval:
         start = time.time()
         pair.properties = measure_properties(pair, task, n_eval)
         timings["measure_seconds"] = round(time.time() - start, 1)
-        if built["selection"]:
-            pair.properties["student_selection"] = built["selection"]
-        if log:
-            log(json.dumps(pair.properties["checks"], indent=1))
+    if pair.properties and log:
+        log(json.dumps(pair.properties["checks"], indent=1))
     meta = {
         "config": config.to_dict(),
         "config_hash": config.config_hash(),
@@ -245,8 +249,6 @@ def build_pair(
         "command": command,
         "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
     }
-    from dopd.loading import quiet_transformers
-
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         for role in ("teacher", "student"):
@@ -340,9 +342,8 @@ def main(argv: list[str] | None = None) -> None:
     command = "python scripts/pretrain_lab.py " + " ".join(argv if argv is not None else sys.argv[1:])
     start = time.time()
     pair = build_pair(config, out, n_eval=args.n_eval, command=command)
-    checks = pair.properties.get("checks", {})
-    print(f"wrote {pair.path} in {time.time() - start:.0f} s; properties hold: "
-          f"{bool(checks.get('a_teacher_gap') and checks.get('b_privilege_helps'))}")  # fmt: skip
+    holds = properties_hold(pair.properties.get("checks", {}))
+    print(f"wrote {pair.path} in {time.time() - start:.0f} s; properties hold: {holds}")
     if pair.weak:
         print(describe_weakness(pair.properties, config.task))
 

@@ -43,7 +43,12 @@ def measure_properties(
         role: measure_accuracy(model, pair.tokenizer, task, examples, batch_size)
         for role, model in (("teacher", pair.teacher), ("student", pair.student))
     }
-    return {"task": task.name, "n_eval": n_eval, "eval_seed": seed, "accuracy": accuracy,
+    return properties_record(task.name, n_eval, seed, accuracy)
+
+
+def properties_record(task: str, n_eval: int, seed: int, accuracy: dict) -> dict[str, Any]:
+    """What a pair stores of its properties: where they were measured, the accuracy tables and the checks."""
+    return {"task": task, "n_eval": n_eval, "eval_seed": seed, "accuracy": accuracy,
             "checks": check_properties(accuracy)}  # fmt: skip
 
 
@@ -71,6 +76,11 @@ def check_properties(accuracy: dict[str, dict[str, dict[str, float]]]) -> dict[s
     }
 
 
+def properties_hold(checks: dict[str, Any]) -> bool:
+    """Both properties hold, by the checks of `check_properties` (False for a pair never measured)."""
+    return bool(checks.get("a_teacher_gap") and checks.get("b_privilege_helps"))
+
+
 def _shortfall(checks: dict[str, Any]) -> float:
     """How far a candidate is from meeting both properties (0 when it meets them): the larger of the missing
     points of the gap and of the smallest required gain."""
@@ -83,7 +93,7 @@ def choose_student(teacher: dict, candidates: dict[int, dict]) -> tuple[int, dic
     trained student that still leaves the gap and reads the privileged input), else the one nearest to meeting
     them. `teacher` and each candidate: `measure_accuracy` tables. Returns the step and each candidate's checks."""
     checks = {step: check_properties({"teacher": teacher, "student": acc}) for step, acc in candidates.items()}
-    meeting = [step for step, c in checks.items() if c["a_teacher_gap"] and c["b_privilege_helps"]]
+    meeting = [step for step, c in checks.items() if properties_hold(c)]
     if meeting:
         return max(meeting), checks
     return min(checks, key=lambda step: (_shortfall(checks[step]), -step)), checks

@@ -14,8 +14,24 @@ import json
 import math
 import os
 from dataclasses import asdict
+from typing import TYPE_CHECKING
 
-from .runner import MIN_RECOVERY, REFERENCES, LabConfig, MethodSpec, standard_error
+from ..routing import REGIMES
+from .methods import REFERENCES, MethodSpec
+
+if TYPE_CHECKING:
+    from .runner import LabConfig
+
+# Required shares of the teacher-student gap recovered by the references at the common rate.
+MIN_RECOVERY = {"sft": 0.40, "opd": 0.25}
+
+
+def standard_error(values: list[float]) -> float:
+    """The standard error of the mean (sample standard deviation / sqrt(n)); 0 for fewer than two values."""
+    if len(values) < 2:
+        return 0.0
+    mean = sum(values) / len(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1) / len(values))
 
 
 def _mean(values: list[float]) -> float:
@@ -36,9 +52,9 @@ def method_stats(runs: list[dict], teacher: dict, student: dict) -> dict:
         "gap_recovery": (mean - student["answer_accuracy"]) / gap if gap > 0 else math.nan,
         "full_match_mean": _mean([r["test"]["full_match"] for r in runs]),
         "validation_mean": _mean([r["validation_accuracy"] for r in runs]),
-        "final_student_entropy": _mean([r["final_student_entropy"] for r in runs]),
-        "completion_length_first": _mean([r["completion_length_first_last"][0] for r in runs]),
-        "completion_length_last": _mean([r["completion_length_first_last"][1] for r in runs]),
+        "final_student_entropy": _mean([r["curves"]["student_entropy"][-1][1] for r in runs]),
+        "completion_length_first": _mean([r["curves"]["completion_length"][0][1] for r in runs]),
+        "completion_length_last": _mean([r["curves"]["completion_length"][-1][1] for r in runs]),
         "collapse_steps": [r["collapse_step"] for r in runs],
     }
     for part in ("determined", "undetermined"):
@@ -47,9 +63,7 @@ def method_stats(runs: list[dict], teacher: dict, student: dict) -> dict:
             stats[f"{part}_mean"], stats[f"{part}_se"] = _mean(values), standard_error(values)
             stats[f"{part}_change"] = stats[f"{part}_mean"] - student[part]
     if "regime_fractions" in runs[0]:
-        stats["regime_fractions"] = {
-            k: _mean([r["regime_fractions"][k] for r in runs]) for k in ("LH", "LL", "HT", "HS")
-        }
+        stats["regime_fractions"] = {k: _mean([r["regime_fractions"][k] for r in runs]) for k in REGIMES}
     return stats
 
 

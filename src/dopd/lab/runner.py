@@ -24,15 +24,18 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import multiprocessing
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..routing import REGIMES
+from ..run_dir import read_jsonl
 from .methods import REFERENCES, MethodSpec, method_specs, parse_method  # noqa: F401
-from .models import WeakPairError, default_pair_config, describe_weakness, load_or_build_pair, pair_config_with
+from .models import default_pair_config, describe_weakness, load_or_build_pair, pair_config_with
+from .properties import properties_hold
+from .results import build_results, write_results
 from .tasks import LAB_PRIVILEGED_TEMPLATE, PRIVILEGED_KINDS, get_task
 
 DEFAULT_METHODS = ["sft", "opd", "opd-priv", "opsd", "dopd"]
@@ -41,8 +44,6 @@ FULL_ABLATIONS = [
     "dopd[regimes=LH+HT]",
 ]  # fmt: skip
 TRAIN_SEED, VALIDATION_SEED, TEST_SEED = 101, 202, 303
-# Required shares of the teacher-student gap recovered by the references at the common rate.
-MIN_RECOVERY = {"sft": 0.40, "opd": 0.25}
 
 
 @dataclass
@@ -60,7 +61,7 @@ class LabConfig:
     eval_every: int = 10  # steps between validation accuracies of the curves
     n_train: int = 4000
     n_validation: int = 300
-    n_test: int = 1200  # a binomial standard error of at most 1.45 points
+    n_test: int = 1200  # a binomial standard error of at most 1.44 points
     top_k: int = 16
     out: str = ""
     cache_dir: str | None = None
@@ -79,7 +80,7 @@ class LabConfig:
 
     @staticmethod
     def full(**overrides) -> LabConfig:
-        """Five seeds and the ablations of the privileged self's weights and of the routing."""
+        """Five seeds and the ablations of the privileged self's weights and of the regimes."""
         values = {"seeds": [0, 1, 2, 3, 4], "methods": DEFAULT_METHODS + FULL_ABLATIONS}
         values.update({k: v for k, v in overrides.items() if v is not None})
         return LabConfig(**values)
@@ -198,25 +199,24 @@ def run_job(job: Job) -> dict:
 
     trainer = Trainer(run_config(job))
     trainer.run(evaluate=measure, evaluate_every=c.eval_every)
-    with open(os.path.join(job.run_dir, "metrics.jsonl")) as handle:
-        lines = [json.loads(line) for line in handle]
+    lines = read_jsonl(os.path.join(job.run_dir, "metrics.jsonl"))
     return summarize_run(job, lines, final, time.time() - started)
 
 
 def summarize_run(job: Job, lines: list[dict], test: dict, seconds: float) -> dict:
-    """The record of one run: its final accuracies and the curves the plots and tables read."""
-    steps = [line for line in lines if line.get("step", 0) > 0 and "loss" in line]
+    """The record of one run: its final accuracies and the curves the plots and tables read (the first and last
+    completion length and the final entropy are read off the curves)."""
 
     def curve(key: str) -> list[list[float]]:
         return [[line["step"], line[key]] for line in lines if key in line and line.get("step", 0) > 0]
 
-    last = steps[-1]
+    last = lines[-1]
     record = {
         "label": job.spec.label,
         "method": job.spec.method,
         "lr": job.lr,
         "seed": job.seed,
-        "validation_accuracy": lines[-1]["eval/validation_accuracy"],
+        "validation_accuracy": last["eval/validation_accuracy"],
         "test": test,
         "curves": {
             "validation_accuracy": curve("eval/validation_accuracy"),
@@ -224,15 +224,13 @@ def summarize_run(job: Job, lines: list[dict], test: dict, seconds: float) -> di
             "student_entropy": curve("entropy/student"),
             "early_eos": curve("completion/early_eos"),
         },
-        "final_student_entropy": last.get("entropy/student"),
-        "completion_length_first_last": [steps[0]["completion_length/mean"], last["completion_length/mean"]],
         "collapse_step": last.get("collapse/step"),
         "run_dir": job.run_dir,
         "seconds": round(seconds, 1),
     }
     if "frac/LH" in last:
-        record["curves"]["regimes"] = {r: curve(f"frac/{r}") for r in ("LH", "LL", "HT", "HS")}
-        record["regime_fractions"] = {r: last[f"frac/{r}"] for r in ("LH", "LL", "HT", "HS")}
+        record["curves"]["regimes"] = {r: curve(f"frac/{r}") for r in REGIMES}
+        record["regime_fractions"] = {r: last[f"frac/{r}"] for r in REGIMES}
     return record
 
 
@@ -277,16 +275,13 @@ def run_lab(config: LabConfig, log=print) -> dict:
     import torch
 
     from .evaluation import evaluate
-    from .results import build_results, write_results
 
     specs = check_lab_config(config)
     torch.set_num_threads(config.threads)
     started = time.time()
     task = get_task(config.task)
     pair_config = pair_config_with(default_pair_config(config.task), config.pair)
-    pair = load_or_build_pair(pair_config, cache_dir=config.cache_dir, log=log)
-    if pair.weak and not config.allow_weak_pair:
-        raise WeakPairError(describe_weakness(pair.properties, config.task))
+    pair = load_or_build_pair(pair_config, cache_dir=config.cache_dir, log=log, allow_weak=config.allow_weak_pair)
     os.makedirs(config.out, exist_ok=True)
     validation, test = task.examples(config.n_validation, VALIDATION_SEED), task.examples(config.n_test, TEST_SEED)
     baseline = {}
@@ -298,8 +293,7 @@ def run_lab(config: LabConfig, log=print) -> dict:
                                     **result.get("parts", {})}  # fmt: skip
     log(describe_baseline(baseline, config, pair))
     longest = max(len(pair.tokenizer(e.completion)["input_ids"]) for e in task.examples(200, TRAIN_SEED))
-    results = {"kinds": {}}
-    timing = {}
+    records_by_kind, timing = {}, {}
     for kind in config.privilege:
         kind_dir = os.path.join(config.out, kind)
         os.makedirs(kind_dir, exist_ok=True)
@@ -317,9 +311,9 @@ def run_lab(config: LabConfig, log=print) -> dict:
         kind_started = time.time()
         records = _run_all(jobs, config.workers, config.threads, log)
         timing[kind] = round(time.time() - kind_started, 1)
-        results["kinds"][kind] = records
+        records_by_kind[kind] = records
     timing["total"] = round(time.time() - started, 1)
-    summary = build_results(config, specs, pair, baseline, results["kinds"], timing)
+    summary = build_results(config, specs, pair, baseline, records_by_kind, timing)
     write_results(config.out, summary)
     return summary
 
@@ -336,8 +330,7 @@ def describe_baseline(baseline: dict, config: LabConfig, pair) -> str:
         if parts.get("undetermined") is not None:
             split = f"  (without: determined {parts['determined']:.3f}, undetermined {parts['undetermined']:.3f})"
         lines.append(f"  {role:<8} " + ", ".join(cells) + split)
-    checks = pair.properties.get("checks", {})
-    holds = bool(checks.get("a_teacher_gap") and checks.get("b_privilege_helps"))
+    holds = properties_hold(pair.properties.get("checks", {}))
     lines.append(f"  pair properties (pretraining check, {pair.properties.get('n_eval', '?')} prompts): "
                  f"{'hold' if holds else 'FAIL: ' + describe_weakness(pair.properties, config.task)}")  # fmt: skip
     return "\n".join(lines)
@@ -354,14 +347,3 @@ def _safe(label: str) -> str:
     """A directory name for a method label (`dopd[self_weights=frozen]` -> `dopd_self_weights-frozen`)."""
     out = label.replace("[", "_").replace("]", "").replace("=", "-").replace(",", "_").replace("+", "-")
     return "".join(ch for ch in out if ch.isalnum() or ch in "._-")
-
-
-def standard_error(values: list[float]) -> float:
-    if len(values) < 2:
-        return 0.0
-    mean = sum(values) / len(values)
-    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1) / len(values))
-
-
-def config_dict(config: LabConfig) -> dict:
-    return asdict(config)
