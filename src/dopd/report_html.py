@@ -8,12 +8,12 @@ import base64
 import html
 from typing import TYPE_CHECKING
 
+from .routing import REGIMES
 from .run_dir import Run
 
 if TYPE_CHECKING:
     from .report import Collapse
 
-REGIMES = ("LH", "LL", "HT", "HS")
 REGIME_COLOURS = {"LH": "#7fc97f", "LL": "#fdd870", "HT": "#f08080", "HS": "#86b6f6"}
 NEUTRAL_COLOUR = "#dddddd"
 REGIME_MEANING = {

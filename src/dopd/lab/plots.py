@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 
+from ..routing import REGIMES
+
 
 def _mean_band(curves: list[list[list[float]]]):
     """Steps, mean, low and high over seeds of curves given as [[step, value], ...] (steps every seed has)."""
@@ -75,7 +77,7 @@ def write_plots(kind_dir: str, results: dict, kind: str) -> dict[str, str]:
     if routed:
         figure, axes = plt.subplots(1, len(routed), figsize=(5 * len(routed), 3.8), squeeze=False)
         for axis, label in zip(axes[0], routed):
-            for number, regime in enumerate(("LH", "LL", "HT", "HS")):
+            for number, regime in enumerate(REGIMES):
                 curves = [r["curves"]["regimes"][regime] for r in runs if r["label"] == label]
                 steps, mean, low, high = _mean_band(curves)
                 axis.plot(steps, mean, color=f"C{number}", label=regime)
