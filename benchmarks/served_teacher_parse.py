@@ -31,8 +31,10 @@ def synthetic_answer(sequences: int, prompt: int, completion: int, k: int, vocab
         for position in range(1, len(ids)):
             top = rng.sample(range(vocab), k)
             logprobs = sorted((-rng.expovariate(0.5) for _ in range(k)), reverse=True)
-            entry = {str(t): {"logprob": lp, "rank": r + 1, "decoded_token": "tok"} for r, (t, lp) in
-                     enumerate(zip(top, logprobs))}  # fmt: skip
+            entry = {
+                str(t): {"logprob": lp, "rank": r + 1, "decoded_token": "tok"}
+                for r, (t, lp) in enumerate(zip(top, logprobs))
+            }
             if str(ids[position]) not in entry:
                 entry[str(ids[position])] = {"logprob": logprobs[-1] - 1.0, "rank": k + 7, "decoded_token": "tok"}
             entries.append(entry)

@@ -15,7 +15,7 @@ Every part runs on its own (an error is recorded in the JSON and the rest still 
 largest measurements first when their estimates do not fit the time left. `--tiny` runs the whole check on the
 CPU at tiny shapes in well under a minute (the test suite does), so it cannot rot.
 
-    bash scripts/gpu_check.sh --wheels .whl            # on the GPU machine (about 6 minutes)
+    bash scripts/gpu_check.sh --wheels .whl            # on the GPU machine (a 420 s budget; not yet run on a GPU)
     bash scripts/gpu_check.sh --tiny                   # on any machine, CPU, tiny shapes
     python3 scripts/gpu_check.py --list-wheels         # the pinned wheels the GPU machine lacks
 """
@@ -217,7 +217,7 @@ class Report:
 
         try:
             status = work(record, save) or "ok"
-        except Exception as error:  # noqa: BLE001 - any failure is the part's result; the next parts still run
+        except Exception as error:  # any failure is the part's result; the next parts still run
             status = "error"
             record["error"] = describe(error)
             record["traceback"] = traceback.format_exc()[-4000:]
@@ -345,8 +345,23 @@ def install_part(record: dict, wheels: str | None, site: str, needed: dict[str, 
 def pip_install(distribution: str, wheels: str, site: str) -> str | None:
     """`pip install --target site` of one distribution from the wheel folder, with no index and no dependencies
     (one call each, so that a wheel that does not fit leaves the others installed); None or what went wrong."""
-    command = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
-               "--no-cache-dir", "--upgrade", "--target", site, "--find-links", wheels, distribution]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "-q",
+        "--no-index",
+        "--no-deps",
+        "--no-compile",
+        "--no-cache-dir",
+        "--upgrade",
+        "--target",
+        site,
+        "--find-links",
+        wheels,
+        distribution,
+    ]
     done = subprocess.run(command, check=False, capture_output=True, text=True)
     if done.returncode == 0:
         return None
@@ -377,11 +392,16 @@ def environment_part(record: dict, device: str) -> str:
     import torch
 
     record.update(
-        python=sys.version.split()[0], executable=sys.executable, platform=platform.platform(),
-        cpu_count=os.cpu_count(), device=device, cuda_available=torch.cuda.is_available(),
-        torch_cuda=torch.version.cuda, torch_threads=torch.get_num_threads(),
+        python=sys.version.split()[0],
+        executable=sys.executable,
+        platform=platform.platform(),
+        cpu_count=os.cpu_count(),
+        device=device,
+        cuda_available=torch.cuda.is_available(),
+        torch_cuda=torch.version.cuda,
+        torch_threads=torch.get_num_threads(),
         packages={name: _version(name) for name in REPORTED_PACKAGES},
-    )  # fmt: skip
+    )
     if torch.cuda.is_available():
         properties = torch.cuda.get_device_properties(0)
         record.update(
@@ -478,10 +498,7 @@ def cast(tensor, dtype, leaf: bool):
 def run_form(form: str, objective, x: dict, chunk_size: int | None):
     """Forward and backward of the plain or chunked form: `benchmarks/loss_memory.py`'s, on whatever device the
     inputs are; gradients land in the student leaves' `.grad`."""
-    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-    from loss_memory import run_form as loss_memory_run_form
-
-    return loss_memory_run_form(form, objective, x, chunk_size)
+    return import_loss_memory().run_form(form, objective, x, chunk_size)
 
 
 @dataclass
@@ -512,8 +529,9 @@ def measure_form(form: str, objective, x: dict, chunk_size, device: str, repetit
     del out
     if device != "cuda":  # torch's count of live tensor bytes, in one more (untimed) pass
         x["student_hidden"].grad = x["student_weight"].grad = None
-        figures["peak_mib"] = round(import_loss_memory().live_tensor_peak_mb(
-            lambda: run_form(form, objective, x, chunk_size)), 1)  # fmt: skip
+        figures["peak_mib"] = round(
+            import_loss_memory().live_tensor_peak_mb(lambda: run_form(form, objective, x, chunk_size)), 1
+        )
         x["student_hidden"].grad, x["student_weight"].grad = outcome.grad_hidden, outcome.grad_weight
     figures.update(time_s=round(statistics.median(times), 4), times_s=[round(t, 4) for t in times])
     return figures, outcome
@@ -538,15 +556,19 @@ def measure_loss(shape: dict, dtype_name: str, settings: Settings, device: str) 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
     objective = build_objective("dopd")
     x = loss_inputs(shape, device, dtype)
-    result = {**shape, "dtype": dtype_name, "repetitions": settings.loss_repetitions,
-              "chunk_size": settings.chunk_size or default_chunk_size(shape["vocab"])}  # fmt: skip
+    result = {
+        **shape,
+        "dtype": dtype_name,
+        "repetitions": settings.loss_repetitions,
+        "chunk_size": settings.chunk_size or default_chunk_size(shape["vocab"]),
+    }
     outcomes, errors = {}, []
     for form in ("plain", "chunked"):
         try:
             result[form], outcomes[form] = measure_form(
                 form, objective, x, settings.chunk_size, device, settings.loss_repetitions
             )
-        except Exception as error:  # noqa: BLE001 - e.g. CUDA out of memory for the plain form: a figure too
+        except Exception as error:  # e.g. CUDA out of memory for the plain form: a figure too
             result[form] = {"error": describe(error)}
             errors.append(f"{form}: {describe(error)}")
         if form not in outcomes:  # freed once the exception (and the tensors its frames hold) is gone
@@ -578,7 +600,7 @@ def fp32_reference(objective, x: dict, outcomes: dict[str, Outcome], device: str
     failure = None
     try:
         out = run_form("plain", objective, upcast, None)
-    except Exception as error:  # noqa: BLE001 - the reference is extra: its failure is recorded, not raised
+    except Exception as error:  # the reference is extra: its failure is recorded, not raised
         failure = describe(error)
     if failure is not None:  # freed once the exception (and the tensors its frames hold) is gone
         del upcast
@@ -604,7 +626,7 @@ def loss_part(record: dict, save, settings: Settings, device: str, budget: Budge
             start = time.perf_counter()
             try:
                 result = measure_loss(shape, dtype_name, settings, device)
-            except Exception as error:  # noqa: BLE001 - one measurement's failure leaves the others to run
+            except Exception as error:  # one measurement's failure leaves the others to run
                 result = {"status": "error", "error": describe(error), "traceback": traceback.format_exc()[-3000:]}
             result.update(seconds=round(time.perf_counter() - start, 2), estimate_s=budget.estimates[key])
             budget.done(key)
@@ -626,8 +648,18 @@ def gpu_tests_part(record: dict, settings: Settings, budget: Budget) -> str:
     timeout = max(10.0, min(settings.test_timeout_s, budget.left()))
     with tempfile.TemporaryDirectory(prefix="dopd-gpu-tests-") as directory:
         junit = os.path.join(directory, "junit.xml")
-        command = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
-                   f"--junitxml={junit}", os.path.join("tests", "test_gpu.py")]  # fmt: skip
+        command = [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-m",
+            "gpu",
+            "-p",
+            "no:cacheprovider",
+            f"--junitxml={junit}",
+            os.path.join("tests", "test_gpu.py"),
+        ]
         record.update(command=" ".join(command[1:]), timeout_s=round(timeout))
         try:
             done = subprocess.run(command, check=False, cwd=REPO, capture_output=True, text=True, timeout=timeout)
@@ -638,8 +670,9 @@ def gpu_tests_part(record: dict, settings: Settings, budget: Budget) -> str:
         record.update(returncode=done.returncode, output_tail=(done.stdout + done.stderr)[-3000:])
         record.update(junit_counts(junit))
     if done.returncode != 0:
-        record["error"] = f"pytest exited {done.returncode}: {record.get('failed', '?')} failed, " \
-                          f"{record.get('errors', '?')} errors"  # fmt: skip
+        record["error"] = (
+            f"pytest exited {done.returncode}: {record.get('failed', '?')} failed, {record.get('errors', '?')} errors"
+        )
         return "error"
     import torch
 
@@ -685,8 +718,13 @@ def build_tokenizer(vocab_size: int):
     vocab.update({f"t{i}": len(named) + i for i in range(vocab_size - len(named))})
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<|endoftext|>", eos_token="<|im_end|>",
-                                        unk_token="<unk>", padding_side="left")  # fmt: skip
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+        unk_token="<unk>",
+        padding_side="left",
+    )
     tokenizer.chat_template = CHAT_TEMPLATE
     assert len(tokenizer) == vocab_size, (len(tokenizer), vocab_size)
     return tokenizer
@@ -695,10 +733,16 @@ def build_tokenizer(vocab_size: int):
 def qwen3_config(name: str, vocab_size: int):
     from transformers import Qwen3Config
 
-    return Qwen3Config(vocab_size=vocab_size, rms_norm_eps=1e-6, max_position_embeddings=40960,
-                       rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
-                       pad_token_id=0, eos_token_id=1, bos_token_id=None,
-                       **dict(zip(QWEN3_FIELDS, QWEN3[name])))  # fmt: skip
+    return Qwen3Config(
+        vocab_size=vocab_size,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=40960,
+        rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=None,
+        **dict(zip(QWEN3_FIELDS, QWEN3[name])),
+    )
 
 
 def build_model(name: str, vocab_size: int, device: str, path: str, tokenizer) -> dict:
@@ -718,11 +762,15 @@ def build_model(name: str, vocab_size: int, device: str, path: str, tokenizer) -
     tokenizer.save_pretrained(path)
     saved = time.perf_counter()
     figures = {
-        "shape": name, "path": path, "parameters": sum(p.numel() for p in model.parameters()),
-        "device": str(next(model.parameters()).device), "dtype": "bfloat16",
-        "build_s": round(built - start, 2), "save_s": round(saved - built, 2),
+        "shape": name,
+        "path": path,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "device": str(next(model.parameters()).device),
+        "dtype": "bfloat16",
+        "build_s": round(built - start, 2),
+        "save_s": round(saved - built, 2),
         "disk_gib": round(sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)) / 2**30, 3),
-    }  # fmt: skip
+    }
     del model
     free_memory(device)
     return figures
@@ -738,8 +786,11 @@ def write_prompts(path: str, settings: Settings, count: int = 64) -> str:
 
     with open(path, "w") as handle:
         for _ in range(count):
-            row = {"prompt": words(settings.prompt_words) + " ?",
-                   "privileged_context": "hint : " + words(settings.privileged_words), "answer": "1"}  # fmt: skip
+            row = {
+                "prompt": words(settings.prompt_words) + " ?",
+                "privileged_context": "hint : " + words(settings.privileged_words),
+                "answer": "1",
+            }
             handle.write(json.dumps(row) + "\n")
     return path
 
@@ -750,8 +801,10 @@ def models_part(record: dict, save, pair: str, settings: Settings, device: str, 
     record.update(pair=pair, vocab=len(tokenizer), tokenizer_s=round(time.perf_counter() - start, 2))
     for role, name in zip(("student", "teacher"), PAIRS[pair]):
         record[role] = build_model(name, settings.vocab, device, os.path.join(work_dir, role), tokenizer)
-        log(f"models: {role} {name}: {record[role]['parameters'] / 1e6:,.1f} M parameters, "
-            f"built in {record[role]['build_s']} s, saved in {record[role]['save_s']} s")  # fmt: skip
+        log(
+            f"models: {role} {name}: {record[role]['parameters'] / 1e6:,.1f} M parameters, "
+            f"built in {record[role]['build_s']} s, saved in {record[role]['save_s']} s"
+        )
         save()
     record["data"] = write_prompts(os.path.join(work_dir, "prompts.jsonl"), settings)
     return "ok"
@@ -824,14 +877,23 @@ def make_trainer(models: dict, method: str, settings: Settings, work_dir: str, a
     from dopd.train import Trainer
 
     overrides = [
-        f"model.student={models['student']['path']}", f"model.teacher={models['teacher']['path']}",
-        "model.dtype=bfloat16", f"data.path={models['data']}", f"objective.method={method}",
-        f"logging.output_dir={os.path.join(work_dir, 'run-' + method)}", "logging.overwrite=true",
-        f"train.prompts_per_step={settings.prompts}", f"train.micro_batch_size={settings.micro_batch_size}",
-        "train.steps=1000", "train.mixed_precision=bf16",
-        f"rollout.num_generations={settings.generations}", f"rollout.max_new_tokens={settings.max_new_tokens}",
-        "logging.progress_bar=false", "logging.sample_every=0", "checkpoint.save_every=0",
-    ]  # fmt: skip
+        f"model.student={models['student']['path']}",
+        f"model.teacher={models['teacher']['path']}",
+        "model.dtype=bfloat16",
+        f"data.path={models['data']}",
+        f"objective.method={method}",
+        f"logging.output_dir={os.path.join(work_dir, 'run-' + method)}",
+        "logging.overwrite=true",
+        f"train.prompts_per_step={settings.prompts}",
+        f"train.micro_batch_size={settings.micro_batch_size}",
+        "train.steps=1000",
+        "train.mixed_precision=bf16",
+        f"rollout.num_generations={settings.generations}",
+        f"rollout.max_new_tokens={settings.max_new_tokens}",
+        "logging.progress_bar=false",
+        "logging.sample_every=0",
+        "checkpoint.save_every=0",
+    ]
     return Trainer(load_config(overrides=overrides), accelerator=accelerator)
 
 
@@ -865,8 +927,13 @@ def step_repetition(trainers: dict, repetition: int, device: str) -> dict:
         with peak_memory(device, figures, "step_peak_mib"):
             result = trainers[method].step(repetition)
         scoring, update = result["time/scoring"], result["time/update"]
-        out[method] = {"scoring_s": scoring, "update_s": update, "tokens": result["tokens"],
-                       "loss": result["loss"], **figures}  # fmt: skip
+        out[method] = {
+            "scoring_s": scoring,
+            "update_s": update,
+            "tokens": result["tokens"],
+            "loss": result["loss"],
+            **figures,
+        }
     for figures in out.values():  # the rollout, sampled once, counts in both steps
         step_s = shared.seconds + figures["scoring_s"] + figures["update_s"]
         figures.update(
@@ -880,25 +947,40 @@ def summarize_steps(records: list[dict]) -> dict:
     summary = {}
     for method in records[0]:
         rows = [r[method] for r in records]
-        summary[method] = {key: round(statistics.median(row[key] for row in rows), 4) for key in rows[0]
-                           if key != "loss"}  # fmt: skip
+        summary[method] = {
+            key: round(statistics.median(row[key] for row in rows), 4) for key in rows[0] if key != "loss"
+        }
         summary[method]["losses"] = [row["loss"] for row in rows]
     dopd, priv = summary["dopd"], summary["opd-priv"]
-    summary["ratios"] = {f"{key}_ratio": round(dopd[key] / priv[key], 4)
-                         for key in ("step_s", "scoring_s", "update_s", "step_peak_mib") if priv.get(key)}  # fmt: skip
+    summary["ratios"] = {
+        f"{key}_ratio": round(dopd[key] / priv[key], 4)
+        for key in ("step_s", "scoring_s", "update_s", "step_peak_mib")
+        if priv.get(key)
+    }
     return summary
 
 
 def step_part(record: dict, save, models: dict, settings: Settings, device: str, work_dir: str, budget) -> str:
     trainers = build_trainers(record, models, settings, device, work_dir)
     config = trainers["dopd"].config  # the defaults this run measured, which may change between versions
-    record["settings"] = {"objective.self_weights": config.objective.self_weights,
-                          "objective.top_k": config.objective.top_k, "train.chunk_size": config.train.chunk_size,
-                          "optim.max_grad_norm": config.optim.max_grad_norm}  # fmt: skip
-    record.update(pair=models["pair"], prompts=settings.prompts, generations=settings.generations,
-                  max_new_tokens=settings.max_new_tokens, micro_batch_size=settings.micro_batch_size,
-                  mixed_precision="bf16", student_weights="float32", teacher_dtype="bfloat16",
-                  teacher_shared_between_trainers=True, repetitions=[])  # fmt: skip
+    record["settings"] = {
+        "objective.self_weights": config.objective.self_weights,
+        "objective.top_k": config.objective.top_k,
+        "train.chunk_size": config.train.chunk_size,
+        "optim.max_grad_norm": config.optim.max_grad_norm,
+    }
+    record.update(
+        pair=models["pair"],
+        prompts=settings.prompts,
+        generations=settings.generations,
+        max_new_tokens=settings.max_new_tokens,
+        micro_batch_size=settings.micro_batch_size,
+        mixed_precision="bf16",
+        student_weights="float32",
+        teacher_dtype="bfloat16",
+        teacher_shared_between_trainers=True,
+        repetitions=[],
+    )
     save()
     timed, last = [], 0.0
     for repetition in range(settings.step_repetitions + 1):
@@ -911,9 +993,14 @@ def step_part(record: dict, save, models: dict, settings: Settings, device: str,
         record["repetitions"].append({"warm_up": repetition == 0, "seconds": round(last, 2), **figures})
         if repetition:
             timed.append(figures)
-        log(f"step repetition {repetition}: " + ", ".join(
-            f"{m} {f['step_s']:.2f} s (rollout {f['rollout_s']:.2f}, scoring {f['scoring_s']:.2f}, update "
-            f"{f['update_s']:.2f})" for m, f in figures.items()))  # fmt: skip
+        log(
+            f"step repetition {repetition}: "
+            + ", ".join(
+                f"{m} {f['step_s']:.2f} s (rollout {f['rollout_s']:.2f}, scoring {f['scoring_s']:.2f}, update "
+                f"{f['update_s']:.2f})"
+                for m, f in figures.items()
+            )
+        )
         save()
     if not timed:
         record["error"] = "no timed repetition fitted in the budget (only the warm-up ran)"
@@ -929,28 +1016,36 @@ def step_part(record: dict, save, models: dict, settings: Settings, device: str,
 
 def print_table(report: dict) -> None:
     parts = report["parts"]
-    print(f"dopd gpu check ({report['mode']}), {report.get('elapsed_s', 0):.0f} s of {report['budget_s']:.0f} s "
-          f"budget -> {report['out']}")  # fmt: skip
+    print(
+        f"dopd gpu check ({report['mode']}), {report.get('elapsed_s', 0):.0f} s of {report['budget_s']:.0f} s "
+        f"budget -> {report['out']}"
+    )
     print(f"{'part':<12} {'status':<8} {'seconds':>8}  summary")
     for name in PARTS:
         part = parts.get(name, {"status": "absent", "seconds": 0.0})
         print(f"{name:<12} {part['status']:<8} {part['seconds']:>8.1f}  {part_summary(name, part)}"[:160])
     measurements = parts.get("loss", {}).get("measurements", {})
     if measurements:
-        print(f"{'loss':<11} {'tokens':>6} {'plain s':>9} {'chunked s':>9} {'plain MiB':>10} {'chunk MiB':>10} "
-              f"{'loss rel':>9} {'grad rel':>9}")  # fmt: skip
+        print(
+            f"{'loss':<11} {'tokens':>6} {'plain s':>9} {'chunked s':>9} {'plain MiB':>10} {'chunk MiB':>10} "
+            f"{'loss rel':>9} {'grad rel':>9}"
+        )
         for key, m in measurements.items():
             if m.get("status") == "skipped" or "plain" not in m:
                 print(f"{key:<11} {m.get('status')}: {m.get('reason') or m.get('error')}"[:160])
                 continue
             cells = [_cell(m, form, field_) for field_ in ("time_s", "peak_mib") for form in ("plain", "chunked")]
             grad = max(m.get("grad_hidden_rel_diff", float("nan")), m.get("grad_weight_rel_diff", float("nan")))
-            print(f"{key:<11} {m['tokens']:>6} {cells[0]:>9} {cells[1]:>9} {cells[2]:>10} {cells[3]:>10} "
-                  f"{m.get('loss_rel_diff', float('nan')):>9.1e} {grad:>9.1e}")  # fmt: skip
+            print(
+                f"{key:<11} {m['tokens']:>6} {cells[0]:>9} {cells[1]:>9} {cells[2]:>10} {cells[3]:>10} "
+                f"{m.get('loss_rel_diff', float('nan')):>9.1e} {grad:>9.1e}"
+            )
     summary = parts.get("step", {}).get("summary")
     if summary:
-        print(f"{'step':<11} {'rollout s':>9} {'scoring s':>9} {'update s':>9} {'step s':>8} {'tokens/s':>9} "
-              f"{'peak MiB':>9}")  # fmt: skip
+        print(
+            f"{'step':<11} {'rollout s':>9} {'scoring s':>9} {'update s':>9} {'step s':>8} {'tokens/s':>9} "
+            f"{'peak MiB':>9}"
+        )
         for method in ("dopd", "opd-priv"):
             s = summary[method]
             peak = f"{s['step_peak_mib']:.0f}" if "step_peak_mib" in s else "-"  # CUDA only
@@ -1033,8 +1128,11 @@ def run_check(args, report: Report, start: float) -> None:
     names, fallbacks = measurement_names(settings, pair, args.skip_tests)
     budget = Budget(args.budget_s, settings.estimates, start, fallbacks)
     budget.plan(names)
-    report.data["budget"] = {"estimates_s": settings.estimates, "planned": list(budget.pending),
-                             "dropped": budget.dropped}  # fmt: skip
+    report.data["budget"] = {
+        "estimates_s": settings.estimates,
+        "planned": list(budget.pending),
+        "dropped": budget.dropped,
+    }
     report.run("loss", lambda record, save: loss_part(record, save, settings, device, budget))
     if args.skip_tests:
         report.skip("gpu_tests", "--skip-tests")
@@ -1077,10 +1175,17 @@ def main(argv=None) -> int:
         print("\n".join(f"{name}=={version}" for name, version in WHEELS.items()))
         return 0
     start = time.perf_counter()
-    report = Report(args.out, {
-        "check": "dopd gpu_check", "mode": "tiny" if args.tiny else "gpu", "argv": sys.argv[1:],
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "budget_s": args.budget_s, "out": args.out,
-    })  # fmt: skip
+    report = Report(
+        args.out,
+        {
+            "check": "dopd gpu_check",
+            "mode": "tiny" if args.tiny else "gpu",
+            "argv": sys.argv[1:],
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "budget_s": args.budget_s,
+            "out": args.out,
+        },
+    )
     offline_environment()
     quiet_libraries()
     try:

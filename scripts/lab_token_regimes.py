@@ -4,15 +4,17 @@ Plan tokens are the operands a step chooses (the first character of each step an
 operator): on the `order` task they carry the evaluation order that only the privileged input gives. The other
 tokens are results, separators and the answer.
 
-    python scripts/lab_token_regimes.py runs/lab-default/hints/dopd/seed_*/samples.jsonl
+    python scripts/lab_token_regimes.py runs/lab/hints/dopd/lr0.0003/seed_*/samples.jsonl
 """
 
 from __future__ import annotations
 
 import collections
-import json
 import statistics
 import sys
+
+from dopd.routing import REGIMES
+from dopd.run_dir import read_jsonl
 
 
 def plan_positions(tokens: list[str]) -> list[bool]:
@@ -30,8 +32,7 @@ def main(paths: list[str]) -> None:
     gaps: dict[str, list[float]] = {"plan": [], "other": []}
     samples = 0
     for path in paths:
-        for line in open(path):
-            sample = json.loads(line)
+        for sample in read_jsonl(path):
             samples += 1
             for is_plan, regime, gap in zip(plan_positions(sample["tokens"]), sample["regime"], sample["gap"]):
                 if regime is not None:
@@ -41,7 +42,7 @@ def main(paths: list[str]) -> None:
     print(f"{samples} samples")
     for kind in ("plan", "other"):
         total = sum(regimes[kind].values())
-        fractions = ", ".join(f"{r} {regimes[kind][r] / total:.2f}" for r in ("LH", "LL", "HT", "HS"))
+        fractions = ", ".join(f"{r} {regimes[kind][r] / total:.2f}" for r in REGIMES)
         print(
             f"{kind:>5} tokens ({total}): {fractions}; gap mean {statistics.fmean(gaps[kind]):.3f}, "
             f"median {statistics.median(gaps[kind]):.3f}"

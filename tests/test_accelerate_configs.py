@@ -98,10 +98,20 @@ def test_fsdp2_config_wraps_qwen3_decoder_layers(monkeypatch):
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
     from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeDecoderLayer
 
-    teacher = Qwen3MoeForCausalLM(Qwen3MoeConfig(
-        vocab_size=40, hidden_size=16, intermediate_size=32, moe_intermediate_size=8, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=8, num_experts=4, num_experts_per_tok=2,
-    ))  # fmt: skip
+    teacher = Qwen3MoeForCausalLM(
+        Qwen3MoeConfig(
+            vocab_size=40,
+            hidden_size=16,
+            intermediate_size=32,
+            moe_intermediate_size=8,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=8,
+            num_experts=4,
+            num_experts_per_tok=2,
+        )
+    )
     with pytest.raises(ValueError, match="Could not find the transformer layer class Qwen3DecoderLayer"):
         fsdp2_prepare_auto_wrap_policy(plugin, teacher)
     own = teacher_fsdp_plugin(plugin, teacher)

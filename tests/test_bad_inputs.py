@@ -70,8 +70,15 @@ def eval_args(inputs, *extra):
 
 
 def train_args(inputs, *extra):
-    return ["train", f"model.student={inputs['student']}", f"model.teacher={inputs['teacher']}",
-            f"data.path={inputs['data']}", "logging.output_dir=run", *STEPS, *extra]  # fmt: skip
+    return [
+        "train",
+        f"model.student={inputs['student']}",
+        f"model.teacher={inputs['teacher']}",
+        f"data.path={inputs['data']}",
+        "logging.output_dir=run",
+        *STEPS,
+        *extra,
+    ]
 
 
 # (command line, the text the one line must hold: the key or option named, and what is wrong)
@@ -188,8 +195,9 @@ CASES = {
 
 
 def _snapshot(path) -> list[str]:
-    return sorted(os.path.relpath(os.path.join(root, name), path)
-                  for root, dirs, files in os.walk(path) for name in dirs + files)  # fmt: skip
+    return sorted(
+        os.path.relpath(os.path.join(root, name), path) for root, dirs, files in os.walk(path) for name in dirs + files
+    )
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -206,16 +214,44 @@ def test_bad_input_stops_with_one_line_and_leaves_nothing(case, inputs, tmp_path
     error = [line for line in error if not line.startswith("dopd: loaded")]
     assert code == 2, (case, error)
     assert len(error) == 1 and "Traceback" not in error[0], (case, error)
-    assert error[0].startswith(("dopd: error:", "dopd train: error:", "dopd lab: error:", "dopd eval: error:",
-                                "dopd hints: error:", "dopd report: error:")), error[0]  # fmt: skip
+    assert error[0].startswith(
+        (
+            "dopd: error:",
+            "dopd train: error:",
+            "dopd lab: error:",
+            "dopd eval: error:",
+            "dopd hints: error:",
+            "dopd report: error:",
+        )
+    ), error[0]
     assert expected in error[0], (case, error[0])
     assert _snapshot(tmp_path) == [], (case, _snapshot(tmp_path))  # nothing written where the command ran
     assert {path: os.path.getmtime(path) for path in paths} == before_inputs  # the inputs untouched
 
 
 def test_there_are_at_least_forty_cases_over_every_command():
-    commands = {CASES[case]({k: "x" for k in ("student", "teacher", "data", "math", "existing_out", "no_runs",
-                                              "other_vocabulary", "other_template", "bad_yaml", "list_yaml",
-                                              "numbers", "no_user", "empty_hints", "text")})[0][0]
-                for case in CASES}  # fmt: skip
+    commands = {
+        CASES[case](
+            {
+                k: "x"
+                for k in (
+                    "student",
+                    "teacher",
+                    "data",
+                    "math",
+                    "existing_out",
+                    "no_runs",
+                    "other_vocabulary",
+                    "other_template",
+                    "bad_yaml",
+                    "list_yaml",
+                    "numbers",
+                    "no_user",
+                    "empty_hints",
+                    "text",
+                )
+            }
+        )[0][0]
+        for case in CASES
+    }
     assert len(CASES) >= 40 and commands == {"train", "lab", "eval", "hints", "report"}

@@ -60,8 +60,15 @@ def plain(objective, case: Case, scale: float = 1.0, **kwargs):
     logits = hidden @ weight.T + bias
     self_logits = case.self_hidden @ case.weight.T + case.bias
     teacher_logits = case.teacher_hidden @ case.teacher_weight.T + case.teacher_bias
-    out = compute_objective(objective, logits, case.ids, case.mask, self_logits_BTV=self_logits,
-                            teacher_logits_BTV=teacher_logits, **with_scope(kwargs))  # fmt: skip
+    out = compute_objective(
+        objective,
+        logits,
+        case.ids,
+        case.mask,
+        self_logits_BTV=self_logits,
+        teacher_logits_BTV=teacher_logits,
+        **with_scope(kwargs),
+    )
     (scale * out.loss).backward()
     return out, (hidden.grad, weight.grad, bias.grad)
 
@@ -178,17 +185,24 @@ def test_without_bias():
     case = make_case(seed=2)
     hidden, weight = case.hidden.clone().requires_grad_(), case.weight.clone().requires_grad_()
     out = chunked_objective(
-        objective, Head(hidden, weight), case.ids, case.mask,
-        self_head=Head(case.self_hidden, case.weight), teacher_head=Head(case.teacher_hidden, case.teacher_weight),
+        objective,
+        Head(hidden, weight),
+        case.ids,
+        case.mask,
+        self_head=Head(case.self_hidden, case.weight),
+        teacher_head=Head(case.teacher_hidden, case.teacher_weight),
         chunk_size=4,
-    )  # fmt: skip
+    )
     out.loss.backward()
     hidden_p, weight_p = case.hidden.clone().requires_grad_(), case.weight.clone().requires_grad_()
     reference = compute_objective(
-        objective, hidden_p @ weight_p.T, case.ids, case.mask,
+        objective,
+        hidden_p @ weight_p.T,
+        case.ids,
+        case.mask,
         self_logits_BTV=case.self_hidden @ case.weight.T,
         teacher_logits_BTV=case.teacher_hidden @ case.teacher_weight.T,
-    )  # fmt: skip
+    )
     reference.loss.backward()
     assert out.loss.item() == pytest.approx(reference.loss.item(), rel=1e-5)
     torch.testing.assert_close(hidden.grad, hidden_p.grad, rtol=1e-5, atol=1e-7)
@@ -221,10 +235,16 @@ def test_all_masked_batch_gives_zero_loss_and_zero_gradients():
 def test_precomputed_scores_and_thresholds_give_the_same_result(option):
     objective = build_objective({"top_k": K, **option})
     case = make_case()
-    self_scores = score_target(Head(case.self_hidden, case.weight, case.bias), case.ids, case.mask,
-                               objective.top_k_for("self"), chunk_size=3)  # fmt: skip
-    teacher_scores = score_target(Head(case.teacher_hidden, case.teacher_weight, case.teacher_bias), case.ids,
-                                  case.mask, objective.top_k_for("teacher"), chunk_size=3)  # fmt: skip
+    self_scores = score_target(
+        Head(case.self_hidden, case.weight, case.bias), case.ids, case.mask, objective.top_k_for("self"), chunk_size=3
+    )
+    teacher_scores = score_target(
+        Head(case.teacher_hidden, case.teacher_weight, case.teacher_bias),
+        case.ids,
+        case.mask,
+        objective.top_k_for("teacher"),
+        chunk_size=3,
+    )
     thresholds = compute_batch_thresholds(objective, self_scores, teacher_scores, case.mask)
     assert thresholds is not None
     given = chunked(objective, case, 3, self_scores=self_scores, teacher_scores=teacher_scores, thresholds=thresholds)
@@ -253,10 +273,15 @@ def test_a_teacher_given_by_its_top_k_alone_matches_the_plain_form(option, monke
     expected = plain(objective, case, generator=torch.Generator().manual_seed(5))
     hidden, weight, bias = (x.clone().requires_grad_() for x in (case.hidden, case.weight, case.bias))
     out = chunked_objective(
-        objective, Head(hidden, weight, bias), case.ids, case.mask,
-        self_head=Head(case.self_hidden, case.weight, case.bias), teacher_scores=scores, chunk_size=3,
+        objective,
+        Head(hidden, weight, bias),
+        case.ids,
+        case.mask,
+        self_head=Head(case.self_hidden, case.weight, case.bias),
+        teacher_scores=scores,
+        chunk_size=3,
         **with_scope({"generator": torch.Generator().manual_seed(5)}),
-    )  # fmt: skip
+    )
     out.loss.backward()
     assert expected[0].loss.item() != 0
     assert_same(expected, (out, (hidden.grad, weight.grad, bias.grad)), rtol=1e-5)
@@ -330,17 +355,19 @@ def test_score_target_keeps_full_logprobs_of_small_passes_only(monkeypatch):
 def test_chunked_checks_its_inputs():
     objective = build_objective({"top_k": K})
     case = make_case()
+    student, self_head = Head(case.hidden, case.weight, case.bias), Head(case.self_hidden, case.weight, case.bias)
+    teacher = Head(case.teacher_hidden, case.teacher_weight, case.teacher_bias)
     narrow = Head(case.teacher_hidden, case.teacher_weight[:-1], case.teacher_bias[:-1])
+
+    def call(objective, **heads):
+        return chunked_objective(objective, student, case.ids, case.mask, self_head=self_head, **heads)
+
     with pytest.raises(ValueError, match=r"11 rows and the teacher's has 10.*tokenizer"):
-        chunked_objective(objective, Head(case.hidden, case.weight, case.bias), case.ids, case.mask,
-                          self_head=Head(case.self_hidden, case.weight, case.bias), teacher_head=narrow)  # fmt: skip
+        call(objective, teacher_head=narrow)
     with pytest.raises(ValueError, match="needs the teacher's hidden states"):
-        chunked_objective(objective, Head(case.hidden, case.weight, case.bias), case.ids, case.mask,
-                          self_head=Head(case.self_hidden, case.weight, case.bias))  # fmt: skip
+        call(objective)
     with pytest.raises(ValueError, match="larger than the vocabulary"):
-        chunked_objective(build_objective({"top_k": 12}), Head(case.hidden, case.weight, case.bias), case.ids,
-                          case.mask, self_head=Head(case.self_hidden, case.weight, case.bias),
-                          teacher_head=Head(case.teacher_hidden, case.teacher_weight, case.teacher_bias))  # fmt: skip
+        call(build_objective({"top_k": 12}), teacher_head=teacher)
 
 
 def test_num_sequences_matches_plain():

@@ -19,8 +19,10 @@ from dopd.train import Trainer, train
 
 
 def stream(lengths, entropies):
-    return [{"step": i + 1, "completion_length/mean": n, "entropy/student": e}
-            for i, (n, e) in enumerate(zip(lengths, entropies))]  # fmt: skip
+    return [
+        {"step": i + 1, "completion_length/mean": n, "entropy/student": e}
+        for i, (n, e) in enumerate(zip(lengths, entropies))
+    ]
 
 
 def test_collapse_flag_fires_on_a_collapsing_stream(caplog):

@@ -45,14 +45,16 @@ def loss_case(dtype: torch.dtype, seed: int = 0) -> dict:
 
     lengths = torch.tensor([96, 70, 33])
     return {
-        "hidden": randn(B, T, H, scale=1.0, step=1 / 8), "weight": randn(V, H, scale=3 / H**0.5, step=1 / 64),
-        "bias": randn(V, scale=0.3, step=1 / 64), "self_hidden": randn(B, T, H, scale=1.0, step=1 / 8),
+        "hidden": randn(B, T, H, scale=1.0, step=1 / 8),
+        "weight": randn(V, H, scale=3 / H**0.5, step=1 / 64),
+        "bias": randn(V, scale=0.3, step=1 / 64),
+        "self_hidden": randn(B, T, H, scale=1.0, step=1 / 8),
         "teacher_hidden": randn(B, T, H_T, scale=1.0, step=1 / 8),
         "teacher_weight": randn(V, H_T, scale=3 / H_T**0.5, step=1 / 64),
         "teacher_bias": randn(V, scale=0.3, step=1 / 64),
         "ids": torch.randint(0, V, (B, T), generator=g).to(DEVICE),
         "mask": (torch.arange(T)[None, :] < lengths[:, None]).to(DEVICE),
-    }  # fmt: skip
+    }
 
 
 def run_loss(form: str, objective, case: dict):
@@ -64,16 +66,23 @@ def run_loss(form: str, objective, case: dict):
     teacher = (case["teacher_hidden"], case["teacher_weight"], case["teacher_bias"])
     if form == "plain":
         out = compute_objective(
-            objective, student_logits_BTV=hidden @ weight.T + bias, completion_ids_BT=case["ids"],
-            mask_BT=case["mask"], self_logits_BTV=case["self_hidden"] @ case["weight"].T + case["bias"],
+            objective,
+            student_logits_BTV=hidden @ weight.T + bias,
+            completion_ids_BT=case["ids"],
+            mask_BT=case["mask"],
+            self_logits_BTV=case["self_hidden"] @ case["weight"].T + case["bias"],
             teacher_logits_BTV=teacher[0] @ teacher[1].T + teacher[2],
-        )  # fmt: skip
+        )
     else:
         out = chunked_objective(
-            objective, Head(hidden, weight, bias), completion_ids_BT=case["ids"], mask_BT=case["mask"],
-            self_head=Head(case["self_hidden"], case["weight"], case["bias"]), teacher_head=Head(*teacher),
+            objective,
+            Head(hidden, weight, bias),
+            completion_ids_BT=case["ids"],
+            mask_BT=case["mask"],
+            self_head=Head(case["self_hidden"], case["weight"], case["bias"]),
+            teacher_head=Head(*teacher),
             chunk_size=CHUNK,
-        )  # fmt: skip
+        )
     out.loss.backward()
     return out, (hidden.grad, weight.grad, bias.grad)
 
@@ -117,8 +126,9 @@ def test_chunked_matches_plain_on_cuda_bf16():
 
     objective = build_objective({"method": "dopd", "top_k": K})
     case = loss_case(torch.bfloat16, seed=1)
-    reference, reference_grads = run_loss("plain", objective, {k: v.float() if v.is_floating_point() else v
-                                                               for k, v in case.items()})  # fmt: skip
+    reference, reference_grads = run_loss(
+        "plain", objective, {k: v.float() if v.is_floating_point() else v for k, v in case.items()}
+    )
     (plain, plain_grads), (chunked, chunked_grads) = (run_loss(f, objective, case) for f in ("plain", "chunked"))
     assert plain_grads[1].dtype == chunked_grads[1].dtype == torch.bfloat16
     losses = {

@@ -23,8 +23,15 @@ def tiny_check(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_check") / "check.json"
     env = {**os.environ, "PYTHON": sys.executable}
     start = time.perf_counter()
-    run = subprocess.run(["bash", os.path.join(REPO, "scripts", "gpu_check.sh"), "--tiny", "--out", str(out)],
-                         cwd=REPO, env=env, check=False, capture_output=True, text=True, timeout=120)  # fmt: skip
+    run = subprocess.run(
+        ["bash", os.path.join(REPO, "scripts", "gpu_check.sh"), "--tiny", "--out", str(out)],
+        cwd=REPO,
+        env=env,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     seconds = time.perf_counter() - start
     assert run.returncode == 0, run.stderr[-4000:]
     return json.loads(out.read_text()), run.stdout, seconds
@@ -68,8 +75,9 @@ def test_tiny_check_step_times_both_methods_on_the_same_rollouts(tiny_check):
         figures = summary[method]
         for key in ("rollout_s", "scoring_s", "update_s", "step_s", "tokens_per_second", "tokens"):
             assert figures[key] > 0, (method, key)
-        assert figures["step_s"] == pytest.approx(figures["rollout_s"] + figures["scoring_s"] + figures["update_s"],
-                                                  rel=1e-2)  # fmt: skip
+        assert figures["step_s"] == pytest.approx(
+            figures["rollout_s"] + figures["scoring_s"] + figures["update_s"], rel=1e-2
+        )
         assert len(figures["losses"]) == 2 and all(math.isfinite(loss) for loss in figures["losses"])
     assert summary["dopd"]["rollout_s"] == summary["opd-priv"]["rollout_s"]  # one rollout per repetition
     assert summary["dopd"]["tokens"] == summary["opd-priv"]["tokens"]
@@ -160,15 +168,25 @@ def test_a_failing_part_is_recorded_and_the_next_still_runs(tmp_path):
     ],
 )
 def test_bad_options_fail_in_one_line(arguments, message):
-    run = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "gpu_check.py"), *arguments],
-                         check=False, capture_output=True, text=True, timeout=60)  # fmt: skip
+    run = subprocess.run(
+        [sys.executable, os.path.join(REPO, "scripts", "gpu_check.py"), *arguments],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert run.returncode == 2
     assert run.stderr.startswith(message) and len(run.stderr.strip().splitlines()) == 1
 
 
 def test_list_wheels_prints_the_pins_gpu_wheels_sh_downloads():
-    run = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "gpu_check.py"), "--list-wheels"],
-                         check=False, capture_output=True, text=True, timeout=60)  # fmt: skip
+    run = subprocess.run(
+        [sys.executable, os.path.join(REPO, "scripts", "gpu_check.py"), "--list-wheels"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert run.returncode == 0
     assert run.stdout.split() == [f"{name}=={version}" for name, version in gpu_check.WHEELS.items()]
     assert set(gpu_check.WHEELS) <= set(gpu_check.NEEDED_MODULES.values())

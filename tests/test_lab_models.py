@@ -14,15 +14,13 @@ from dopd.lab.models import (
     LabPairConfig,
     ModelSize,
     WeakPairError,
-    check_properties,
-    choose_student,
     default_pair_config,
-    describe_weakness,
     load_or_build_pair,
     pair_config_with,
     shipped_config,
 )
 from dopd.lab.pretraining import make_model, sft_batch
+from dopd.lab.properties import check_properties, choose_student, describe_weakness
 from dopd.lab.tasks import PRIVILEGED_KINDS, Example, get_task
 from dopd.lab.tokenizer import build_tokenizer
 

@@ -11,10 +11,10 @@ import sys
 
 import pytest
 
-from dopd.cli import _split_methods
+from dopd.lab.methods import method_specs, parse_method, split_methods
 from dopd.lab.models import WeakPairError
 from dopd.lab.results import choose_rates, paired, standard_error
-from dopd.lab.runner import LabConfig, check_lab_config, method_specs, parse_method, run_lab
+from dopd.lab.runner import LabConfig, check_lab_config, run_lab
 
 TINY_PAIR = ["teacher={layers: 1, hidden: 16, heads: 2, kv_heads: 1, intermediate: 32}", "teacher_steps=4",
              "student_checkpoints=[2]", "batch_size=4", "warmup_steps=1"]  # fmt: skip
@@ -27,7 +27,7 @@ def test_method_overrides_parse():
     assert dict(parse_method("dopd[regimes=HT]").overrides) == {"regimes": ["HT"]}
     assert dict(parse_method("opsd[objective.self_weights=live]").overrides) == {"self_weights": "live"}
     assert parse_method("opd").overrides == () and parse_method("opd").label == "opd"
-    assert _split_methods("opd,dopd[beta_w=0.2,beta_l=0.5], opsd") == ["opd", "dopd[beta_w=0.2,beta_l=0.5]", "opsd"]
+    assert split_methods("opd,dopd[beta_w=0.2,beta_l=0.5], opsd") == ["opd", "dopd[beta_w=0.2,beta_l=0.5]", "opsd"]
 
 
 @pytest.mark.parametrize(
@@ -75,8 +75,9 @@ def test_lab_options_are_checked_before_any_work(tmp_path, change, message):
 def test_cli_refuses_bad_lab_options_with_one_line(tmp_path):
     out = tmp_path / "lab"
     for args in (["--seeds", "a,b"], ["--steps", "-5"], ["--methods", "dopd[self_weight=x]"], ["--quick", "--full"]):
-        run = subprocess.run([sys.executable, "-m", "dopd", "lab", "--out", str(out), *args],
-                             capture_output=True, text=True, timeout=120)  # fmt: skip
+        run = subprocess.run(
+            [sys.executable, "-m", "dopd", "lab", "--out", str(out), *args], capture_output=True, text=True, timeout=120
+        )
         assert run.returncode == 2, (args, run.stderr)
         lines = run.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("dopd: error:") and "Traceback" not in run.stderr, args
@@ -84,17 +85,26 @@ def test_cli_refuses_bad_lab_options_with_one_line(tmp_path):
 
 
 def _record(label, lr, seed, validation, test):
-    return {"label": label, "lr": lr, "seed": seed, "validation_accuracy": validation,
-            "test": {"answer_accuracy": test}}  # fmt: skip
+    return {
+        "label": label,
+        "lr": lr,
+        "seed": seed,
+        "validation_accuracy": validation,
+        "test": {"answer_accuracy": test},
+    }
 
 
 def test_rates_and_paired_differences_by_hand():
     records = [
-        _record("a", 1e-4, 0, 0.50, 0.50), _record("a", 1e-4, 1, 0.52, 0.54),
-        _record("a", 3e-4, 0, 0.60, 0.61), _record("a", 3e-4, 1, 0.58, 0.59),
-        _record("b", 1e-4, 0, 0.70, 0.72), _record("b", 1e-4, 1, 0.72, 0.70),
-        _record("b", 3e-4, 0, 0.40, 0.41), _record("b", 3e-4, 1, 0.44, 0.43),
-    ]  # fmt: skip
+        _record("a", 1e-4, 0, 0.50, 0.50),
+        _record("a", 1e-4, 1, 0.52, 0.54),
+        _record("a", 3e-4, 0, 0.60, 0.61),
+        _record("a", 3e-4, 1, 0.58, 0.59),
+        _record("b", 1e-4, 0, 0.70, 0.72),
+        _record("b", 1e-4, 1, 0.72, 0.70),
+        _record("b", 3e-4, 0, 0.40, 0.41),
+        _record("b", 3e-4, 1, 0.44, 0.43),
+    ]
     common, own, by_rate = choose_rates(records, ["a", "b"], [1e-4, 3e-4])
     assert by_rate[1e-4] == pytest.approx(0.61) and by_rate[3e-4] == pytest.approx(0.505)
     assert common == 1e-4 and own == {"a": 3e-4, "b": 1e-4}
@@ -117,8 +127,9 @@ QUICK = ["--quick", "--methods", "dopd,opsd[self_weights=live]", "--workers", "2
 
 
 def _lab(out, *args):
-    run = subprocess.run([sys.executable, "-m", "dopd", "lab", "--out", str(out), *args],
-                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    run = subprocess.run(
+        [sys.executable, "-m", "dopd", "lab", "--out", str(out), *args], capture_output=True, text=True, timeout=600
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     return run.stdout, json.loads((out / "results.json").read_text())
 

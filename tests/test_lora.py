@@ -36,8 +36,11 @@ def test_lora_trains_only_adapter_weights(pair, tmp_path):  # noqa: F811
 
 
 def test_privileged_pass_runs_the_adapter(pair, tmp_path):  # noqa: F811
-    trainer = Trainer(make_config(pair, tmp_path / "run", *LORA, "rollout.temperature=0", "train.steps=2",
-                                  "objective.self_weights=live"))  # fmt: skip
+    trainer = Trainer(
+        make_config(
+            pair, tmp_path / "run", *LORA, "rollout.temperature=0", "train.steps=2", "objective.self_weights=live"
+        )
+    )
     trainer.run()  # a trained adapter, so that adapters on and off differ
     prompts = trainer.local_prompts()
     rollouts = trainer.engine.generate([trainer.prompts.student_ids[p] for p in prompts], 2)

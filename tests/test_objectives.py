@@ -143,8 +143,15 @@ def run(config=None, batch=None, **kwargs):
     student, ids, mask, self_logits, teacher_logits, _ = batch or hand_batch()
     student = student.clone().requires_grad_()
     objective = build_objective({"top_k": K, **(config or {})})
-    out = compute_objective(objective, student, ids, mask, self_logits_BTV=self_logits,
-                            teacher_logits_BTV=teacher_logits, **with_scope(kwargs))  # fmt: skip
+    out = compute_objective(
+        objective,
+        student,
+        ids,
+        mask,
+        self_logits_BTV=self_logits,
+        teacher_logits_BTV=teacher_logits,
+        **with_scope(kwargs),
+    )
     return out, student
 
 
@@ -320,8 +327,11 @@ def test_longer_sequence_does_not_weigh_more():
     """Sequence B repeats sequence A's tokens twice: [A, B] has the loss of [A, A]."""
     student, ids, mask, _, teacher, _ = hand_batch()
     a = slice(0, 2)
-    doubled = (torch.cat([student[0, a], student[0, a]]), torch.cat([ids[0, a], ids[0, a]]),
-               torch.cat([teacher[0, a], teacher[0, a]]))  # fmt: skip
+    doubled = (
+        torch.cat([student[0, a], student[0, a]]),
+        torch.cat([ids[0, a], ids[0, a]]),
+        torch.cat([teacher[0, a], teacher[0, a]]),
+    )
     student_2 = torch.stack([torch.cat([student[0, a], student[0, a].new_zeros(2, V)]), doubled[0]])
     ids_2 = torch.stack([torch.cat([ids[0, a], ids[0, a].new_zeros(2)]), doubled[1]])
     teacher_2 = torch.stack([torch.cat([teacher[0, a], teacher[0, a]]), doubled[2]])
@@ -358,15 +368,23 @@ def test_eopd_adds_forward_kl_on_high_teacher_entropy_tokens():
 
 @pytest.mark.parametrize(
     "method,needs_self,needs_teacher",
-    [("dopd", True, True), ("opd", False, True), ("opd-priv", False, True), ("opsd", True, False),
-     ("gkd", False, True), ("eopd", False, True)],
-)  # fmt: skip
+    [
+        ("dopd", True, True),
+        ("opd", False, True),
+        ("opd-priv", False, True),
+        ("opsd", True, False),
+        ("gkd", False, True),
+        ("eopd", False, True),
+    ],
+)
 def test_every_method_builds(method, needs_self, needs_teacher):
     objective = build_objective(method)
     assert objective.config.method == method and objective.terms
     assert (objective.needs_self, objective.needs_teacher) == (needs_self, needs_teacher)
-    assert objective.teacher_privileged == {"dopd": True, "opd": False, "opd-priv": True, "opsd": None,
-                                            "gkd": False, "eopd": False}[method]  # fmt: skip
+    assert (
+        objective.teacher_privileged
+        == {"dopd": True, "opd": False, "opd-priv": True, "opsd": None, "gkd": False, "eopd": False}[method]
+    )
 
 
 def test_dopd_terms_are_the_spec_table():
@@ -395,8 +413,14 @@ def test_beta_w_not_below_beta_l_warns_for_dopd_only():
 def test_top_k_larger_than_vocabulary_raises():
     student, ids, mask, self_logits, teacher_logits, _ = hand_batch()
     with pytest.raises(ValueError, match=r"top_k = 8 is larger than the vocabulary \(4\)"):
-        compute_objective(build_objective({"top_k": 8}), student, ids, mask, self_logits_BTV=self_logits,
-                          teacher_logits_BTV=teacher_logits)  # fmt: skip
+        compute_objective(
+            build_objective({"top_k": 8}),
+            student,
+            ids,
+            mask,
+            self_logits_BTV=self_logits,
+            teacher_logits_BTV=teacher_logits,
+        )
     # A method without a Top-K term does not care about K.
     gkd = build_objective({"method": "gkd", "top_k": 8})
     assert compute_objective(gkd, student, ids, mask, teacher_logits_BTV=teacher_logits).loss.item() > 0
@@ -406,19 +430,22 @@ def test_mismatched_vocabulary_names_both_sizes_and_the_tokenizer():
     student, ids, mask, self_logits, teacher_logits, _ = hand_batch()
     wider = torch.cat([teacher_logits, teacher_logits[..., :1]], dim=-1)
     with pytest.raises(ValueError, match=r"student has 4 and the teacher has 5.*tokenizer"):
-        compute_objective(build_objective({"top_k": K}), student, ids, mask, self_logits_BTV=self_logits,
-                          teacher_logits_BTV=wider)  # fmt: skip
+        compute_objective(
+            build_objective({"top_k": K}), student, ids, mask, self_logits_BTV=self_logits, teacher_logits_BTV=wider
+        )
 
 
 def test_mismatched_sequence_lengths_raise():
     student, ids, mask, self_logits, teacher_logits, _ = hand_batch()
     objective = build_objective({"top_k": K})
     with pytest.raises(ValueError, match="sequence lengths differ.*teacher"):
-        compute_objective(objective, student, ids, mask, self_logits_BTV=self_logits,
-                          teacher_logits_BTV=teacher_logits[:, :3])  # fmt: skip
+        compute_objective(
+            objective, student, ids, mask, self_logits_BTV=self_logits, teacher_logits_BTV=teacher_logits[:, :3]
+        )
     with pytest.raises(ValueError, match="sequence lengths differ"):
-        compute_objective(objective, student, ids[:, :3], mask[:, :3], self_logits_BTV=self_logits,
-                          teacher_logits_BTV=teacher_logits)  # fmt: skip
+        compute_objective(
+            objective, student, ids[:, :3], mask[:, :3], self_logits_BTV=self_logits, teacher_logits_BTV=teacher_logits
+        )
 
 
 def test_missing_pass_raises():

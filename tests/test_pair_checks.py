@@ -70,13 +70,21 @@ def test_other_special_tokens_stop_the_run(pair, tmp_path):
 def test_teacher_chat_template_renders_its_prompts_and_the_scores_align(pair, other_template_teacher, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    trainer = Trainer(tiny.make_config(pair, tmp_path / "run", f"model.teacher={other_template_teacher}",
-                                       "data.teacher_chat_template=true", "objective.method=opd-priv"))  # fmt: skip
+    trainer = Trainer(
+        tiny.make_config(
+            pair,
+            tmp_path / "run",
+            f"model.teacher={other_template_teacher}",
+            "data.teacher_chat_template=true",
+            "objective.method=opd-priv",
+        )
+    )
     teacher_tokenizer = AutoTokenizer.from_pretrained(other_template_teacher)
     row = 0
     prompt = trainer.prompts.prompts[row] + "\n\n" + trainer.prompts.privileged[row]
-    expected = teacher_tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                     add_generation_prompt=True)  # fmt: skip
+    expected = teacher_tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
     assert trainer.prompts.teacher_ids[row] == teacher_tokenizer(expected, add_special_tokens=False)["input_ids"]
     assert trainer.prompts.student_ids[row] != trainer.prompts.teacher_ids[row][: len(trainer.prompts.student_ids[row])]
     rollouts = trainer.engine.generate([trainer.prompts.student_ids[row]], 2)

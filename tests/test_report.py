@@ -47,8 +47,16 @@ def runs(pair, tmp_path_factory):
     paths = {}
     for method, steps in (("dopd", 3), ("opd", 2)):
         out = str(directory / method)
-        train(tiny.make_config({**pair, "data": data}, out, f"train.steps={steps}", "train.prompts_per_step=3",
-                               "logging.num_samples=3", f"objective.method={method}"))  # fmt: skip
+        train(
+            tiny.make_config(
+                {**pair, "data": data},
+                out,
+                f"train.steps={steps}",
+                "train.prompts_per_step=3",
+                "logging.num_samples=3",
+                f"objective.method={method}",
+            )
+        )
         paths[method] = out
     torch.set_num_threads(threads)
     return paths

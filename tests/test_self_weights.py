@@ -85,6 +85,42 @@ def test_state_dict_round_trip_and_mismatch():
         weights.load_state_dict({"0.weight": state["0.weight"]})
 
 
+def test_a_copy_of_other_shapes_is_refused():
+    weights = SelfWeights("frozen", _linear())
+    halves = {name: tensor[: tensor.shape[0] // 2] for name, tensor in weights.state_dict().items()}
+    with pytest.raises(ValueError, match=r"0.weight has shape \(2, 3\), this run's \(4, 3\).*other sharding"):
+        weights.load_state_dict(halves)
+
+
+def test_sharded_parameters_are_copied_and_swapped_as_local_shards(tmp_path):
+    """An FSDP2 parameter is a DTensor: the copy holds its local shard and the swap writes into that shard (one
+    process, a one-device mesh)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        model = _linear()
+        mesh = init_device_mesh("cpu", (1,))
+        model[0].weight = torch.nn.Parameter(distribute_tensor(model[0].weight.data, mesh, [Shard(0)]))
+        weights = SelfWeights("ema", model, ema_decay=0.75)
+        start = [c.clone() for c in weights.copy]
+        assert not any(hasattr(c, "to_local") for c in weights.copy)
+        with torch.no_grad():
+            for p in weights.params:
+                (p.to_local() if hasattr(p, "to_local") else p).add_(1.0)
+        live = [(p.to_local() if hasattr(p, "to_local") else p).detach().clone() for p in weights.params]
+        with weights.swapped_in():
+            assert torch.equal(model[0].weight.to_local(), weights.copy[0])
+        assert torch.equal(model[0].weight.to_local(), live[0])
+        weights.after_step(1)
+        for copy, first, now in zip(weights.copy, start, live):
+            assert torch.allclose(copy, 0.75 * first + 0.25 * now)
+    finally:
+        dist.destroy_process_group()
+
+
 def test_unknown_mode():
     with pytest.raises(ValueError, match="objective.self_weights = 'stale' is unknown"):
         SelfWeights("stale", _linear())
@@ -97,33 +133,41 @@ def _self_scores(trainer, prompts, rollouts):
     return torch.cat([batch.self_scores.token_logprobs for batch in trainer.score(prompts, rollouts)])
 
 
-def test_frozen_scores_equal_at_step_0_and_step_k(pair, tmp_path):
-    trainer = Trainer(make_config(pair, tmp_path / "frozen", "objective.self_weights=frozen", "train.steps=3"))
+def _scores_before_and_after(trainer):
+    """The privileged self's scores of one set of completions before `trainer.run()` and after, and a function
+    that scores them again."""
     prompts = trainer.local_prompts()
     rollouts = trainer.engine.generate([trainer.prompts.student_ids[p] for p in prompts], 2)
     at_start = _self_scores(trainer, prompts, rollouts)
     trainer.run()
-    assert torch.equal(_self_scores(trainer, prompts, rollouts), at_start)
+    return at_start, lambda: _self_scores(trainer, prompts, rollouts)
+
+
+def test_frozen_scores_equal_at_step_0_and_step_k(pair, tmp_path):
+    trainer = Trainer(make_config(pair, tmp_path / "frozen", "objective.self_weights=frozen", "train.steps=3"))
+    at_start, scores = _scores_before_and_after(trainer)
+    assert torch.equal(scores(), at_start)
     # The live weights did move, so a live self pass on the same completions now scores otherwise.
     trainer.self_weights.mode = "live"
-    assert not torch.allclose(_self_scores(trainer, prompts, rollouts), at_start)
+    assert not torch.allclose(scores(), at_start)
 
 
 def test_live_self_pass_reads_the_training_weights(pair, tmp_path):
     trainer = Trainer(make_config(pair, tmp_path / "live", "train.steps=2", "objective.self_weights=live"))
-    prompts = trainer.local_prompts()
-    rollouts = trainer.engine.generate([trainer.prompts.student_ids[p] for p in prompts], 2)
-    at_start = _self_scores(trainer, prompts, rollouts)
-    trainer.run()
-    assert not torch.allclose(_self_scores(trainer, prompts, rollouts), at_start)
+    at_start, scores = _scores_before_and_after(trainer)
+    assert not torch.allclose(scores(), at_start)
 
 
 @pytest.mark.parametrize("setting", ["frozen", "ema", "lagged"])
 def test_resume_is_bit_identical(pair, tmp_path, setting):
     common = [
-        "train.steps=4", "checkpoint.save_every=2", f"objective.self_weights={setting}", "objective.self_ema_decay=0.5",
-        "objective.self_sync_every=3", "objective.method=opsd",
-    ]  # fmt: skip
+        "train.steps=4",
+        "checkpoint.save_every=2",
+        f"objective.self_weights={setting}",
+        "objective.self_ema_decay=0.5",
+        "objective.self_sync_every=3",
+        "objective.method=opsd",
+    ]
     straight = train(make_config(pair, tmp_path / "straight", *common))
     train_stopped_at(make_config(pair, tmp_path / "resumed", *common), step=2)
     saved = load_file(str(tmp_path / "resumed" / "checkpoints" / "step_000002" / "self_weights.safetensors"))

@@ -60,8 +60,16 @@ class FakeVLLM:
                 message = f"Requested prompt logprobs of {k}, which is greater than max allowed: {self.max_logprobs}"
                 return 400, {"object": "error", "message": message, "type": "BadRequestError", "code": 400}
             prompts = body["prompt"] if isinstance(body["prompt"][0], list) else [body["prompt"]]
-            choices = [{"index": i, "text": "", "logprobs": None, "finish_reason": "length",
-                        "prompt_logprobs": self.prompt_logprobs(p, k)} for i, p in enumerate(prompts)]  # fmt: skip
+            choices = [
+                {
+                    "index": i,
+                    "text": "",
+                    "logprobs": None,
+                    "finish_reason": "length",
+                    "prompt_logprobs": self.prompt_logprobs(p, k),
+                }
+                for i, p in enumerate(prompts)
+            ]
             return 200, {"object": "text_completion", "model": self.name, "choices": choices}
         return 404, {"object": "error", "message": f"no route {path}", "code": 404}
 
@@ -74,8 +82,11 @@ class FakeVLLM:
             ranks = {int(i): r + 1 for r, i in enumerate(row.argsort(descending=True).tolist())}
             entry = {}
             for token in [*row.topk(k).indices.tolist(), ids[position]]:
-                entry[str(token)] = {"logprob": float(row[token]), "rank": ranks[token],
-                                     "decoded_token": self.tokenizer.decode([token])}  # fmt: skip
+                entry[str(token)] = {
+                    "logprob": float(row[token]),
+                    "rank": ranks[token],
+                    "decoded_token": self.tokenizer.decode([token]),
+                }
             out.append(entry)
         return out
 
@@ -247,8 +258,15 @@ def test_a_served_teacher_gives_the_local_teachers_first_step(pair, server, tmp_
         ("served", [f"model.teacher_server.url={server.url}", f"model.teacher_server.top_k={V}"]),
         ("local", [f"model.teacher={pair['teacher']}", "model.teacher_server.url=null"]),
     ):
-        config = config_for(pair, tmp_path / name, server.url, f"objective.top_k={V}", "rollout.temperature=0",
-                            "objective.teacher_full=topk_bucket", *extra)  # fmt: skip
+        config = config_for(
+            pair,
+            tmp_path / name,
+            server.url,
+            f"objective.top_k={V}",
+            "rollout.temperature=0",
+            "objective.teacher_full=topk_bucket",
+            *extra,
+        )
         trainer = Trainer(config)
         losses[name] = trainer.step(0)
     for key in ("loss", "frac/LH", "frac/LL", "frac/HT", "frac/HS", "gap/mean"):

@@ -157,7 +157,10 @@ def load_state(directory: str, state: CheckpointState) -> int:
                 f"checkpoint.resume: {directory} holds no {SELF_WEIGHTS} (the privileged self's copy for "
                 f"objective.self_weights={state.config.objective.self_weights}); it was written by another run"
             )
-        state.self_weights.load_state_dict(load_file(path))
+        try:
+            state.self_weights.load_state_dict(load_file(path))
+        except ValueError as error:
+            raise ConfigError(f"checkpoint.resume: {directory}: {error}") from None
     rng_path = os.path.join(directory, f"rng_state_{state.accelerator.process_index}.pt")
     if os.path.exists(rng_path):
         _set_rng_state(torch.load(rng_path, map_location="cpu", weights_only=False))

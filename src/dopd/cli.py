@@ -28,6 +28,7 @@ def _lab(args: argparse.Namespace) -> int:
     import os
     import time
 
+    from .lab.methods import split_methods
     from .lab.models import WeakPairError
     from .lab.results import kind_markdown
     from .lab.runner import LabConfig, run_lab
@@ -43,7 +44,7 @@ def _lab(args: argparse.Namespace) -> int:
     values = {
         "task": args.task,
         "privilege": listed(args.privilege, option="--privilege"),
-        "methods": _split_methods(args.methods),
+        "methods": None if args.methods is None else split_methods(args.methods),
         "seeds": listed(args.seeds, int, "--seeds"),
         "steps": args.steps,
         "lr_grid": listed(args.lr_grid, float, "--lr-grid"),
@@ -67,22 +68,6 @@ def _lab(args: argparse.Namespace) -> int:
     print(f"\nresults: {os.path.join(config.out, 'results.json')} and results.md; plots under {config.out}/<kind>/")
     print(f"wall time: {results['timing']['total']} s")
     return 0
-
-
-def _split_methods(text: str | None) -> list[str] | None:
-    """Comma-separated methods, where a method's brackets may hold commas: `opd,dopd[beta_w=0.2,beta_l=0.5]`."""
-    if text is None:
-        return None
-    methods, depth, current = [], 0, ""
-    for char in text:
-        depth += {"[": 1, "]": -1}.get(char, 0)
-        if char == "," and depth == 0:
-            methods.append(current)
-            current = ""
-        else:
-            current += char
-    methods.append(current)
-    return [m.strip() for m in methods if m.strip()]
 
 
 def _report(args: argparse.Namespace) -> int:

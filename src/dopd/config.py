@@ -218,8 +218,9 @@ def _read_yaml(path) -> Any:
     if loaded is None:
         loaded = {}
     if not isinstance(loaded, dict):
-        raise ConfigError(f"--config {path} holds a {type(loaded).__name__}, not a mapping of sections (model:, data:, "
-                          "...)")  # fmt: skip
+        raise ConfigError(
+            f"--config {path} holds a {type(loaded).__name__}, not a mapping of sections (model:, data:, ...)"
+        )
     return OmegaConf.create(loaded)
 
 
@@ -365,8 +366,10 @@ def _check_teacher_server(config: Config, objective: Objective) -> Objective:
             "give (only its top-K); set objective.teacher_full=topk_bucket or serve no teacher"
         )
     if o.teacher_full is None:
-        raise ConfigError("objective.teacher_full is unset with a served teacher; load the config with load_config "
-                          "(config.resolve sets it to topk_bucket)")  # fmt: skip
+        raise ConfigError(
+            "objective.teacher_full is unset with a served teacher; load the config with load_config "
+            "(config.resolve sets it to topk_bucket)"
+        )
     teacher_topk = any(term.target == "teacher" and term.granularity == "topk" for term in objective.terms)
     if teacher_topk and o.topk_support != "target":
         raise ConfigError(
@@ -384,8 +387,10 @@ def _check_teacher_server(config: Config, objective: Objective) -> Objective:
             "raw log-probs); use objective.temperature=1 or a local teacher"
         )
     if config.train.chunk_size == 0:
-        raise ConfigError("train.chunk_size = 0 (the plain form) reads full teacher logits; a served teacher needs "
-                          "the chunked form: leave train.chunk_size null")  # fmt: skip
+        raise ConfigError(
+            "train.chunk_size = 0 (the plain form) reads full teacher logits; a served teacher needs "
+            "the chunked form: leave train.chunk_size null"
+        )
     if is_image_text(config):
         raise ConfigError("model.teacher_server does not carry images; image-text runs need a local teacher")
     if ts.top_k is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,27 +19,35 @@ from .config import ConfigError, DataConfig
 from .prompts import render_prompt
 
 _FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+# How messages name the settings of the data set: `dopd train`'s config keys. `dopd eval` and `dopd hints` read
+# data sets through the same functions and pass the names of their own options.
+CONFIG_KEYS = {
+    "path": "data.path",
+    "split": "data.split",
+    "prompt_column": "data.prompt_column",
+    "privileged_column": "data.privileged_column",
+}
 
 
-def load_rows(config: DataConfig):
+def load_rows(config: DataConfig, keys: Mapping[str, str] = CONFIG_KEYS):
     """The data set as a `datasets.Dataset`: a local file, a `save_to_disk` directory or a hub name (read without
-    `datasets`' progress bars)."""
+    `datasets`' progress bars). `keys`: the names errors give the settings (`CONFIG_KEYS`)."""
     from .loading import datasets_progress
 
     with datasets_progress(False):
-        return _load_rows(config)
+        return _load_rows(config, keys)
 
 
-def _load_rows(config: DataConfig):
+def _load_rows(config: DataConfig, keys: Mapping[str, str]):
     import datasets
 
-    path = config.path
+    path, path_key = config.path, keys["path"]
     try:
         if os.path.isfile(path):
             extension = os.path.splitext(path)[1].lower()
             if extension not in _FILE_BUILDERS:
                 raise ConfigError(
-                    f"data.path = {path} has extension {extension!r}; use .jsonl, .json, .parquet or .csv"
+                    f"{path_key} = {path} has extension {extension!r}; use .jsonl, .json, .parquet or .csv"
                 )
             dataset = datasets.load_dataset(_FILE_BUILDERS[extension], data_files=path, split="train")
         elif os.path.isdir(path) and (
@@ -49,7 +58,7 @@ def _load_rows(config: DataConfig):
             if isinstance(dataset, datasets.DatasetDict):
                 if config.split not in dataset:
                     raise ConfigError(
-                        f"data.split = {config.split!r} is not in {path}; it has {', '.join(dataset.keys())}"
+                        f"{keys['split']} = {config.split!r} is not in {path}; it has {', '.join(dataset.keys())}"
                     )
                 dataset = dataset[config.split]
         else:
@@ -57,41 +66,49 @@ def _load_rows(config: DataConfig):
     except ConfigError:
         raise
     except FileNotFoundError as error:
-        raise ConfigError(f"data.path = {path} could not be found ({error})") from None
+        raise ConfigError(f"{path_key} = {path} could not be found ({error})") from None
     except Exception as error:  # datasets raises many types for an unreadable or unreachable source
-        raise ConfigError(f"data.path = {path} could not be read: {type(error).__name__}: {error}") from None
+        raise ConfigError(f"{path_key} = {path} could not be read: {type(error).__name__}: {error}") from None
     if config.max_samples is not None:
         dataset = dataset.select(range(min(config.max_samples, len(dataset))))
     return dataset
 
 
-def check_columns(dataset, config: DataConfig, needs_privileged: bool) -> None:
-    """Stop with one message when a needed column is missing or holds empty values."""
+def check_columns(dataset, config: DataConfig, needs_privileged: bool, keys: Mapping[str, str] = CONFIG_KEYS) -> None:
+    """Stop with one message when a needed column is missing, holds empty values or values that cannot be
+    rendered. `keys`: the names errors give the settings (`CONFIG_KEYS`)."""
     if len(dataset) == 0:
-        raise ConfigError(f"data.path = {config.path} has no rows")
-    needed = [("data.prompt_column", config.prompt_column)]
+        raise ConfigError(f"{keys['path']} = {config.path} has no rows")
+    needed = [("prompt_column", _prompt_problem)]
     if needs_privileged:
-        needed.append(("data.privileged_column", config.privileged_column))
-    for key, column in needed:
-        if column not in dataset.column_names:
-            raise ConfigError(
-                f"{key} = {column!r} is not a column of {config.path}; its columns are "
-                f"{', '.join(dataset.column_names)} (rename the column or set {key})"
-            )
-        values = dataset[column]
-        empty = [i for i, value in enumerate(values) if _is_empty(value)]
-        if empty:
-            raise ConfigError(
-                f"{len(empty)} of {len(values)} rows have an empty {column!r} ({key}), the first at row {empty[0]}; "
-                "fill or drop them"
-            )
-        check = _prompt_problem if key == "data.prompt_column" else _text_problem
+        needed.append(("privileged_column", _text_problem))
+    for field_name, check in needed:
+        column, key = getattr(config, field_name), keys[field_name]
+        values = require_column(dataset, column, key, config.path)
         bad = [(i, problem) for i, value in enumerate(values) if (problem := check(value))]
         if bad:
             raise ConfigError(
                 f"{len(bad)} of {len(values)} rows have a {column!r} ({key}) that cannot be rendered, the first at row "
                 f"{bad[0][0]}: {bad[0][1]}"
             )
+
+
+def require_column(dataset, column: str, key: str, source: str, fix: str = "") -> list:
+    """The values of `column`, once it is known to exist and to have no empty row; otherwise one line naming `key`,
+    the setting that picks the column (`fix`: more help for a missing column)."""
+    if column not in dataset.column_names:
+        raise ConfigError(
+            f"{key} = {column!r} is not a column of {source}; its columns are {', '.join(dataset.column_names)} "
+            f"(rename the column or set {key}){fix}"
+        )
+    values = dataset[column]
+    empty = [i for i, value in enumerate(values) if _is_empty(value)]
+    if empty:
+        raise ConfigError(
+            f"{len(empty)} of {len(values)} rows have an empty {column!r} ({key}), the first at row {empty[0]}; "
+            "fill or drop them"
+        )
+    return values
 
 
 def _text_problem(value: Any) -> str | None:

@@ -50,8 +50,9 @@ def check_finite(name: str, step: int, values: torch.Tensor, mask: torch.Tensor 
     if bad.any():  # padding alone may hold them, and then nothing is wrong
         count = int(bad.flatten(1).any(-1).sum()) if bad.dim() > 1 else int(bad.sum())
         where = f"{count} of {values.shape[0]} completion tokens" if mask is not None else "its value"
-        raise NonFiniteError(f"step {step + 1}: {_PASS_NAMES.get(name, name)} is not finite ({where}); "
-                             f"{NonFiniteError.FIX}")  # fmt: skip
+        raise NonFiniteError(
+            f"step {step + 1}: {_PASS_NAMES.get(name, name)} is not finite ({where}); {NonFiniteError.FIX}"
+        )
 
 
 def early_eos_fraction(texts: list[str], finished: list[bool], pattern: str) -> float:
@@ -92,8 +93,12 @@ class CollapseWatch:
                 self.first_step[flag] = step
                 logger.warning(
                     "collapse at step %d: %s = %.4g is below %g x its first-steps value %.4g",
-                    step, key, metrics[key], fraction, reference,
-                )  # fmt: skip
+                    step,
+                    key,
+                    metrics[key],
+                    fraction,
+                    reference,
+                )
             flags[flag] = 1.0 if flag in self.first_step else 0.0
         if self.first_step:
             flags["collapse/step"] = float(min(self.first_step.values()))

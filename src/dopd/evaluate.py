@@ -37,31 +37,9 @@ from .answers import (  # noqa: F401  (the checkers and metrics are part of `dop
 )
 from .config import ConfigError, DataConfig
 from .prompts import DEFAULT_PRIVILEGED_TEMPLATE
+from .run_dir import write_json_atomic, write_text_atomic
 
 # ------------------------------------------------------------------------------------------------ results
-
-
-def write_json_atomic(path: str, payload: dict) -> None:
-    """Write to a temporary file beside `path`, then rename over it: a reader sees the old file or the new."""
-    temporary = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(temporary, "w", encoding="utf-8") as handle:
-            json.dump(payload, handle, indent=1, ensure_ascii=False)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-
-
-def write_text_atomic(path: str, text: str) -> None:
-    temporary = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(temporary, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
 
 
 def read_result(value: str, option: str) -> dict[str, Any]:
@@ -185,6 +163,15 @@ class EvalSpec:
     progress: bool = True
 
 
+# The options errors about the data set name (`data.load_rows`, `data.check_columns`).
+EVAL_KEYS = {
+    "path": "--data",
+    "split": "--split",
+    "prompt_column": "--prompt-column",
+    "privileged_column": "--privileged-column",
+}
+
+
 def check_spec(spec: EvalSpec) -> None:
     """The settings alone, before the data set is read."""
     from .prompts import check_template
@@ -223,7 +210,7 @@ def check_spec(spec: EvalSpec) -> None:
 
 def load_eval_rows(spec: EvalSpec) -> tuple[list, list, list[str | None], list[dict]]:
     """(prompts, answers, privileged contexts or Nones, rows) of the data set, columns checked."""
-    from .data import check_columns, load_rows
+    from .data import check_columns, load_rows, require_column
     from .hints import check_local_path
 
     check_local_path(spec.data, "--data")
@@ -236,29 +223,9 @@ def load_eval_rows(spec: EvalSpec) -> tuple[list, list, list[str | None], list[d
         answer_column=spec.answer_column,
         max_samples=spec.max_rows,
     )
-    try:
-        dataset = load_rows(config)
-        check_columns(dataset, config, needs_privileged=spec.privileged)
-    except ConfigError as error:
-        raise ConfigError(
-            str(error)
-            .replace("data.prompt_column", "--prompt-column")
-            .replace("data.privileged_column", "--privileged-column")
-            .replace("data.path", "--data")
-            .replace("data.split", "--split")
-        ) from None
-    if spec.answer_column not in dataset.column_names:
-        raise ConfigError(
-            f"--answer-column = {spec.answer_column!r} is not a column of {spec.data}; its columns are "
-            f"{', '.join(dataset.column_names)} (set --answer-column)"
-        )
-    answers = list(dataset[spec.answer_column])
-    empty = [i for i, a in enumerate(answers) if a is None or not str(a).strip()]
-    if empty:
-        raise ConfigError(
-            f"{len(empty)} of {len(answers)} rows have an empty {spec.answer_column!r} "
-            f"(--answer-column), the first at row {empty[0]}; fill or drop them"
-        )
+    dataset = load_rows(config, EVAL_KEYS)
+    check_columns(dataset, config, spec.privileged, EVAL_KEYS)
+    answers = list(require_column(dataset, spec.answer_column, "--answer-column", spec.data))
     privileged = list(dataset[spec.privileged_column]) if spec.privileged else [None] * len(answers)
     # Only the text columns a checker may read (the lab's reference completion), never an image column.
     extra = {column: list(dataset[column]) for column in ("completion",) if column in dataset.column_names}

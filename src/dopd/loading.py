@@ -50,8 +50,9 @@ def check_source(name: str, key: str, repo_type: str = "model") -> None:
         return
     shown = f"{key} {name}" if key.startswith("-") else f"{key} = {name}"
     if looks_local(name):
-        raise ConfigError(f"{shown} does not exist (no such file or directory: a local path, not a hub name); "
-                          "fix the path")  # fmt: skip
+        raise ConfigError(
+            f"{shown} does not exist (no such file or directory: a local path, not a hub name); fix the path"
+        )
     if hub_offline():
         if not _in_cache(name, repo_type):
             raise ConfigError(
@@ -129,8 +130,14 @@ def load_tokenizer(name: str, key: str, trust_remote_code: bool = False):
     return tokenizer
 
 
-def load_pretrained(path: str, key: str, dtype: torch.dtype, trust_remote_code: bool = False,
-                    attn_implementation: str | None = None, image_text: bool = False):  # fmt: skip
+def load_pretrained(
+    path: str,
+    key: str,
+    dtype: torch.dtype,
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
+    image_text: bool = False,
+):
     """A causal LM (or an image-text model) from a path or hub name, logged in one line."""
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
@@ -145,8 +152,14 @@ def load_pretrained(path: str, key: str, dtype: torch.dtype, trust_remote_code: 
     except Exception as error:
         raise ConfigError(f"the model {path} could not be loaded ({key}): {_first_line(error)}") from None
     count = sum(p.numel() for p in model.parameters())
-    logger.info("loaded %s: %s, %.3gM parameters, %s, %.1f s", key, path, count / 1e6, str(dtype).replace("torch.", ""),
-                time.time() - start)  # fmt: skip
+    logger.info(
+        "loaded %s: %s, %.3gM parameters, %s, %.1f s",
+        key,
+        path,
+        count / 1e6,
+        str(dtype).replace("torch.", ""),
+        time.time() - start,
+    )
     return model
 
 
@@ -241,8 +254,11 @@ def load_processing(config: Config):
     key = "model.tokenizer" if config.model.tokenizer else "model.student"
     m = config.model
     if not m.tokenizer and m.teacher and not has_tokenizer_files(m.student) and has_tokenizer_files(m.teacher):
-        logger.warning("model.student %s has no tokenizer files: both models read the teacher's tokenizer (%s)",
-                       m.student, m.teacher)  # fmt: skip
+        logger.warning(
+            "model.student %s has no tokenizer files: both models read the teacher's tokenizer (%s)",
+            m.student,
+            m.teacher,
+        )
         name, key = m.teacher, "model.teacher"
     return load_tokenizer(name, key, m.trust_remote_code), None
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 
 from . import losses, routing
 from .routing import HS, HT, LH, LL, REGIMES
+from .self_weights import MODES as SELF_WEIGHTS
 from .terms import ALL_TOKENS, HIGH_TEACHER_ENTROPY, Term
 
 METHODS: tuple[str, ...] = ("dopd", "opd", "opd-priv", "opsd", "gkd", "eopd", "sft")
@@ -34,7 +35,8 @@ _DEFAULT_TEACHER_PRIVILEGED = {
 
 @dataclass
 class ObjectiveConfig:
-    """Every option of the objective. Defaults are the paper's (spec.md); each field is one config key."""
+    """Every option of the objective, each field one config key. Defaults are the paper's where it gives one
+    (docs/method.md says which, and the reading taken where it does not)."""
 
     method: str = "dopd"  # dopd | opd | opd-priv | opsd | gkd | eopd | sft (the teacher samples, the student imitates)
     top_k: int = 128  # K of the Top-K terms
@@ -106,7 +108,7 @@ class Objective:
                     f"objective.{key} = {getattr(config, key)} must be >= 0 (a negative weight maximizes "
                     "its divergence)"
                 )
-        _one_of(config.self_weights, ("live", "frozen", "ema", "lagged"), "objective.self_weights")
+        _one_of(config.self_weights, SELF_WEIGHTS, "objective.self_weights")
         if not 0.0 <= config.self_ema_decay < 1.0:
             raise ValueError(f"objective.self_ema_decay = {config.self_ema_decay} must be in [0, 1)")
         if config.self_sync_every < 1:

@@ -58,8 +58,11 @@ def check_teacher_fidelity(config: Config, tokenizer):
         return None
     teacher = tokenizer_or_none(m.teacher, m.trust_remote_code)
     if teacher is None:
-        logger.warning("model.teacher %s has no tokenizer files: it reads the student's tokenizer (%d tokens)",
-                       m.teacher, len(tokenizer))  # fmt: skip
+        logger.warning(
+            "model.teacher %s has no tokenizer files: it reads the student's tokenizer (%d tokens)",
+            m.teacher,
+            len(tokenizer),
+        )
         return None
     if teacher.get_vocab() != tokenizer.get_vocab():
         raise ConfigError(

@@ -14,9 +14,10 @@ from torch import Tensor
 
 from . import losses
 from .terms import (
+    TARGET_LABELS,
     LossScope,
     ObjectiveOutput,
-    _check_inputs,
+    check_alignment,
     check_top_k,
     eos_probability,
     route,
@@ -42,16 +43,18 @@ def compute_objective(
     """The plain form: the objective from full logits of the three passes on the same completion tokens.
 
     Shapes: logits [B, T, V] (position t scores completion token t), `completion_ids_BT` [B, T] int,
-    `mask_BT` [B, T] (1 for completion tokens, 0 for padding). `thresholds` comes from the trainer when the scope
-    is larger than this call; otherwise it is computed here (over processes with `gather`). `num_sequences`
-    is the number of sequences the loss is averaged over (default B; the trainer passes the step's count so that
-    gradient accumulation gives the mean over the whole batch).
+    `mask_BT` [B, T] (1 for completion tokens, 0 for padding). `scope` (`terms.LossScope`): the routing thresholds
+    when the trainer routes a larger scope than this call (otherwise they are computed here, over processes with
+    its `gather`), the number of sequences the loss is averaged over (default B; the trainer passes the step's
+    count so that gradient accumulation gives the mean over the whole batch), the token-dropping generator and the
+    end-of-sequence ids.
     """
-    others = {"privileged student": self_logits_BTV, "teacher": teacher_logits_BTV}
-    for name, needed in (("privileged student", objective.needs_self), ("teacher", objective.needs_teacher)):
+    others = {"self": self_logits_BTV, "teacher": teacher_logits_BTV}
+    for name, needed in (("self", objective.needs_self), ("teacher", objective.needs_teacher)):
         if needed and others[name] is None:
-            raise ValueError(f"method {objective.config.method!r} needs the {name}'s logits")
-    _check_inputs(student_logits_BTV, completion_ids_BT, mask_BT, {k: v for k, v in others.items() if v is not None})
+            raise ValueError(f"method {objective.config.method!r} needs the {TARGET_LABELS[name]}'s logits")
+    shapes = {TARGET_LABELS[name]: tuple(logits.shape) for name, logits in others.items() if logits is not None}
+    check_alignment("logits", tuple(student_logits_BTV.shape), completion_ids_BT, mask_BT, shapes)
     check_top_k(objective, student_logits_BTV.shape[-1])
     temperature = objective.config.temperature
     dtype = losses.accumulation_dtype(student_logits_BTV.dtype)

@@ -15,7 +15,8 @@ import math
 import os
 from dataclasses import dataclass
 
-from .report_html import NEUTRAL_COLOUR, REGIME_COLOURS, REGIMES, render_html  # noqa: F401
+from .report_html import NEUTRAL_COLOUR, REGIME_COLOURS, render_html
+from .routing import REGIMES
 from .run_dir import Run, load_runs
 
 # ------------------------------------------------------------------------------------------------- collapse
@@ -48,11 +49,21 @@ def find_collapse(run: Run, fraction: float = 0.5, key: str = "entropy/student")
     the entropy at the first step that logged it."""
     flagged_steps, flagged = run.series("collapse/step")
     if flagged_steps:
-        reasons = [name for name in ("length", "entropy") if run.has(f"collapse/{name}")
-                   and max(run.series(f"collapse/{name}")[1]) > 0]  # fmt: skip
+        reasons = [
+            name
+            for name in ("length", "entropy")
+            if run.has(f"collapse/{name}") and max(run.series(f"collapse/{name}")[1]) > 0
+        ]
         step = int(flagged[0])
-        return Collapse(run.label, step, math.nan, run.value_at(key, step) or math.nan, math.nan, fraction,
-                        " and ".join(f"{r} (run diagnostics)" for r in reasons) or "run diagnostics")  # fmt: skip
+        return Collapse(
+            run.label,
+            step,
+            math.nan,
+            run.value_at(key, step) or math.nan,
+            math.nan,
+            fraction,
+            " and ".join(f"{r} (run diagnostics)" for r in reasons) or "run diagnostics",
+        )
     steps, values = run.series(key)
     points = [(s, v) for s, v in zip(steps, values) if math.isfinite(v)]
     if len(points) < 2 or points[0][1] <= 0:
@@ -88,8 +99,14 @@ def _save(figure, out: str, name: str) -> str:
     return path
 
 
-def _line_plot(runs: list[Run], out: str, name: str, title: str, panels: list[tuple[str, list[tuple[str, str]]]],
-               collapses: dict[str, Collapse] | None = None):  # fmt: skip
+def _line_plot(
+    runs: list[Run],
+    out: str,
+    name: str,
+    title: str,
+    panels: list[tuple[str, list[tuple[str, str]]]],
+    collapses: dict[str, Collapse] | None = None,
+):
     """One figure of panels, each a list of (metric key, line style); one colour per run, a dotted vertical line
     at the step a run collapsed. Panels no run has are left out; no figure when none is left. Returns the PNG
     path or None."""
@@ -217,7 +234,7 @@ def _time_plot(runs, out):
 
 def write_plots(runs: list[Run], out: str, collapses: dict[str, Collapse], fraction: float = 0.5) -> dict[str, str]:
     """Every plot the runs have data for, as {name: PNG path}."""
-    regime_panels = lambda prefix: [(f"{prefix} {r}", [(f"{prefix}/{r}", "-o")]) for r in REGIMES]  # noqa: E731
+    regime_panels = lambda prefix: [(f"{prefix} {r}", [(f"{prefix}/{r}", "-o")]) for r in REGIMES]
     plots = {
         "loss": _line_plot(runs, out, "loss", "loss", [("loss", [("loss", "-o")])], collapses),
         "loss_regimes": _line_plot(runs, out, "loss_regimes", "loss per regime", regime_panels("loss")),

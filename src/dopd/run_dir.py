@@ -54,8 +54,9 @@ def check_run_dir(config: Config) -> bool:
     if config.checkpoint.resume:
         differing = differing_keys(run_dir, config)
         if differing is None:
-            raise ConfigError(f"checkpoint.resume is true but {run_dir} holds no config.yaml: it is not a dopd run "
-                              "directory")  # fmt: skip
+            raise ConfigError(
+                f"checkpoint.resume is true but {run_dir} holds no config.yaml: it is not a dopd run directory"
+            )
         if differing:
             raise ConfigError(
                 f"checkpoint.resume: the run in {run_dir} was started with other settings for {', '.join(differing)}; "
@@ -94,12 +95,27 @@ def init_run_dir(config: Config, restart: bool = False) -> None:
 # ------------------------------------------------------------------------------------------------ writing
 
 
+def write_text_atomic(path: str, text: str) -> None:
+    """Write to a temporary name beside `path`, then rename over it: a reader, or a run killed meanwhile, sees the
+    old file or the new one, never half of one."""
+    temporary = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(temporary, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def write_json_atomic(path: str, payload: dict) -> None:
+    """`payload` as indented JSON, written as `write_text_atomic` does."""
+    write_text_atomic(path, json.dumps(payload, indent=1, ensure_ascii=False))
+
+
 def write_config(run_dir: str, text: str) -> None:
-    """`config.yaml`, under a temporary name first."""
-    path = os.path.join(run_dir, "config.yaml")
-    with open(path + ".tmp", "w") as handle:
-        handle.write(text)
-    os.replace(path + ".tmp", path)
+    """`config.yaml`, written whole."""
+    write_text_atomic(os.path.join(run_dir, "config.yaml"), text)
 
 
 def append_jsonl(path: str, records: list[dict]) -> None:
@@ -147,9 +163,7 @@ def truncate_after(run_dir: str, step: int) -> None:
         if not os.path.exists(path):
             continue
         kept = [record for record in read_jsonl(path) if record.get("step", 0) <= step]
-        with open(path + ".tmp", "w") as handle:
-            handle.write("".join(json.dumps(record) + "\n" for record in kept))
-        os.replace(path + ".tmp", path)
+        write_text_atomic(path, "".join(json.dumps(record) + "\n" for record in kept))
 
 
 # ------------------------------------------------------------------------------------------------ reading

@@ -135,6 +135,15 @@ class SelfWeights:
                 f"the checkpoint's privileged-self copy does not match the student's trainable tensors "
                 f"({len(state)} saved, {len(self.names)} expected; first missing: {missing[:1]})"
             )
+        # A checkpoint written with sharded weights (FSDP2) holds the main process's shards only.
+        shapes = [(name, tuple(state[name].shape), tuple(c.shape)) for name, c in zip(self.names, self.copy)]
+        wrong = [item for item in shapes if item[1] != item[2]]
+        if wrong:
+            name, saved, expected = wrong[0]
+            raise ValueError(
+                f"the checkpoint's privileged-self copy of {name} has shape {saved}, this run's {expected} "
+                f"({len(wrong)} tensors differ): it was written by a run with other sharding"
+            )
         with torch.no_grad():
             for name, copy in zip(self.names, self.copy):
                 copy.copy_(state[name].to(copy.device, copy.dtype))

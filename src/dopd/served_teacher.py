@@ -56,8 +56,9 @@ class ServedTeacher:
     embedding rows padded past the tokenizer, are not part of the support) and the longest teacher prompt +
     completion + 1 a run sends (`max_length`, checked against the server's context)."""
 
-    def __init__(self, server: TeacherServerConfig, model: str, top_k: int, vocab_size: int,
-                 max_length: int | None = None):  # fmt: skip
+    def __init__(
+        self, server: TeacherServerConfig, model: str, top_k: int, vocab_size: int, max_length: int | None = None
+    ):
         self.server, self.model, self.top_k, self.vocab_size, self.max_length = (
             server,
             model,
@@ -69,8 +70,13 @@ class ServedTeacher:
         if self.base.endswith("/v1"):
             self.base = self.base[: -len("/v1")]  # /tokenize sits at the root, the OpenAI routes under /v1
         # The project's JSON-over-HTTP client (retries with backoff, Retry-After, no proxy for a local server).
-        self.client = ChatClient(self.base, model, server.api_key or os.environ.get("VLLM_API_KEY"),
-                                 timeout=server.timeout, retries=max(1, server.retries) - 1)  # fmt: skip
+        self.client = ChatClient(
+            self.base,
+            model,
+            server.api_key or os.environ.get("VLLM_API_KEY"),
+            timeout=server.timeout,
+            retries=max(1, server.retries) - 1,
+        )
 
     # ------------------------------------------------------------------------------------------------ HTTP
 
@@ -132,8 +138,14 @@ class ServedTeacher:
 
     # ------------------------------------------------------------------------------------------------ scoring
 
-    def score(self, prompts: list[list[int]], completion_ids: torch.Tensor, mask: torch.Tensor,
-              top_k: int | None = None, device=None) -> TargetScores:  # fmt: skip
+    def score(
+        self,
+        prompts: list[list[int]],
+        completion_ids: torch.Tensor,
+        mask: torch.Tensor,
+        top_k: int | None = None,
+        device=None,
+    ) -> TargetScores:
         """The teacher's scores of a micro-batch: `prompts` (its prompt ids per row), completions [B, T] with
         their mask; `top_k`: K of the top-K to keep (None: none). Zeros at padding, as `score_target` gives."""
         lengths = mask.sum(-1).tolist()
@@ -170,7 +182,7 @@ class ServedTeacher:
             entropy=entropy.masked_fill(~valid, 0.0).float().to(device),
             topk_logprobs=values[..., :top_k].masked_fill(~valid[..., None], 0.0).float().to(device) if top_k else None,
             topk_ids=ids[..., :top_k].to(device) if top_k else None,
-        )  # fmt: skip
+        )
 
     def _score_rows(self, prompts: list[list[int]], completions: list[list[int]]) -> list[tuple]:
         """`_parse` of every row, in order, from requests of `max_sequences_per_request` rows."""
@@ -186,8 +198,7 @@ class ServedTeacher:
                 "temperature": 0.0,
                 "prompt_logprobs": self.top_k,
             }
-            choices = sorted(self._request("/v1/completions", body).get("choices", []),
-                             key=lambda c: c.get("index", 0))  # fmt: skip
+            choices = sorted(self._request("/v1/completions", body).get("choices", []), key=lambda c: c.get("index", 0))
             if len(choices) != len(group):
                 raise TeacherServerError(f"the teacher server returned {len(choices)} choices for {len(group)} prompts")
             return [self._parse(choice, prompts[i], completions[i]) for choice, i in zip(choices, group)]
@@ -244,8 +255,13 @@ def connect(config, objective, tokenizer, main_process: bool) -> ServedTeacher |
     if main_process:
         fallback = [t.label for t in objective.terms if t.target == "teacher" and t.tail == "bucket"]
         logger.warning(
-            "teacher served by %s (%s, top-%d log-probs per token)%s", ts.url, client.model, top_k,
+            "teacher served by %s (%s, top-%d log-probs per token)%s",
+            ts.url,
+            client.model,
+            top_k,
             f"; the teacher's full-vocabulary term(s) {', '.join(fallback)} run on its top-{top_k} with a tail "
-            "bucket (objective.teacher_full=topk_bucket)" if fallback else "",
-        )  # fmt: skip
+            "bucket (objective.teacher_full=topk_bucket)"
+            if fallback
+            else "",
+        )
     return client

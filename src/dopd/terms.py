@@ -30,6 +30,7 @@ if TYPE_CHECKING:  # the objective is read for its terms and options only
 
 ALL_TOKENS = -2
 HIGH_TEACHER_ENTROPY = -3
+TARGET_LABELS = {"self": "privileged student", "teacher": "teacher"}  # how messages name a target's pass
 
 
 @dataclass(frozen=True)
@@ -322,24 +323,31 @@ def summarize(
     return metrics
 
 
-def _check_inputs(student_BTV: Tensor, completion_ids_BT: Tensor, mask_BT: Tensor, others: dict[str, Tensor]) -> None:
-    if completion_ids_BT.shape != student_BTV.shape[:2] or mask_BT.shape != completion_ids_BT.shape:
+# The vocabulary sizes in the words of each form: the plain form's logits, the chunked form's heads.
+_SIZES = {
+    "logits": "the student has {} and the {} has {}",
+    "hidden states": "the student's head has {} rows and the {}'s has {}",
+}
+
+
+def check_alignment(student: str, student_BTV: tuple, ids_BT: Tensor, mask_BT: Tensor, others: dict) -> None:
+    """Every pass covers the same completion tokens and scores the same vocabulary. Shapes as (B, T, V): `student`
+    names what `student_BTV` is the shape of (logits, hidden states); `others` maps a pass's label to its shape."""
+    if tuple(ids_BT.shape) != tuple(student_BTV[:2]) or mask_BT.shape != ids_BT.shape:
         raise ValueError(
-            f"sequence lengths differ: student logits {tuple(student_BTV.shape[:2])}, completion ids "
-            f"{tuple(completion_ids_BT.shape)}, mask {tuple(mask_BT.shape)}; all must be [B, T] over the same "
-            "completion tokens"
+            f"sequence lengths differ: student {student} {tuple(student_BTV[:2])}, completion ids "
+            f"{tuple(ids_BT.shape)}, mask {tuple(mask_BT.shape)}; all must be [B, T] over the same completion tokens"
         )
-    for name, tensor in others.items():
-        if tensor.shape[:2] != student_BTV.shape[:2]:
+    for label, shape in others.items():
+        if tuple(shape[:2]) != tuple(student_BTV[:2]):
             raise ValueError(
-                f"sequence lengths differ: the student has {tuple(student_BTV.shape[:2])} completion positions "
-                f"but the {name} has {tuple(tensor.shape[:2])}; align the passes by the completion tokens"
+                f"sequence lengths differ: the student has {tuple(student_BTV[:2])} completion positions but the "
+                f"{label} has {tuple(shape[:2])}; align the passes by the completion tokens"
             )
-        if tensor.shape[-1] != student_BTV.shape[-1]:
+        if shape[-1] != student_BTV[-1]:
             raise ValueError(
-                f"vocabulary sizes differ: the student has {student_BTV.shape[-1]} and the {name} has "
-                f"{tensor.shape[-1]}; the student and teacher must share one tokenizer (slice embeddings padded "
-                "beyond the tokenizer to a common size)"
+                f"vocabulary sizes differ: {_SIZES[student].format(student_BTV[-1], label, shape[-1])}; the student "
+                "and teacher must share one tokenizer (slice embeddings padded beyond the tokenizer to a common size)"
             )
 
 

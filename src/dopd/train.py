@@ -11,6 +11,10 @@ Each optimizer step:
      then clipping, AdamW, the schedule, and the privileged self's copy.
 What a run needs is built in `__init__` (loading.py, data.py, engines.py); what it writes goes to the run
 directory (run_dir.py, checkpoint.py).
+
+Over 400 lines as the formatter lays them out (one argument a line in the longer calls): the loop is one class
+that reads downward, building a run, one step's four stages, then the run; every stage's work is in the modules
+it calls.
 """
 
 from __future__ import annotations
@@ -86,9 +90,11 @@ class Trainer:
         self.objective = validate(resolve(config))  # a config built in code gets the defaults load_config fills
         restart = run_dir.check_run_dir(config)  # an interrupted run that never reached a checkpoint: start again
         self.accelerator = accelerator or Accelerator(
-            cpu=c.train.device == "cpu", log_with=list(c.logging.report_to) or None,
-            project_dir=c.logging.output_dir, mixed_precision=c.train.mixed_precision,
-        )  # fmt: skip
+            cpu=c.train.device == "cpu",
+            log_with=list(c.logging.report_to) or None,
+            project_dir=c.logging.output_dir,
+            mixed_precision=c.train.mixed_precision,
+        )
         check_engine(config, self.accelerator)  # launch settings and optional packages before any model loads
         if c.rollout.backend == "vllm":
             from .rollout.vllm import require_vllm
@@ -98,8 +104,10 @@ class Trainer:
             require_peft()
         check_sources(config)  # every path and hub name, before anything loads
         if c.train.prompts_per_step % self.accelerator.num_processes:
-            raise ConfigError(f"train.prompts_per_step = {c.train.prompts_per_step} must be divisible by the number "
-                              f"of processes ({self.accelerator.num_processes})")  # fmt: skip
+            raise ConfigError(
+                f"train.prompts_per_step = {c.train.prompts_per_step} must be divisible by the number "
+                f"of processes ({self.accelerator.num_processes})"
+            )
         self.run_dir = c.logging.output_dir
         # Each process samples its own completions: its own random stream (process 0 keeps the plain seed).
         seed_everything(c.train.seed + 1_000_003 * self.accelerator.process_index)
@@ -135,11 +143,19 @@ class Trainer:
         self.start_step = ckpt.load_state(resume_dir, self.checkpoint_state()) if resume_dir else 0
         if c.checkpoint.resume and self.is_main:
             run_dir.truncate_after(self.run_dir, self.start_step)
-        student_model = lambda: self.inner  # noqa: E731  (the engine reads the live student module)
-        self.engine = make_engine(config, self.objective, self.accelerator, student_model, self.teacher,
-                                  self.tokenizer, self.vocab_size, self.processor)  # fmt: skip
-        # The ids whose probability is a metric, within the vocabulary both heads score.
-        self.eos_ids = tuple(sorted(i for i in end_of_sequence_ids(self.tokenizer, self.inner) if i < self.vocab_size))
+        student_model = lambda: self.inner  # the engine reads the live student module
+        self.engine = make_engine(
+            config,
+            self.objective,
+            self.accelerator,
+            student_model,
+            self.teacher,
+            self.tokenizer,
+            self.vocab_size,
+            self.processor,
+        )
+        # The ids whose probability is a metric (the loss leaves out any beyond the vocabulary both heads score).
+        self.eos_ids = tuple(sorted(end_of_sequence_ids(self.tokenizer, self.inner)))
         self.gather = make_gather(self.accelerator)
         if self.is_main and not resume_dir:
             run_dir.init_run_dir(config, restart)
@@ -159,8 +175,17 @@ class Trainer:
 
     def checkpoint_state(self) -> ckpt.CheckpointState:
         processing = self.processor or self.tokenizer  # an image-text student's processor holds its tokenizer
-        return ckpt.CheckpointState(self.config, self.accelerator, self.student, processing, self.optimizer,
-                                    self.scheduler, self.order, self.self_weights, self.collapse)  # fmt: skip
+        return ckpt.CheckpointState(
+            self.config,
+            self.accelerator,
+            self.student,
+            processing,
+            self.optimizer,
+            self.scheduler,
+            self.order,
+            self.self_weights,
+            self.collapse,
+        )
 
     # -------------------------------------------------------------------------------------------- one step
 
@@ -184,8 +209,10 @@ class Trainer:
             if "probability tensor contains" in str(error):  # torch.multinomial on a distribution with NaN or inf
                 sampler = "teacher" if self.objective.rollout_model == "teacher" else "student"
                 first = str(error).splitlines()[0]
-                raise NonFiniteError(f"step {step + 1}: sampling from the {sampler} failed, its probabilities hold "
-                                     f"NaN or inf ({first}); {NonFiniteError.FIX}") from None  # fmt: skip
+                raise NonFiniteError(
+                    f"step {step + 1}: sampling from the {sampler} failed, its probabilities hold "
+                    f"NaN or inf ({first}); {NonFiniteError.FIX}"
+                ) from None
             raise
 
     def micro_batches(self, prompts: list[int], rollouts: Rollouts) -> list[list[int]]:
@@ -212,23 +239,30 @@ class Trainer:
             completions = Completions.from_lists([rollouts.completion_ids[i] for i in sequences], pad)
             self_head = teacher_head = self_scores = teacher_scores = None
             if self.objective.needs_self:
-                inputs = self.pass_inputs(self.prompts.self_ids, owners, completions,
-                                          bool(self.config.objective.self_privileged))  # fmt: skip
+                inputs = self.pass_inputs(
+                    self.prompts.self_ids, owners, completions, bool(self.config.objective.self_privileged)
+                )
                 with self.self_weights.swapped_in():
                     self_head = frozen_pass(inner, inputs, self.vocab_size, self.student_head_weights)
-                self_scores = score_target(self_head, completions.ids, completions.mask, None, temperature,
-                                           self.chunk_size)  # fmt: skip
+                self_scores = score_target(
+                    self_head, completions.ids, completions.mask, None, temperature, self.chunk_size
+                )
             if self.objective.needs_teacher and self.served_teacher is not None:
                 teacher_scores = self.served_teacher.score(  # the teacher's prompts, privileged as the method says
-                    [self.prompts.teacher_ids[p] for p in owners], completions.ids, completions.mask,
-                    self.objective.top_k_for("teacher"), self.accelerator.device,
-                )  # fmt: skip
+                    [self.prompts.teacher_ids[p] for p in owners],
+                    completions.ids,
+                    completions.mask,
+                    self.objective.top_k_for("teacher"),
+                    self.accelerator.device,
+                )
             elif self.objective.needs_teacher:
-                inputs = self.pass_inputs(self.prompts.teacher_ids, owners, completions,
-                                          bool(self.objective.teacher_privileged))  # fmt: skip
+                inputs = self.pass_inputs(
+                    self.prompts.teacher_ids, owners, completions, bool(self.objective.teacher_privileged)
+                )
                 teacher_head = frozen_pass(self.teacher, inputs, self.vocab_size, self.teacher_head_weights)
-                teacher_scores = score_target(teacher_head, completions.ids, completions.mask, None, temperature,
-                                              self.chunk_size)  # fmt: skip
+                teacher_scores = score_target(
+                    teacher_head, completions.ids, completions.mask, None, temperature, self.chunk_size
+                )
             for name, scores in (("self", self_scores), ("teacher", teacher_scores)):
                 if scores is not None:  # a NaN score would route every token to one regime, silently
                     check_finite(name, step, scores.token_logprobs, completions.mask)
@@ -273,8 +307,9 @@ class Trainer:
                 if batch.self_head is not None and self.self_weights.is_live:
                     # The same weights, read live: a sharded head kept since scoring may have been freed by now.
                     batch.self_head = batch.self_head.with_weights_of(student)
-                output = self.objective_output(student, batch.completions.ids.to(student.hidden.device), mask, batch,
-                                               scope)  # fmt: skip
+                output = self.objective_output(
+                    student, batch.completions.ids.to(student.hidden.device), mask, batch, scope
+                )
                 check_finite("loss", step, output.loss.detach())
                 self.accelerator.backward(output.loss)
             metrics.add(output.metrics)
@@ -284,15 +319,26 @@ class Trainer:
     def objective_output(self, student: Head, ids, mask, batch: MicroBatch, scope: LossScope):
         if self.config.train.chunk_size == 0:
             return compute_objective(
-                self.objective, student.logits(), ids, mask, scope=scope,
+                self.objective,
+                student.logits(),
+                ids,
+                mask,
+                scope=scope,
                 self_logits_BTV=None if batch.self_head is None else batch.self_head.logits(),
                 teacher_logits_BTV=None if batch.teacher_head is None else batch.teacher_head.logits(),
-            )  # fmt: skip
+            )
         return chunked_objective(
-            self.objective, student, ids, mask, scope=scope, chunk_size=self.chunk_size,
-            self_head=batch.self_head, teacher_head=batch.teacher_head,
-            self_scores=batch.self_scores, teacher_scores=batch.teacher_scores,
-        )  # fmt: skip
+            self.objective,
+            student,
+            ids,
+            mask,
+            scope=scope,
+            chunk_size=self.chunk_size,
+            self_head=batch.self_head,
+            teacher_head=batch.teacher_head,
+            self_scores=batch.self_scores,
+            teacher_scores=batch.teacher_scores,
+        )
 
     def step(self, step: int) -> dict[str, float]:
         timer = time.perf_counter
@@ -320,15 +366,24 @@ class Trainer:
         result.update(
             completion_metrics(self.accelerator, rollouts, self.tokenizer, self.config.logging.answer_pattern)
         )
-        result.update({"step": step + 1, "lr": lr, "time/rollout": rolled - start, "time/scoring": scored - rolled,
-                       "time/update": done - scored, "time/step": done - start,
-                       "tokens_per_second": result.get("tokens", 0.0) / max(done - start, 1e-9)})  # fmt: skip
+        result.update(
+            {
+                "step": step + 1,
+                "lr": lr,
+                "time/rollout": rolled - start,
+                "time/scoring": scored - rolled,
+                "time/update": done - scored,
+                "time/step": done - start,
+                "tokens_per_second": result.get("tokens", 0.0) / max(done - start, 1e-9),
+            }
+        )
         if grad_norm is not None:
             result["grad_norm"] = float(grad_norm)
         result.update(self.collapse.update(result))
         if self.config.logging.sample_every and (step + 1) % self.config.logging.sample_every == 0 and self.is_main:
-            records = run_dir.sample_records(step + 1, batches[0], outputs[0], self.prompts, self.tokenizer,
-                                             self.config.logging.num_samples)  # fmt: skip
+            records = run_dir.sample_records(
+                step + 1, batches[0], outputs[0], self.prompts, self.tokenizer, self.config.logging.num_samples
+            )
             run_dir.append_jsonl(os.path.join(self.run_dir, "samples.jsonl"), records)
         return result
 
@@ -350,10 +405,15 @@ class Trainer:
             run_dir.write_config(self.run_dir, to_yaml(config))
         if config.logging.report_to:
             name = config.logging.run_name or os.path.basename(self.run_dir)
-            accelerator.init_trackers(config.logging.project, config=flat_dict(config),
-                                      init_kwargs={"wandb": {"name": name}})  # fmt: skip
-        bar = tqdm(total=config.train.steps, initial=self.start_step, desc="dopd",
-                   disable=not (self.is_main and config.logging.progress_bar))  # fmt: skip
+            accelerator.init_trackers(
+                config.logging.project, config=flat_dict(config), init_kwargs={"wandb": {"name": name}}
+            )
+        bar = tqdm(
+            total=config.train.steps,
+            initial=self.start_step,
+            desc="dopd",
+            disable=not (self.is_main and config.logging.progress_bar),
+        )
         result: dict[str, float] = {}
         if evaluate is not None and self.start_step == 0 and (measured := evaluate(0, self)):
             self.log({"step": 0, **measured})

@@ -11,11 +11,13 @@ ones that fail. Its results are appended to a `.partial` file row by row, so tha
 and a rerun continues where the last one stopped; the output itself is written once, complete, by a rename.
 
 The parts: `rules` holds the rule-based forms (the text rules and the box form, `RULE_FORMS`); `client` the served
-model's client, the generation and check prompts and `generate_hints`; `pipeline` the data set side: `FORMS`, the
-default prefixes, the settings and their checks, the `.partial` file, `run_hints`, writing the output and the
-printed summary. Every public name is re-exported here, so `from dopd.hints import X` works for each of them.
+model's client, the generation and check prompts and `generate_hints`; `spec` the options (`FORMS`, the default
+prefixes, `HintsSpec`) and their checks; `partial` the `.partial` file; `pipeline` the data set side: `run_hints`,
+writing the output and the printed summary. Every public name is re-exported here, so `from dopd.hints import X`
+works for each of them.
 """
 
+from ..loading import datasets_progress
 from .client import (
     GENERATION_SYSTEM,
     VERIFY_SYSTEM,
@@ -29,24 +31,8 @@ from .client import (
     parse_verdicts,
     verification_messages,
 )
-from .pipeline import (
-    DEFAULT_PREFIXES,
-    FORMS,
-    HintsSpec,
-    HintsSummary,
-    PartialLog,
-    check_columns,
-    check_local_path,
-    check_spec,
-    check_writable,
-    datasets_progress,
-    describe,
-    output_kind,
-    resolve_server,
-    row_builder,
-    run_hints,
-    write_dataset,
-)
+from .partial import PartialLog
+from .pipeline import check_writable, describe, row_builder, run_hints, write_dataset
 from .rules import (
     COORDINATE_SYSTEMS,
     RULE_FORMS,
@@ -66,6 +52,17 @@ from .rules import (
     stepwise_hints,
     strip_calculator_annotations,
     summary_hints,
+)
+from .spec import (
+    DEFAULT_PREFIXES,
+    FORMS,
+    HintsSpec,
+    HintsSummary,
+    check_columns,
+    check_local_path,
+    check_spec,
+    output_kind,
+    resolve_server,
 )
 
 __all__ = [

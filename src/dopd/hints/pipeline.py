@@ -1,6 +1,6 @@
-"""The data set side of `dopd hints`: the settings and their checks, reading the input, building every row's
-privileged context (by rule, or by the served model with a `.partial` file to resume from) and writing the
-output."""
+"""The data set side of `dopd hints`: reading the input, building every row's privileged context (by rule, or by
+the served model with a `.partial` file to resume from), writing the output and the printed summary. The settings
+and their checks are in `spec.py`, the `.partial` file in `partial.py`."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any
 
 from ..config import ConfigError, DataConfig
-from ..loading import datasets_progress  # noqa: F401  (re-exported by dopd.hints)
+from ..loading import datasets_progress
 from .client import ChatClient, HintResult, ServerError, generate_hints
 from .partial import PartialLog, run_settings
 from .rules import (
@@ -25,9 +25,8 @@ from .rules import (
     stepwise_hints,
     summary_hints,
 )
-from .spec import (  # noqa: F401  (re-exported by dopd.hints)
+from .spec import (
     DEFAULT_PREFIXES,
-    FORMS,
     HintsSpec,
     HintsSummary,
     check_columns,
@@ -178,17 +177,15 @@ def run_hints(spec: HintsSpec) -> HintsSummary:
 
 
 def _run_hints(spec: HintsSpec) -> HintsSummary:
-    from ..data import load_rows
+    from ..data import CONFIG_KEYS, load_rows
 
     start = time.time()
     if spec.form == "generated":
         resolve_server(spec)
     check_spec(spec)
     check_local_path(spec.input, "--input")
-    try:
-        dataset = load_rows(DataConfig(path=spec.input, name=spec.name, split=spec.split, max_samples=spec.max_rows))
-    except ConfigError as error:  # data.py names its config keys; here they are options
-        raise ConfigError(str(error).replace("data.path", "--input").replace("data.split", "--split")) from None
+    source = DataConfig(path=spec.input, name=spec.name, split=spec.split, max_samples=spec.max_rows)
+    dataset = load_rows(source, {**CONFIG_KEYS, "path": "--input", "split": "--split"})
     check_columns(dataset, spec)
     check_writable(dataset, spec)
     prefix = DEFAULT_PREFIXES[spec.form] if spec.prefix is None else spec.prefix

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import urllib.parse
 from dataclasses import dataclass
-from typing import Any
 
 from ..config import ConfigError
 from .client import ChatClient, normalize_base_url
@@ -170,28 +169,16 @@ def _needed_columns(spec: HintsSpec, columns: list[str], first_row: dict) -> lis
     return need
 
 
-def _is_empty(value: Any) -> bool:
-    return value is None or (isinstance(value, str) and not value.strip()) or (isinstance(value, list) and not value)
-
-
 def check_columns(dataset, spec: HintsSpec) -> None:
     """Every column the form needs exists and no row leaves it empty."""
+    from ..data import require_column
+
     if len(dataset) == 0:
         raise ConfigError(f"--input {spec.input} has no rows")
     for option, column in _needed_columns(spec, dataset.column_names, dataset[0]):
-        if column not in dataset.column_names:
-            size_help = (
-                " (normalized --coords need the image size: an --image-column, or --width-column and --height-column)"
-                if option in ("--width-column", "--height-column")
-                else ""
-            )
-            raise ConfigError(
-                f"{option} = {column!r} is not a column of {spec.input}; its columns are "
-                f"{', '.join(dataset.column_names)} (set {option}){size_help}"
-            )
-        empty = [i for i, value in enumerate(dataset[column]) if _is_empty(value)]
-        if empty:
-            raise ConfigError(
-                f"{len(empty)} of {len(dataset)} rows have an empty {column!r} ({option}), the first at "
-                f"row {empty[0]}; fill or drop them"
-            )
+        size_help = (
+            " (normalized --coords need the image size: an --image-column, or --width-column and --height-column)"
+            if option in ("--width-column", "--height-column")
+            else ""
+        )
+        require_column(dataset, column, option, spec.input, size_help)

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from ..terms import LossScope, ObjectiveOutput, check_top_k, route, summarize
+from ..terms import TARGET_LABELS, LossScope, ObjectiveOutput, check_alignment, check_top_k, route, summarize
 from ..types import Head, TargetScores
 from .loss_run import _LossRun, _needs_full
 from .scores import _workspace_for, default_chunk_size, score_target
@@ -49,8 +49,14 @@ class _ChunkedLoss(torch.autograd.Function):
         grad_hidden = torch.zeros_like(hidden_NH) if wanted and ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros_like(weight_VH) if wanted and ctx.needs_input_grad[1] else None
         grad_bias = torch.zeros_like(bias_V) if wanted and bias_V is not None and ctx.needs_input_grad[2] else None
-        loss = run(hidden_NH.detach(), weight_VH.detach(), None if bias_V is None else bias_V.detach(),
-                   grad_hidden, grad_weight, grad_bias)  # fmt: skip
+        loss = run(
+            hidden_NH.detach(),
+            weight_VH.detach(),
+            None if bias_V is None else bias_V.detach(),
+            grad_hidden,
+            grad_weight,
+            grad_bias,
+        )
         ctx.grads = [grad_hidden, grad_weight, grad_bias]
         return loss
 
@@ -86,10 +92,11 @@ def chunked_objective(
     """
     heads = {"self": self_head, "teacher": teacher_head}
     given = {"self": self_scores, "teacher": teacher_scores}
-    labels = {"self": "privileged student", "teacher": "teacher"}
     for name, needed in (("self", objective.needs_self), ("teacher", objective.needs_teacher)):
         if needed and heads[name] is None and given[name] is None:
-            raise ValueError(f"method {objective.config.method!r} needs the {labels[name]}'s hidden states and head")
+            raise ValueError(
+                f"method {objective.config.method!r} needs the {TARGET_LABELS[name]}'s hidden states and head"
+            )
     _check_heads(student, completion_ids_BT, mask_BT, heads)
     check_top_k(objective, student.vocab_size)
     c = objective.config
@@ -105,7 +112,7 @@ def chunked_objective(
             )
     for name, score in scores.items():  # scores without a head (a served teacher) hold only the top-K
         if heads[name] is None and score.full_logprobs is None:
-            _check_scores_only(objective, name, labels[name], score)
+            _check_scores_only(objective, name, TARGET_LABELS[name], score)
     scope = scope or LossScope()
     routed = route(objective, mask_BT, scores.get("self"), scores.get("teacher"), scope)
     # The tokens whose terms read a target's full distribution come first, grouped by target, so that the
@@ -155,8 +162,9 @@ def _token_scores(scores: TargetScores, index_N: Tensor) -> TargetScores:
     def pick(tensor: Tensor | None) -> Tensor | None:
         return None if tensor is None else tensor.flatten(0, 1)[index_N]
 
-    return TargetScores(pick(scores.token_logprobs), pick(scores.entropy), pick(scores.topk_logprobs),
-                        pick(scores.topk_ids))  # fmt: skip
+    return TargetScores(
+        pick(scores.token_logprobs), pick(scores.entropy), pick(scores.topk_logprobs), pick(scores.topk_ids)
+    )
 
 
 def _group_by_full_targets(objective: Objective, coefficients_JN: Tensor, scores) -> tuple[Tensor, int]:
@@ -197,34 +205,13 @@ def _check_scores_only(objective: Objective, name: str, label: str, scores: Targ
 
 
 def _check_heads(student: Head, completion_ids_BT: Tensor, mask_BT: Tensor, heads: dict[str, Head | None]) -> None:
-    if completion_ids_BT.shape != student.hidden.shape[:2] or mask_BT.shape != completion_ids_BT.shape:
-        raise ValueError(
-            f"sequence lengths differ: student hidden states {tuple(student.hidden.shape[:2])}, completion ids "
-            f"{tuple(completion_ids_BT.shape)}, mask {tuple(mask_BT.shape)}; all must be [B, T] over the same "
-            "completion tokens"
-        )
-    if student.hidden.shape[-1] != student.weight.shape[1]:
-        raise ValueError(
-            f"the student's hidden size {student.hidden.shape[-1]} does not match its head "
-            f"{tuple(student.weight.shape)}"
-        )
-    labels = {"self": "privileged student", "teacher": "teacher"}
-    for name, head in heads.items():
-        if head is None:
-            continue
-        if head.hidden.shape[:2] != student.hidden.shape[:2]:
-            raise ValueError(
-                f"sequence lengths differ: the student has {tuple(student.hidden.shape[:2])} completion positions "
-                f"but the {labels[name]} has {tuple(head.hidden.shape[:2])}; align the passes by the completion tokens"
-            )
-        if head.vocab_size != student.vocab_size:
-            raise ValueError(
-                f"vocabulary sizes differ: the student's head has {student.vocab_size} rows and the {labels[name]}'s "
-                f"has {head.vocab_size}; the student and teacher must share one tokenizer (slice embeddings padded "
-                "beyond the tokenizer to a common size)"
-            )
+    """The passes aligned (`terms.check_alignment`), and each head fitting its hidden states."""
+    shapes = {TARGET_LABELS[name]: (*h.hidden.shape[:2], h.vocab_size) for name, h in heads.items() if h is not None}
+    check_alignment(
+        "hidden states", (*student.hidden.shape[:2], student.vocab_size), completion_ids_BT, mask_BT, shapes
+    )
+    for label, head in [("student", student)] + [(TARGET_LABELS[n], h) for n, h in heads.items() if h is not None]:
         if head.hidden.shape[-1] != head.weight.shape[1]:
             raise ValueError(
-                f"the {labels[name]}'s hidden size {head.hidden.shape[-1]} does not match its head "
-                f"{tuple(head.weight.shape)}"
+                f"the {label}'s hidden size {head.hidden.shape[-1]} does not match its head {tuple(head.weight.shape)}"
             )

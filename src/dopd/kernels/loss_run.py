@@ -65,9 +65,9 @@ class _LossRun:
         applies_JN = (coefficients_JN != 0).to(coefficients_JN.dtype)
         self.terms = [objective.terms[members[0]] for members in groups.values()]
         self.coefficients_GN = torch.stack([coefficients_JN[members].sum(0) for members in groups.values()])
-        self.weights_GN = torch.stack([
-            sum(objective.terms[j].weight * applies_JN[j] for j in members) for members in groups.values()
-        ])  # fmt: skip
+        self.weights_GN = torch.stack(
+            [sum(objective.terms[j].weight * applies_JN[j] for j in members) for members in groups.values()]
+        )
 
     def chunks(self, count: int):
         """The chunks: the tokens that need full targets, then the others, each in the chunk size it allows."""
@@ -182,8 +182,17 @@ class _LossRun:
                 if not bool((coefficient != 0).any()):
                     continue
                 if term.granularity != "full":  # a Top-K term whose support needs the full distribution
-                    self._sparse_term(term, coefficient, weight, logprobs_CV[part], self.ids_N[rows][part],
-                                      scores[name].rows(part), state, part.start, target_lp)  # fmt: skip
+                    self._sparse_term(
+                        term,
+                        coefficient,
+                        weight,
+                        logprobs_CV[part],
+                        self.ids_N[rows][part],
+                        scores[name].rows(part),
+                        state,
+                        part.start,
+                        target_lp,
+                    )
                     continue
                 if not q_written:
                     q_sum.zero_()
@@ -195,9 +204,15 @@ class _LossRun:
                 coefficient, weight = coefficient[first:last], weight[first:last]
                 q = extra[0][own] if extra else q_sum[own]  # one full-vocabulary term: q lands in q_sum at once
                 values, scale = full_divergence_(
-                    term.divergence, self.objective.config.jsd_beta, coefficient, logprobs_CV[own], probs_CV[own],
-                    target_lp[first:last], q, self.workspace.scratch,
-                )  # fmt: skip
+                    term.divergence,
+                    self.objective.config.jsd_beta,
+                    coefficient,
+                    logprobs_CV[own],
+                    probs_CV[own],
+                    target_lp[first:last],
+                    q,
+                    self.workspace.scratch,
+                )
                 if extra:
                     q_sum[own].add_(q)
                 applies = coefficient.nonzero().squeeze(-1)

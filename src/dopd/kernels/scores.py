@@ -135,8 +135,9 @@ def _score_kept(head: Head, completion_ids_BT: Tensor, valid_BT: Tensor, tempera
     padding = ~valid_BT.flatten()
     token = logprobs.gather(-1, completion_ids_BT.flatten()[:, None]).squeeze(-1).masked_fill_(padding, 0.0)
     ent = probs.mul_(logprobs).sum(-1).neg_().masked_fill_(padding, 0.0)
-    return TargetScores(token.view(valid_BT.shape), ent.view(valid_BT.shape),
-                        full_logprobs=logprobs.view(*valid_BT.shape, -1))  # fmt: skip
+    return TargetScores(
+        token.view(valid_BT.shape), ent.view(valid_BT.shape), full_logprobs=logprobs.view(*valid_BT.shape, -1)
+    )
 
 
 def _detach(tensor: Tensor | None) -> Tensor | None:

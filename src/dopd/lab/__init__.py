@@ -7,8 +7,8 @@ from dopd.lab.models import (
     ModelSize,
     default_pair_config,
     load_or_build_pair,
-    measure_properties,
 )
+from dopd.lab.properties import measure_properties
 from dopd.lab.tasks import (
     LAB_PRIVILEGED_TEMPLATE,
     PRIVILEGED_KINDS,

@@ -43,8 +43,10 @@ def parse_method(text: str) -> MethodSpec:
         key, sep, value = item.partition("=")
         key = key.strip().removeprefix("objective.")
         if not sep or key not in ObjectiveConfig.__dataclass_fields__:
-            raise ValueError(f"--methods {label!r}: {item!r} is not KEY=VALUE with KEY an objective key "
-                             f"(e.g. self_weights, regimes, beta_w)")  # fmt: skip
+            raise ValueError(
+                f"--methods {label!r}: {item!r} is not KEY=VALUE with KEY an objective key "
+                f"(e.g. self_weights, regimes, beta_w)"
+            )
         if key == "method":
             raise ValueError(f"--methods {label!r}: the method is the name before the brackets")
         parsed = [yaml.safe_load(v) for v in value.split("+")] if "+" in value else yaml.safe_load(value)
@@ -56,6 +58,21 @@ def parse_method(text: str) -> MethodSpec:
     except (TypeError, ValueError) as error:
         raise ValueError(f"--methods {label!r}: {error}") from None
     return MethodSpec(label, name, tuple(sorted(overrides.items())))
+
+
+def split_methods(text: str) -> list[str]:
+    """`--methods` as a list: comma-separated methods, where a method's brackets may hold commas
+    (`opd,dopd[beta_w=0.2,beta_l=0.5]`)."""
+    methods, depth, current = [], 0, ""
+    for char in text:
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            methods.append(current)
+            current = ""
+        else:
+            current += char
+    methods.append(current)
+    return [m.strip() for m in methods if m.strip()]
 
 
 def method_specs(config: LabConfig) -> list[MethodSpec]:

@@ -35,11 +35,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dopd.lab.pretraining import EVAL_SEED, ModelSize, Recipe, make_model, pretrain
-from dopd.lab.properties import (  # noqa: F401  (part of the pair's API)
-    MIN_PRIVILEGE_GAIN,
-    MIN_TEACHER_GAP,
-    REQUIRED_PRIVILEGE_KINDS,
-    check_properties,
+from dopd.lab.properties import (
     choose_student,
     describe_weakness,
     measure_accuracy,
@@ -80,8 +76,9 @@ class LabPairConfig:
     def __post_init__(self):
         bad = [step for step in self.student_checkpoints if not 0 < step < self.teacher_steps]
         if bad:
-            raise ValueError(f"student_checkpoints {bad} must lie strictly between 0 and teacher_steps "
-                             f"({self.teacher_steps})")  # fmt: skip
+            raise ValueError(
+                f"student_checkpoints {bad} must lie strictly between 0 and teacher_steps ({self.teacher_steps})"
+            )
 
     def recipe(self, role: str) -> Recipe:
         steps = self.teacher_steps if role == "teacher" else self.student_steps
@@ -174,8 +171,10 @@ def _pretrain_teacher_and_student(config: LabPairConfig, task: Task, tokenizer, 
     timings, histories = {}, {}
     teacher = make_model(config.teacher, tokenizer, config.seed)
     if log:
-        log(f"pretraining teacher {config.teacher} ({teacher.num_parameters():,} parameters) for "
-            f"{config.teacher_steps} steps")  # fmt: skip
+        log(
+            f"pretraining teacher {config.teacher} ({teacher.num_parameters():,} parameters) for "
+            f"{config.teacher_steps} steps"
+        )
     start = time.time()
     histories["teacher"], kept = pretrain(
         teacher, tokenizer, task, config.recipe("teacher"), config.seed + 1000, log, config.student_checkpoints
@@ -194,20 +193,24 @@ def _pretrain_teacher_and_student(config: LabPairConfig, task: Task, tokenizer, 
         candidate.load_state_dict(kept[chosen])
         student = candidate.eval()
         timings["selection_seconds"] = round(time.time() - start, 1)
-        selection = {"chosen_step": chosen, "candidates": {str(step): checks[step] for step in measured},
-                     "accuracy": {"teacher": teacher_accuracy, "student": measured[chosen]}}  # fmt: skip
+        selection = {
+            "chosen_step": chosen,
+            "candidates": {str(step): checks[step] for step in measured},
+            "accuracy": {"teacher": teacher_accuracy, "student": measured[chosen]},
+        }
         if log:
             log(f"student: the teacher's state after {chosen} steps (candidates {list(kept)})")
     else:
         student = make_model(config.student, tokenizer, config.seed + 1)
         if log:
-            log(f"pretraining student {config.student} ({student.num_parameters():,} parameters) for "
-                f"{config.student_steps} steps")  # fmt: skip
+            log(
+                f"pretraining student {config.student} ({student.num_parameters():,} parameters) for "
+                f"{config.student_steps} steps"
+            )
         start = time.time()
         histories["student"], _ = pretrain(student, tokenizer, task, config.recipe("student"), config.seed + 2000, log)
         timings["student_seconds"] = round(time.time() - start, 1)
-    return {"teacher": teacher, "student": student, "histories": histories, "timings": timings,
-            "selection": selection}  # fmt: skip
+    return {"teacher": teacher, "student": student, "histories": histories, "timings": timings, "selection": selection}
 
 
 def build_pair(

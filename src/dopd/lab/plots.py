@@ -30,9 +30,11 @@ def write_plots(kind_dir: str, results: dict, kind: str) -> dict[str, str]:
     paths = {}
 
     figure, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    panels = (("validation_accuracy", "validation accuracy (no privileged input)"),
-              ("completion_length", "mean completion length (tokens)"),
-              ("student_entropy", "student entropy (nats/token)"))  # fmt: skip
+    panels = (
+        ("validation_accuracy", "validation accuracy (no privileged input)"),
+        ("completion_length", "mean completion length (tokens)"),
+        ("student_entropy", "student entropy (nats/token)"),
+    )
     for axis, (key, title) in zip(axes, panels):
         for number, label in enumerate(labels):
             curves = [r["curves"][key] for r in runs if r["label"] == label and r["curves"][key]]
@@ -61,8 +63,16 @@ def write_plots(kind_dir: str, results: dict, kind: str) -> dict[str, str]:
             values = [100 * k["main"][label][f"{part}_change"] for label in labels]
             errors = [100 * k["main"][label][f"{part}_se"] for label in labels]
             positions = [i + (offset - 0.5) * width for i in range(len(labels))]
-            axis.bar(positions, values, width, yerr=errors, color=color, label=f"prompt {part} the answer"
-                     if part == "determined" else "only the privileged input determines it")  # fmt: skip
+            axis.bar(
+                positions,
+                values,
+                width,
+                yerr=errors,
+                color=color,
+                label=f"prompt {part} the answer"
+                if part == "determined"
+                else "only the privileged input determines it",
+            )
         axis.axhline(0, color="black", linewidth=0.8)
         axis.set_xticks(range(len(labels)), labels, rotation=20, fontsize=8)
         axis.set_ylabel("test accuracy change (points)")

@@ -48,8 +48,13 @@ def measure_properties(
 
 def properties_record(task: str, n_eval: int, seed: int, accuracy: dict) -> dict[str, Any]:
     """What a pair stores of its properties: where they were measured, the accuracy tables and the checks."""
-    return {"task": task, "n_eval": n_eval, "eval_seed": seed, "accuracy": accuracy,
-            "checks": check_properties(accuracy)}  # fmt: skip
+    return {
+        "task": task,
+        "n_eval": n_eval,
+        "eval_seed": seed,
+        "accuracy": accuracy,
+        "checks": check_properties(accuracy),
+    }
 
 
 def check_properties(accuracy: dict[str, dict[str, dict[str, float]]]) -> dict[str, Any]:

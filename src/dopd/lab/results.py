@@ -10,13 +10,13 @@ whose prompt determines the answer (skill) and the others (information only the 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import asdict
 from typing import TYPE_CHECKING
 
 from ..routing import REGIMES
+from ..run_dir import write_json_atomic, write_text_atomic
 from .methods import REFERENCES, MethodSpec
 
 if TYPE_CHECKING:
@@ -99,10 +99,13 @@ def kind_results(config: LabConfig, specs: list[MethodSpec], records: list[dict]
     }
     main = {label: by_lr[label][f"{common:g}"] for label in labels}
     references = {
-        name: {"gap_recovery": main[name]["gap_recovery"], "required": MIN_RECOVERY[name],
-               "meets": bool(main[name]["gap_recovery"] >= MIN_RECOVERY[name])}
+        name: {
+            "gap_recovery": main[name]["gap_recovery"],
+            "required": MIN_RECOVERY[name],
+            "meets": bool(main[name]["gap_recovery"] >= MIN_RECOVERY[name]),
+        }
         for name in REFERENCES
-    }  # fmt: skip
+    }
     dopd_labels = [spec.label for spec in specs if spec.method == "dopd"]
     differences = {
         first: {second: paired(records, first, second, common) for second in labels if second != first}
@@ -183,10 +186,12 @@ def kind_markdown(results: dict, kind: str) -> str:
     n = len(results["seeds"])
     split = ""
     if student.get("undetermined") is not None:
-        split = (f" Determined by the prompt: {student['n_determined']} test prompts (teacher "
-                 f"{teacher['determined']:.3f}, student {student['determined']:.3f}); not determined: "
-                 f"{student['n_undetermined']} (teacher {teacher['undetermined']:.3f}, student "
-                 f"{student['undetermined']:.3f}).")  # fmt: skip
+        split = (
+            f" Determined by the prompt: {student['n_determined']} test prompts (teacher "
+            f"{teacher['determined']:.3f}, student {student['determined']:.3f}); not determined: "
+            f"{student['n_undetermined']} (teacher {teacher['undetermined']:.3f}, student "
+            f"{student['undetermined']:.3f})."
+        )
     refs = "; ".join(
         f"{name} recovers {100 * ref['gap_recovery']:.1f}% of the gap (required {100 * ref['required']:.0f}%: "
         f"{'met' if ref['meets'] else 'NOT met'})"
@@ -212,14 +217,26 @@ def kind_markdown(results: dict, kind: str) -> str:
     lines += ["", "### Each method at its own best rate (validation)", ""]
     lines += method_table(k["own_best"], lambda label: k["own_lr"][label])
     for first, others in k["paired_differences"].items():
-        lines += ["", f"### {first} minus each other method, same seeds, at the common rate", "",
-                  "| other | difference (mean ± SE) | per seed |", "|---|---|---|"]  # fmt: skip
+        lines += [
+            "",
+            f"### {first} minus each other method, same seeds, at the common rate",
+            "",
+            "| other | difference (mean ± SE) | per seed |",
+            "|---|---|---|",
+        ]
         for second, d in others.items():
-            lines.append(f"| {second} | {100 * d['mean']:+.1f} ± {100 * d['se']:.1f} points | "
-                         f"{', '.join(f'{100 * x:+.1f}' for x in d['per_seed'])} |")  # fmt: skip
+            lines.append(
+                f"| {second} | {100 * d['mean']:+.1f} ± {100 * d['se']:.1f} points | "
+                f"{', '.join(f'{100 * x:+.1f}' for x in d['per_seed'])} |"
+            )
     rates = list(next(iter(k["grid"].values())))
-    lines += ["", "### The whole grid: test accuracy (mean ± SE), validation in parentheses", "",
-              "| method | " + " | ".join(f"lr {r}" for r in rates) + " |", "|---|" + "---|" * len(rates)]  # fmt: skip
+    lines += [
+        "",
+        "### The whole grid: test accuracy (mean ± SE), validation in parentheses",
+        "",
+        "| method | " + " | ".join(f"lr {r}" for r in rates) + " |",
+        "|---|" + "---|" * len(rates),
+    ]
     for label, row in k["grid"].items():
         cells = [
             f"{_pm(row[r]['accuracy_mean'], row[r]['accuracy_se'])} ({row[r]['validation_mean']:.3f})" for r in rates
@@ -243,11 +260,7 @@ def write_results(out: str, results: dict) -> None:
 
     for kind in results["kinds"]:
         write_plots(os.path.join(out, kind), results, kind)
-    tmp = os.path.join(out, "results.json.tmp")
-    with open(tmp, "w") as handle:
-        json.dump(results, handle, indent=1)
-    os.replace(tmp, os.path.join(out, "results.json"))
+    write_json_atomic(os.path.join(out, "results.json"), results)
     text = "\n\n".join(f"## {kind}\n\n{kind_markdown(results, kind)}" for kind in results["kinds"])
-    with open(os.path.join(out, "results.md.tmp"), "w") as handle:
-        handle.write(f"# dopd lab: {results['task']}\n\n{text}\n\nWall time: {results['timing']['total']} s.\n")
-    os.replace(os.path.join(out, "results.md.tmp"), os.path.join(out, "results.md"))
+    markdown = f"# dopd lab: {results['task']}\n\n{text}\n\nWall time: {results['timing']['total']} s.\n"
+    write_text_atomic(os.path.join(out, "results.md"), markdown)

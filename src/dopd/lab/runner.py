@@ -31,10 +31,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..routing import REGIMES
-from ..run_dir import read_jsonl
-from .methods import REFERENCES, MethodSpec, method_specs, parse_method  # noqa: F401
-from .models import default_pair_config, describe_weakness, load_or_build_pair, pair_config_with
-from .properties import properties_hold
+from ..run_dir import read_jsonl, write_text_atomic
+from .methods import MethodSpec, method_specs
+from .models import default_pair_config, load_or_build_pair, pair_config_with
+from .properties import describe_weakness, properties_hold
 from .results import build_results, write_results
 from .tasks import LAB_PRIVILEGED_TEMPLATE, PRIVILEGED_KINDS, get_task
 
@@ -73,8 +73,17 @@ class LabConfig:
     @staticmethod
     def quick(**overrides) -> LabConfig:
         """The same pipeline at the size of a first look (and CI): one seed, one rate, a few steps."""
-        values = {"seeds": [0], "steps": 6, "lr_grid": [3e-4], "warmup_steps": 1, "eval_every": 3, "n_train": 400,
-                  "n_validation": 100, "n_test": 200, "prompts_per_step": 8}  # fmt: skip
+        values = {
+            "seeds": [0],
+            "steps": 6,
+            "lr_grid": [3e-4],
+            "warmup_steps": 1,
+            "eval_every": 3,
+            "n_train": 400,
+            "n_validation": 100,
+            "n_test": 200,
+            "prompts_per_step": 8,
+        }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return LabConfig(**values)
 
@@ -98,8 +107,18 @@ def check_lab_config(config: LabConfig) -> list[MethodSpec]:
         raise ValueError(f"--seeds {config.seeds}: give distinct non-negative integers, e.g. 0,1,2")
     if not config.lr_grid or min(config.lr_grid) <= 0 or len(set(config.lr_grid)) != len(config.lr_grid):
         raise ValueError(f"--lr-grid {config.lr_grid}: give distinct positive rates, e.g. 1e-4,3e-4")
-    for key in ("steps", "prompts_per_step", "num_generations", "n_train", "n_validation", "n_test", "top_k",
-                "threads", "workers", "eval_every"):  # fmt: skip
+    for key in (
+        "steps",
+        "prompts_per_step",
+        "num_generations",
+        "n_train",
+        "n_validation",
+        "n_test",
+        "top_k",
+        "threads",
+        "workers",
+        "eval_every",
+    ):
         if getattr(config, key) < 1:
             raise ValueError(f"--{key.replace('_', '-')} = {getattr(config, key)} must be at least 1")
     if not 0 <= config.warmup_steps <= config.steps:
@@ -143,7 +162,7 @@ def run_config(job: Job):
             "teacher_template": LAB_PRIVILEGED_TEMPLATE,
             "self_template": LAB_PRIVILEGED_TEMPLATE,
             "max_prompt_length": 512,
-        },  # fmt: skip
+        },
         rollout={"num_generations": c.num_generations, "max_new_tokens": job.max_new_tokens, "temperature": 1.0},
         objective={"method": job.spec.method, "top_k": c.top_k, **dict(job.spec.overrides)},
         optim={"lr": job.lr, "schedule": "cosine", "warmup_steps": c.warmup_steps},
@@ -153,7 +172,7 @@ def run_config(job: Job):
             "seed": job.seed,
             "device": "cpu",
             "micro_batch_size": c.prompts_per_step * c.num_generations,
-        },  # fmt: skip
+        },
         logging={
             "output_dir": job.run_dir,
             "overwrite": True,
@@ -192,8 +211,9 @@ def run_job(job: Job) -> dict:
         }
         if step == c.steps:
             result = evaluate(trainer.inner, trainer.tokenizer, task, test)
-            final.update(answer_accuracy=result["answer_accuracy"], full_match=result["full_match"],
-                         **result.get("parts", {}))  # fmt: skip
+            final.update(
+                answer_accuracy=result["answer_accuracy"], full_match=result["full_match"], **result.get("parts", {})
+            )
             out["eval/test_accuracy"] = result["answer_accuracy"]
         return out
 
@@ -240,8 +260,10 @@ def _run_all(jobs: list[Job], workers: int, threads: int, log) -> list[dict]:
     def done(record: dict) -> None:
         test = record["test"]["answer_accuracy"]
         collapse = f", collapse at step {record['collapse_step']:.0f}" if record["collapse_step"] else ""
-        log(f"  {record['label']} lr {record['lr']:g} seed {record['seed']}: test accuracy {test:.3f} "
-            f"({record['seconds']:.0f} s{collapse})")  # fmt: skip
+        log(
+            f"  {record['label']} lr {record['lr']:g} seed {record['seed']}: test accuracy {test:.3f} "
+            f"({record['seconds']:.0f} s{collapse})"
+        )
 
     if workers == 1 or len(jobs) == 1:
         _init_worker(threads)
@@ -289,8 +311,11 @@ def run_lab(config: LabConfig, log=print) -> dict:
         baseline[role] = {"validation": evaluate(model, pair.tokenizer, task, validation)["answer_accuracy"]}
         for kind in ["none", *config.privilege]:
             result = evaluate(model, pair.tokenizer, task, test, kind=kind)
-            baseline[role][kind] = {"answer_accuracy": result["answer_accuracy"], "full_match": result["full_match"],
-                                    **result.get("parts", {})}  # fmt: skip
+            baseline[role][kind] = {
+                "answer_accuracy": result["answer_accuracy"],
+                "full_match": result["full_match"],
+                **result.get("parts", {}),
+            }
     log(describe_baseline(baseline, config, pair))
     longest = max(len(pair.tokenizer(e.completion)["input_ids"]) for e in task.examples(200, TRAIN_SEED))
     records_by_kind, timing = {}, {}
@@ -298,16 +323,28 @@ def run_lab(config: LabConfig, log=print) -> dict:
         kind_dir = os.path.join(config.out, kind)
         os.makedirs(kind_dir, exist_ok=True)
         data_path = os.path.join(kind_dir, "train.jsonl")
-        with open(data_path + ".tmp", "w") as handle:
-            handle.writelines(json.dumps(row) + "\n" for row in task.rows(config.n_train, TRAIN_SEED, kind))
-        os.replace(data_path + ".tmp", data_path)
+        rows = task.rows(config.n_train, TRAIN_SEED, kind)
+        write_text_atomic(data_path, "".join(json.dumps(row) + "\n" for row in rows))
         jobs = [
-            Job(spec, lr, seed, kind, os.path.join(kind_dir, _safe(spec.label), f"lr{lr:g}", f"seed_{seed}"),
-                str(pair.path), data_path, longest + 4, config)
-            for spec in specs for lr in config.lr_grid for seed in config.seeds
-        ]  # fmt: skip
-        log(f"[{kind}] {len(jobs)} runs ({len(specs)} methods x {len(config.lr_grid)} rates x "
-            f"{len(config.seeds)} seeds) in {config.workers} processes")  # fmt: skip
+            Job(
+                spec,
+                lr,
+                seed,
+                kind,
+                os.path.join(kind_dir, _safe(spec.label), f"lr{lr:g}", f"seed_{seed}"),
+                str(pair.path),
+                data_path,
+                longest + 4,
+                config,
+            )
+            for spec in specs
+            for lr in config.lr_grid
+            for seed in config.seeds
+        ]
+        log(
+            f"[{kind}] {len(jobs)} runs ({len(specs)} methods x {len(config.lr_grid)} rates x "
+            f"{len(config.seeds)} seeds) in {config.workers} processes"
+        )
         kind_started = time.time()
         records = _run_all(jobs, config.workers, config.threads, log)
         timing[kind] = round(time.time() - kind_started, 1)
@@ -331,8 +368,10 @@ def describe_baseline(baseline: dict, config: LabConfig, pair) -> str:
             split = f"  (without: determined {parts['determined']:.3f}, undetermined {parts['undetermined']:.3f})"
         lines.append(f"  {role:<8} " + ", ".join(cells) + split)
     holds = properties_hold(pair.properties.get("checks", {}))
-    lines.append(f"  pair properties (pretraining check, {pair.properties.get('n_eval', '?')} prompts): "
-                 f"{'hold' if holds else 'FAIL: ' + describe_weakness(pair.properties, config.task)}")  # fmt: skip
+    lines.append(
+        f"  pair properties (pretraining check, {pair.properties.get('n_eval', '?')} prompts): "
+        f"{'hold' if holds else 'FAIL: ' + describe_weakness(pair.properties, config.task)}"
+    )
     return "\n".join(lines)
 
 
