@@ -59,6 +59,31 @@ def test_ema_after_one_step_is_the_hand_computed_average():
         torch.testing.assert_close(copy, 0.75 * w0 + 0.25 * p.detach(), rtol=1e-6, atol=1e-7)
 
 
+def test_ema_of_half_precision_weights_moves_as_a_float32_average():
+    """DeepSpeed ZeRO-1/2 with bf16 trains a bf16 module (float32 masters live in the optimizer): each (1 - decay)
+    update is far below bf16's resolution, so an average kept in bf16 never moves. Kept in float32 and cast when
+    swapped in, it follows the float32 reference to bf16 rounding."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 64, bias=False)
+    master = layer.weight.detach().clone()
+    layer.to(torch.bfloat16)
+    weights = SelfWeights("ema", layer, ema_decay=0.99)
+    reference, start = master.clone(), layer.weight.detach().float().clone()
+    for step in range(1, 301):
+        master += 2e-5 * torch.sign(torch.randn_like(master))  # AdamW-sized steps at lr 2e-5
+        layer.weight.data.copy_(master)  # the engine casts the masters into the module
+        weights.after_step(step)
+        reference.lerp_(master, 0.01)
+    assert weights.copy[0].dtype == torch.bfloat16  # what is swapped in has the module's dtype
+    moved, wanted = (weights.copy[0].float() - start).abs().mean(), (reference - start).abs().mean()
+    assert wanted > 1e-4 and moved == pytest.approx(wanted.item(), rel=0.05)
+    state = weights.state_dict()  # checkpoints keep the float32 average, so a resumed run continues it exactly
+    # It averages the module's bf16 values, the reference the float32 masters: apart by at most bf16's rounding.
+    assert state["weight"].dtype == torch.float32
+    assert ((state["weight"] - reference).abs() <= reference.abs() * 2**-8 + 1e-7).all()
+    assert torch.equal(weights.copy[0], state["weight"].to(torch.bfloat16))
+
+
 def test_lagged_changes_exactly_at_multiples_of_n():
     model = _linear()
     weights = SelfWeights("lagged", model, sync_every=3)

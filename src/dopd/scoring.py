@@ -12,6 +12,7 @@ chunk by chunk without full-vocabulary logits.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from contextlib import contextmanager
 
 import torch
@@ -72,6 +73,22 @@ def output_head(model: torch.nn.Module, vocab_size: int) -> tuple[Tensor, Tensor
 
 def _whole(tensor: Tensor | None) -> Tensor | None:
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+# Models whose no-gradient passes must return heads that outlive the weights they were read from, with the function
+# that makes such a head: `SelfWeights.swapped_in` registers the student while the privileged self's copy is swapped
+# into FSDP2 units, whose gathered head is freed when the swap ends (self_weights.py).
+_HEAD_KEEPERS: weakref.WeakKeyDictionary[torch.nn.Module, Callable[[Head], Head]] = weakref.WeakKeyDictionary()
+
+
+@contextmanager
+def heads_kept(model: torch.nn.Module, keep: Callable[[Head], Head]):
+    """Within the block, `frozen_pass(model, ...)` returns `keep(head)` instead of the head it read."""
+    _HEAD_KEEPERS[model] = keep
+    try:
+        yield
+    finally:
+        _HEAD_KEEPERS.pop(model, None)
 
 
 _MODULES: weakref.WeakKeyDictionary[torch.nn.Module, tuple[torch.nn.Module, ...]] = weakref.WeakKeyDictionary()
@@ -169,4 +186,6 @@ def frozen_pass(
         hook.remove()
     weight, bias = head if head is not None else output_head(model, vocab_size)
     hidden = _gather_positions(captured["hidden"], inputs.positions).to(weight.dtype)
-    return Head(hidden.detach(), weight.detach(), None if bias is None else bias.detach())
+    result = Head(hidden.detach(), weight.detach(), None if bias is None else bias.detach())
+    keep = _HEAD_KEEPERS.get(model)
+    return keep(result) if keep is not None else result
