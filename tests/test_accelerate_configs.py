@@ -9,6 +9,7 @@ import sys
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 import tiny  # noqa: E402
@@ -166,3 +167,58 @@ def test_deepspeed_zero3_config(monkeypatch):
     plugin.deepspeed_config["gradient_accumulation_steps"] = 4
     with pytest.raises(ConfigError, match="gradient_accumulation_steps = 4; dopd accumulates micro-batches itself"):
         check_engine(dopd_config(*lora), accelerator)
+    plugin.deepspeed_config["gradient_accumulation_steps"], plugin.deepspeed_config["gradient_clipping"] = 1, "auto"
+    # accelerate's get_state_dict needs the gathered 16-bit weights: without them the run would fail at its save
+    plugin.deepspeed_config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = False
+    with pytest.raises(ConfigError, match="set zero3_save_16bit_model: true in the accelerate config"):
+        check_engine(dopd_config(*lora), accelerator)
+
+
+def test_shape_reads_see_through_zero3_partitioned_parameters():
+    """accelerate's DeepSpeed state makes `from_pretrained` partition a ZeRO-3 model as it loads: every parameter
+    is an empty tensor that keeps its shape in `ds_shape`. The vocabulary check and the rollouts' suppressed ids
+    read the head's rows from there (an empty head read as 0 rows stopped the run at start)."""
+    from dopd.config import RolloutConfig
+    from dopd.engines import gathers_across_processes, head_rows
+    from dopd.loading import common_vocab_size
+    from dopd.rollout.hf import HFRollout
+
+    tokenizer = tiny.build_tokenizer()
+    student, teacher = tiny.build_model(len(tokenizer)), tiny.build_model(len(tokenizer), vocab_pad=8, tied=False)
+    for model in (student, teacher):
+        for number, parameter in enumerate(model.parameters()):
+            parameter.ds_shape, parameter.ds_id = parameter.shape, number
+            parameter.data = torch.empty(0)
+    assert teacher.get_output_embeddings().weight.shape == (0,)
+    assert head_rows(student) == len(tokenizer) and head_rows(teacher) == len(tokenizer) + 8
+    assert common_vocab_size(student, teacher, tokenizer) == len(tokenizer)
+    engine = HFRollout(lambda: teacher, tokenizer, RolloutConfig(), vocab_size=len(tokenizer))
+    assert engine.generation_config(teacher).suppress_tokens == list(range(len(tokenizer), len(tokenizer) + 8))
+    assert not gathers_across_processes(teacher)  # one process: nothing to keep in step
+
+
+@pytest.mark.slow
+def test_zero3_run_starts_trains_and_saves(pair, tmp_path):
+    """The real DeepSpeed ZeRO-3 set-up on the CPU where DeepSpeed is installed (it is not a test dependency: PyPI
+    has only its sdist, whose build needs torch): accelerate's launch environment, models loaded partitioned, two
+    LoRA steps and the final save."""
+    pytest.importorskip("deepspeed")
+    import json
+    import subprocess
+
+    env = {
+        **os.environ,
+        "ACCELERATE_USE_DEEPSPEED": "true",
+        "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3",
+        "ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL": "true",
+        "DS_ACCELERATOR": "cpu",
+    }
+    script = os.path.join(os.path.dirname(__file__), "deepspeed_step.py")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", script]
+    command += [pair["student"], pair["teacher"], pair["data"], str(tmp_path / "run")]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-4000:]
+    outcome = json.loads(run.stdout.strip().splitlines()[-1])
+    assert outcome == {"engine": "DistributedType.DEEPSPEED", "teacher_partitioned": True}
+    assert len(open(tmp_path / "run" / "metrics.jsonl").readlines()) == 2
+    assert (tmp_path / "run" / "final" / "adapter_model.safetensors").exists()

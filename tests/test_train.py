@@ -128,33 +128,17 @@ def test_refuses_a_directory_with_another_run(pair, tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_match_one(pair, tmp_path):
-    """`accelerate launch --num_processes 2 --cpu`: the first step's loss equals one process's, within 1e-5, and
-    the learning-rate schedule is the same."""
+    """Two gloo processes (torch.distributed.run; `accelerate launch --cpu` starts only one): the first step's loss
+    equals one process's, within 1e-5, and the learning-rate schedule is the same."""
     script = os.path.join(os.path.dirname(__file__), "two_process_step.py")
     losses = []
     for processes in (1, 2):
         out = tmp_path / f"p{processes}"
-        command = [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--num_processes",
-            str(processes),
-            "--cpu",
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            script,
-            pair["student"],
-            pair["teacher"],
-            pair["data"],
-            str(out),
-        ]
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+        command += [script, pair["student"], pair["teacher"], pair["data"], str(out)]
         run = subprocess.run(command, capture_output=True, text=True, timeout=600)
         assert run.returncode == 0, run.stderr[-3000:]
+        assert run.stdout.count(f"processes: {processes}") == processes
         lines = [json.loads(line) for line in open(out / "metrics.jsonl")]
         losses.append((lines[0]["loss"], [line["lr"] for line in lines]))
     assert losses[1][0] == pytest.approx(losses[0][0], rel=1e-5, abs=1e-7)

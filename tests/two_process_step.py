@@ -1,6 +1,8 @@
-"""One training step, run under `accelerate launch` by test_train.test_two_processes_match_one."""
+"""Three training steps, run under `torch.distributed.run` by test_train.test_two_processes_match_one."""
 
 import sys
+
+from accelerate import PartialState
 
 from dopd.config import load_config
 from dopd.train import train
@@ -28,3 +30,4 @@ config = load_config(
     ]
 )
 train(config)
+print(f"processes: {PartialState().num_processes}")

@@ -17,6 +17,7 @@ from contextlib import nullcontext
 import torch
 
 from .config import Config, ConfigError
+from .self_weights import fsdp2_units
 
 
 def engine_name(accelerator) -> str:
@@ -91,12 +92,43 @@ def check_engine(config: Config, accelerator) -> None:
                 "head outside the forward, where ZeRO-3 has freed it; use FSDP2 (configs/accelerate/fsdp2.yaml) or "
                 "LoRA (model.lora.enabled=true, whose head is frozen)"
             )
+        plugin = accelerator.state.deepspeed_plugin
+        gathers = ds.get("zero_optimization", {}).get("stage3_gather_16bit_weights_on_model_save", "auto")
+        if zero_stage(accelerator) == 3 and not (plugin.zero3_save_16bit_model if gathers == "auto" else gathers):
+            raise ConfigError(
+                "DeepSpeed ZeRO-3 can save the model (checkpoints, the final model) only with its weights gathered: "
+                "set zero3_save_16bit_model: true in the accelerate config (stage3_gather_16bit_weights_on_model_save: "
+                "true in a DeepSpeed JSON), as configs/accelerate/deepspeed_zero3.yaml does"
+            )
         if zero_stage(accelerator) == 3 and config.objective.self_weights != "live":
             raise ConfigError(
                 f"objective.self_weights = {config.objective.self_weights} under DeepSpeed ZeRO-3 is not supported: "
                 "ZeRO-3 partitions the adapters across processes, so no process holds a whole copy to score with; set "
                 "objective.self_weights=live, or use FSDP2 (configs/accelerate/fsdp2.yaml)"
             )
+
+
+def parameter_shape(tensor: torch.Tensor) -> torch.Size:
+    """A parameter's shape as the model defines it. A parameter that DeepSpeed ZeRO-3 partitioned when the model
+    was loaded (accelerate turns `from_pretrained` into a partitioned load as soon as its DeepSpeed state exists)
+    holds an empty tensor and keeps its shape in `ds_shape`."""
+    return getattr(tensor, "ds_shape", None) or tensor.shape
+
+
+def head_rows(model: torch.nn.Module) -> int:
+    """The number of rows (vocabulary entries) of a model's output head, partitioned or not."""
+    return int(parameter_shape(model.get_output_embeddings().weight)[0])
+
+
+def gathers_across_processes(model: torch.nn.Module) -> bool:
+    """Whether a forward of `model` gathers weights from the other processes (FSDP2 units, ZeRO-3 partitions).
+    Then every process must run the same number of forwards: a process whose samples end early keeps stepping
+    (transformers' `synced_gpus`), or the others wait in their gather forever."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return False
+    return bool(fsdp2_units(model)) or any(hasattr(p, "ds_id") for p in model.parameters())
 
 
 def configure_deepspeed(config: Config, accelerator) -> None:

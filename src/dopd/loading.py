@@ -19,6 +19,7 @@ import time
 import torch
 
 from .config import Config, ConfigError, is_image_text
+from .engines import head_rows
 
 logger = logging.getLogger("dopd")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -205,9 +206,9 @@ def tokenizer_or_none(path: str, trust_remote_code: bool):
 
 def common_vocab_size(student, teacher, tokenizer) -> int:
     """Rows of the output heads both models share; embeddings padded beyond the tokenizer are tolerated."""
-    sizes = [student.get_output_embeddings().weight.shape[0]]
+    sizes = [head_rows(student)]
     if teacher is not None:
-        sizes.append(teacher.get_output_embeddings().weight.shape[0])
+        sizes.append(head_rows(teacher))
     size = min(sizes)
     if size < len(tokenizer):
         raise ConfigError(

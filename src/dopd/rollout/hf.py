@@ -15,6 +15,7 @@ from collections.abc import Callable
 import torch
 
 from ..config import RolloutConfig
+from ..engines import gathers_across_processes, head_rows
 from . import Rollouts, end_of_sequence_ids, trim_completion
 
 
@@ -52,8 +53,8 @@ class HFRollout:
             settings.update(temperature=c.temperature, top_p=c.top_p, top_k=c.top_k or None)
         else:
             settings.update(temperature=None, top_p=None, top_k=None)
-        head_rows = model.get_output_embeddings().weight.shape[0]
-        suppressed = list(range(self.vocab_size, head_rows)) if self.vocab_size is not None else []
+        rows = head_rows(model)
+        suppressed = list(range(self.vocab_size, rows)) if self.vocab_size is not None else []
         if self.processor is not None:
             from ..multimodal import vision_token_ids
 
@@ -74,6 +75,9 @@ class HFRollout:
         device = next(model.parameters()).device
         generation_config = self.generation_config(model)
         greedy = not generation_config.do_sample
+        # A sharded model's forward gathers weights from every process: all must decode the same number of steps
+        # (transformers turns this on by itself for ZeRO-3 and its own FSDP wrapper, not for accelerate's FSDP2).
+        synced = gathers_across_processes(model)
         generation_config.num_return_sequences = 1 if greedy else num_generations
         index, completions, finished = [], [], []
         # transformers fills every unset field from the model's own generation_config: swap it out meanwhile (on
@@ -104,6 +108,7 @@ class HFRollout:
                     attention_mask=attention.to(device),
                     generation_config=generation_config,
                     streamer=streamer,
+                    synced_gpus=synced,
                     **{key: value.to(device) for key, value in vision.items()},
                 )
                 for row, generated in enumerate(output[:, width:].tolist()):

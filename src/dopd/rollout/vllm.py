@@ -19,6 +19,8 @@ import importlib.util
 from typing import Protocol
 
 from ..config import Config, ConfigError
+from ..engines import head_rows
+from ..self_weights import fsdp2_units
 from . import Rollouts, end_of_sequence_ids, trim_completion
 
 INSTALL = 'pip install "dopd[vllm]"'
@@ -75,9 +77,10 @@ def engine_settings(config: Config, eos_ids: set[int], vocab_size: int, head_row
 class VLLMRollout:
     """The rollout interface (`generate`, `sync_weights`) over a `VLLMGeneration`-like engine."""
 
-    def __init__(self, engine: GenerationEngine, eos_ids: set[int]):
+    def __init__(self, engine: GenerationEngine, eos_ids: set[int], units: list | None = None):
         self.engine = engine
         self.eos_ids = eos_ids
+        self.units = units or []  # the student's FSDP2 units
         # vLLM starts from the checkpoint on disk; a resumed or LoRA student differs from it, so the first rollout
         # syncs.
         self.synced = False
@@ -90,11 +93,16 @@ class VLLMRollout:
         from trl.generation.vllm_generation import VLLMGeneration
 
         eos_ids = end_of_sequence_ids(tokenizer, model)
-        head_rows = model.get_output_embeddings().weight.shape[0]
-        settings = engine_settings(config, eos_ids, vocab_size, head_rows)
-        return cls(VLLMGeneration(model, accelerator, tokenizer, **settings), eos_ids)
+        rows = head_rows(model)
+        settings = engine_settings(config, eos_ids, vocab_size, rows)
+        return cls(VLLMGeneration(model, accelerator, tokenizer, **settings), eos_ids, fsdp2_units(model))
 
     def sync_weights(self) -> None:
+        # TRL gathers each FSDP2 parameter with `full_tensor()`, which only a sharded one has: a unit left gathered
+        # by a forward since the last backward (accelerate's root unit is not resharded after forward) holds plain
+        # tensors there, so every unit is resharded first.
+        for unit in self.units:
+            unit.reshard()
         self.engine.sync_weights()
         self.synced = True
 
