@@ -28,6 +28,16 @@ def test_settings_that_cannot_work_fail_at_load(pair, tmp_path, override, messag
         make_config(pair, tmp_path / "run", override)
 
 
+def test_greedy_rollouts_from_a_vllm_server_need_one_sample_per_prompt(pair, tmp_path):
+    """TRL's server client asks for n samples of each prompt, which vLLM refuses (HTTP 400) for greedy decoding."""
+    server = ["rollout.backend=vllm", "rollout.vllm.mode=server", "rollout.temperature=0"]
+    with pytest.raises(ConfigError, match="rollout.temperature = 0 with rollout.num_generations = 2 in rollout.vllm"):
+        make_config(pair, tmp_path / "run", *server, "rollout.num_generations=2")
+    make_config(pair, tmp_path / "run", *server, "rollout.num_generations=1")
+    make_config(pair, tmp_path / "run", *server[:2], "rollout.temperature=0.7", "rollout.num_generations=2")
+    make_config(pair, tmp_path / "run", "rollout.backend=vllm", "rollout.temperature=0", "rollout.num_generations=2")
+
+
 def test_the_key_table_of_the_docs_is_the_generated_one():
     from dopd.config import keys_markdown
 

@@ -463,6 +463,12 @@ def _check_rollout_backend(config: Config) -> None:
             "rollout.vllm.tensor_parallel_size applies to mode=colocate; a server's parallelism is set when it is "
             "started (vllm serve --tensor-parallel-size N)"
         )
+    if v.mode == "server" and r.temperature == 0 and r.num_generations > 1:
+        raise ConfigError(
+            f"rollout.temperature = 0 with rollout.num_generations = {r.num_generations} in rollout.vllm.mode = "
+            "server: the server is asked for n > 1 samples of each prompt, which vLLM refuses for greedy decoding; "
+            "set rollout.num_generations=1 (greedy completions of one prompt are all the same) or a temperature > 0"
+        )
     needed = config.data.max_prompt_length + r.max_new_tokens
     if v.max_model_len is not None and v.max_model_len < needed:
         raise ConfigError(
