@@ -72,6 +72,24 @@ QWEN3 = {  # hidden, MLP, layers, attention heads, key-value heads, head size, t
     "tiny-teacher": (96, 192, 2, 4, 2, 24, False),
 }
 PAIRS = {"quick": ("0.6B", "1.7B"), "paper": ("1.7B", "8B"), "tiny": ("tiny-student", "tiny-teacher")}
+# GPU memory a pair's step needs, in GiB: two trainers' fp32 students with AdamW state, the self copy, the shared
+# bf16 teacher and the activations. The paper pair peaks near 100 GB (an H200 holds it, an 80 GB H100 does not).
+PAIR_MEMORY_GIB = {"paper": 110.0, "quick": 40.0}
+# With random weights the end-of-sequence token is never sampled, so every completion runs to max_new_tokens.
+STEP_NOTE = (
+    "random weights never sample end-of-sequence, so every completion has max_new_tokens tokens: the step ratio "
+    "measures these shapes; the scoring and update ratios are the informative ones"
+)
+
+
+def choose_pair(requested: str, memory_gib: float | None) -> tuple[str, str]:
+    """The step's pair and why: `auto` takes the paper pair where the GPU's memory holds it, else the quick one."""
+    if requested != "auto":
+        return requested, f"--pair {requested}"
+    if memory_gib is not None and memory_gib >= PAIR_MEMORY_GIB["paper"]:
+        return "paper", f"auto: {memory_gib:.0f} GiB holds the paper pair (needs about {PAIR_MEMORY_GIB['paper']:.0f})"
+    shown = "unknown" if memory_gib is None else f"{memory_gib:.0f} GiB"
+    return "quick", f"auto: {shown} is short of the paper pair's {PAIR_MEMORY_GIB['paper']:.0f} GiB"
 
 
 @dataclass
@@ -149,9 +167,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--pair",
         choices=("auto", "quick", "paper"),
         default="auto",
-        help="the step's models: "
-        "paper (Qwen3-1.7B student, 8B teacher), quick (0.6B, 1.7B) or auto (paper if the budget "
-        "allows, else quick; default)",
+        help="the step's models: paper (Qwen3-1.7B student, 8B teacher), quick (0.6B, 1.7B) or auto (paper "
+        "if the GPU's memory holds it and the budget allows, else quick, also after an out-of-memory; default)",
     )
     parser.add_argument("--skip-tests", action="store_true", help="do not run pytest -m gpu")
     parser.add_argument(
@@ -970,6 +987,7 @@ def step_part(record: dict, save, models: dict, settings: Settings, device: str,
         "optim.max_grad_norm": config.optim.max_grad_norm,
     }
     record.update(
+        note=STEP_NOTE,
         pair=models["pair"],
         prompts=settings.prompts,
         generations=settings.generations,
@@ -1053,6 +1071,9 @@ def print_table(report: dict) -> None:
                 f"{method:<11} {s['rollout_s']:>9.3f} {s['scoring_s']:>9.3f} {s['update_s']:>9.3f} "
                 f"{s['step_s']:>8.3f} {s['tokens_per_second']:>9.0f} {peak:>9}"
             )
+        print(f"note: {parts['step'].get('note', STEP_NOTE)}")
+    if report.get("pair_choice"):
+        print(f"step pair: {report['pair_choice']['pair']} ({report['pair_choice']['why']})"[:200])
 
 
 def _cell(measurement: dict, form: str, key: str) -> str:
@@ -1075,7 +1096,11 @@ def part_summary(name: str, part: dict) -> str:
     if name == "models":
         return f"{part['student']['shape']} student, {part['teacher']['shape']} teacher, vocabulary {part['vocab']}"
     if name == "step" and part.get("summary"):
-        return f"DOPD / opd-priv step time {part['summary']['ratios'].get('step_s_ratio', float('nan')):.3f}"
+        ratios = {key: part["summary"]["ratios"].get(f"{key}_ratio", float("nan")) for key in ("scoring_s", "update_s")}
+        return (
+            f"DOPD / opd-priv: scoring {ratios['scoring_s']:.3f}, update {ratios['update_s']:.3f} "
+            f"(step {part['summary']['ratios'].get('step_s_ratio', float('nan')):.3f}: shapes only, see the note)"
+        )
     if name == "loss":
         return f"{len(part.get('measurements', {}))} measurements"
     return ""
@@ -1124,7 +1149,10 @@ def run_check(args, report: Report, start: float) -> None:
         for name in PARTS[2:]:
             report.skip(name, "CUDA is not available (use --tiny for the CPU check)")
         raise SystemExit("gpu_check: error: CUDA is not available; run with --tiny for the CPU check")
-    pair = "tiny" if args.tiny else ("paper" if args.pair == "auto" else args.pair)
+    memory = torch.cuda.get_device_properties(0).total_memory / 2**30 if device == "cuda" else None
+    pair, why = ("tiny", "--tiny") if args.tiny else choose_pair(args.pair, memory)
+    report.data["pair_choice"] = {"pair": pair, "why": why}
+    log(f"step pair: {pair} ({why})")
     names, fallbacks = measurement_names(settings, pair, args.skip_tests)
     budget = Budget(args.budget_s, settings.estimates, start, fallbacks)
     budget.plan(names)
@@ -1145,6 +1173,12 @@ def run_check(args, report: Report, start: float) -> None:
     run_models_and_step(args, report, settings, device, budget)
 
 
+def out_of_memory(part: dict) -> bool:
+    """Whether a part failed for want of GPU memory (torch's OutOfMemoryError, CUDA's own message)."""
+    error = part.get("error") or ""
+    return part.get("status") == "error" and ("OutOfMemoryError" in error or "out of memory" in error.lower())
+
+
 def run_models_and_step(args, report: Report, settings: Settings, device: str, budget: Budget) -> None:
     budget.plan(budget.pending)  # with the time left now; a dropped paper step may give way to the quick one
     step = next((name for name in budget.pending if name.startswith("step/")), None)
@@ -1162,8 +1196,23 @@ def run_models_and_step(args, report: Report, settings: Settings, device: str, b
             report.skip("step", "the models part failed")
             return
         work = lambda r, save: step_part(r, save, models, settings, device, work_dir, budget)
-        report.run("step", work, budget.estimates[step])  # the models' time counts in the step's estimate
+        part = report.run("step", work, budget.estimates[step])  # the models' time counts in the step's estimate
         budget.done(step)
+        fits = budget.left() >= budget.estimates.get("step/quick", float("inf"))
+        if out_of_memory(part) and pair == "paper" and args.pair == "auto" and fits:
+            paper_error = part["error"]
+            log("the paper pair ran out of memory; the step runs again with the quick pair")
+            free_memory(device)
+            models = report.run("models", lambda r, save: models_part(r, save, "quick", settings, device, work_dir))
+            if models["status"] == "ok":
+                part = report.run("step", work, budget.estimates["step/quick"])
+            else:
+                report.skip("step", "the models part failed")
+            report.data["pair_choice"] = {
+                "pair": "quick",
+                "why": f"auto: the paper pair ran out of memory ({paper_error})",
+            }
+            report.write()
     finally:
         if args.work_dir is None:
             shutil.rmtree(work_dir, ignore_errors=True)

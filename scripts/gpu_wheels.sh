@@ -8,6 +8,15 @@
 #   bash scripts/gpu_wheels.sh DIR
 #   PINS="name==1.0 other==2.0" bash scripts/gpu_wheels.sh DIR   # other pins
 set -euo pipefail
+usage="usage: bash scripts/gpu_wheels.sh [DIR]   (DIR: the wheel folder, default .whl; PINS=\"name==1.0 ...\" for other pins)"
+case "${1:-}" in
+  -h|--help) echo "$usage"; exit 0 ;;
+  -*) echo "gpu_wheels: error: unknown option $1; $usage" >&2; exit 2 ;;
+esac
+if (( $# > 1 )); then
+  echo "gpu_wheels: error: one folder at most, got $#; $usage" >&2
+  exit 2
+fi
 cd "$(dirname "$0")/.."
 dir=${1:-.whl}
 python=${PYTHON:-$(command -v python3 || command -v python)}

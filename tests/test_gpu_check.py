@@ -82,6 +82,7 @@ def test_tiny_check_step_times_both_methods_on_the_same_rollouts(tiny_check):
     assert summary["dopd"]["rollout_s"] == summary["opd-priv"]["rollout_s"]  # one rollout per repetition
     assert summary["dopd"]["tokens"] == summary["opd-priv"]["tokens"]
     assert {"step_s_ratio", "scoring_s_ratio", "update_s_ratio"} <= set(summary["ratios"])
+    assert step["note"] == gpu_check.STEP_NOTE and "the scoring and update ratios" in tiny_check[1]
     assert [r["warm_up"] for r in step["repetitions"]] == [True, False, False]
     models = tiny_check[0]["parts"]["models"]
     assert models["vocab"] == 512 and models["student"]["parameters"] < models["teacher"]["parameters"]
@@ -118,6 +119,57 @@ def test_budget_falls_back_to_the_quick_pair_and_replans_with_the_time_left():
     budget.start -= 55  # 5 s left: nothing fits any more
     assert not budget.allows("loss") and budget.pending == []
     assert set(budget.dropped) == {"step/paper", "loss", "step/quick"}
+
+
+@pytest.mark.parametrize(
+    "requested, memory_gib, pair",
+    [("auto", 139.8, "paper"), ("auto", 79.2, "quick"), ("auto", None, "quick"), ("paper", 79.2, "paper")],
+)
+def test_the_step_pair_is_chosen_by_the_gpus_memory(requested, memory_gib, pair):
+    """The paper pair's step peaks near 100 GB: an H200 (139.8 GiB) holds it, an 80 GB H100 (79.2 GiB) does not."""
+    chosen, why = gpu_check.choose_pair(requested, memory_gib)
+    assert chosen == pair and (why.startswith("auto:") or why == f"--pair {requested}")
+
+
+def test_a_paper_step_out_of_memory_runs_again_with_the_quick_pair(tmp_path, monkeypatch):
+    import argparse
+
+    pairs = []
+
+    def models_part(record, save, pair, settings, device, work_dir):
+        pairs.append(pair)
+        record["pair"] = pair
+
+    def step_part(record, save, models, settings, device, work_dir, budget):
+        if models["pair"] == "paper":
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        record["summary"] = {"ratios": {}}
+
+    monkeypatch.setattr(gpu_check, "models_part", models_part)
+    monkeypatch.setattr(gpu_check, "step_part", step_part)
+    monkeypatch.setattr(gpu_check, "free_memory", lambda device: None)
+    report = gpu_check.Report(str(tmp_path / "report.json"), {"mode": "gpu"})
+    budget = gpu_check.Budget(1000, gpu_check.GPU.estimates, time.perf_counter(), {"step/paper": "step/quick"})
+    budget.plan(["step/paper"])
+    args = argparse.Namespace(pair="auto", work_dir=str(tmp_path / "work"))
+    gpu_check.run_models_and_step(args, report, gpu_check.GPU, "cuda", budget)
+    assert pairs == ["paper", "quick"] and report.data["parts"]["step"]["status"] == "ok"
+    assert report.data["pair_choice"]["pair"] == "quick" and "out of memory" in report.data["pair_choice"]["why"]
+    pairs.clear()
+    budget = gpu_check.Budget(1000, gpu_check.GPU.estimates, time.perf_counter(), {"step/paper": "step/quick"})
+    budget.plan(["step/paper"])
+    gpu_check.run_models_and_step(
+        argparse.Namespace(pair="paper", work_dir=None), report, gpu_check.GPU, "cuda", budget
+    )
+    assert pairs == ["paper"] and report.data["parts"]["step"]["status"] == "error"  # asked for: no fallback
+
+
+def test_gpu_wheels_help_prints_usage_and_writes_nothing(tmp_path):
+    script = os.path.join(REPO, "scripts", "gpu_wheels.sh")
+    for arguments, code in ((["--help"], 0), (["-h"], 0), (["--out", "x"], 2), (["a", "b"], 2)):
+        run = subprocess.run(["bash", script, *arguments], cwd=tmp_path, capture_output=True, text=True, timeout=30)
+        assert run.returncode == code and "usage: bash scripts/gpu_wheels.sh [DIR]" in run.stdout + run.stderr
+    assert not os.listdir(tmp_path) and not os.path.exists(os.path.join(REPO, "--help"))
 
 
 def test_missing_wheels_are_named(tmp_path):
