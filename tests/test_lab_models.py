@@ -239,7 +239,7 @@ def test_every_shipped_pair_loads_from_its_own_config(task):
 def test_shipped_pair_reproduces_its_stored_accuracy():
     pair = load_or_build_pair(LabPairConfig(), log=None)
     task = get_task(DEFAULT_TASK)
-    examples = task.examples(pair.properties["n_eval"], pair.properties["eval_seed"])
+    examples = task.examples(pair.properties["n_eval"], pair.properties["eval_seed"], pair.properties["eval_split"])
     stored = shipped_accuracy(pair)
     for role, model in (("teacher", pair.teacher), ("student", pair.student)):
         for kind in ("none", "hints"):

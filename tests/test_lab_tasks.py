@@ -10,6 +10,7 @@ from dopd.lab.tasks import (
     LAB_PRIVILEGED_TEMPLATE,
     MIXED_ARITH_LEVELS,
     PRIVILEGED_KINDS,
+    SPLITS,
     TASKS,
     ArithLevel,
     ArithmeticTask,
@@ -19,6 +20,7 @@ from dopd.lab.tasks import (
     Task,
     extract_answer,
     get_task,
+    prompt_split,
     read_as_written,
 )
 from dopd.lab.tokenizer import build_tokenizer
@@ -263,3 +265,49 @@ def test_render_prompt_with_lab_template():
     privileged = render_prompt(tok, "Q:1+2=", "1+2", template=LAB_PRIVILEGED_TEMPLATE)
     assert privileged == "Q:1+2=\nH:1+2|"
     assert render_prompt(tok, "Q:1+2=", None, template=LAB_PRIVILEGED_TEMPLATE) == "Q:1+2=|"
+
+
+def test_prompt_split_is_a_stable_hash_with_the_stated_shares():
+    assert prompt_split("Q:1+2=") == prompt_split("Q:1+2=")  # the same in every process (no salted hash())
+    prompts = [f"Q:{i}+{j}-{k}=" for i in range(30) for j in range(30) for k in range(30)]
+    counts = {split: sum(prompt_split(p) == split for p in prompts) / len(prompts) for split in SPLITS}
+    assert counts["test"] == pytest.approx(0.10, abs=0.01)
+    assert counts["validation"] == pytest.approx(0.05, abs=0.01)
+    assert counts["train"] == pytest.approx(0.85, abs=0.01)
+
+
+def test_examples_of_a_split_hold_only_its_prompts_and_refuse_a_task_too_small():
+    task = OrderTask()
+    for split in SPLITS:
+        assert {prompt_split(e.prompt) for e in task.examples(50, seed=1, split=split)} == {split}
+    assert task.examples(5, seed=1, split="test") == task.examples(5, seed=1, split="test")
+    with pytest.raises(ValueError, match="split 'dev' is unknown"):
+        task.examples(5, seed=1, split="dev")
+
+    class OnePrompt(Task):
+        name = "one"
+
+        def sample(self, rng):
+            return Example(prompt="Q:1+1=", answer="2", completion="1+1=2;A:2")
+
+    missing = next(s for s in SPLITS if s != prompt_split("Q:1+1="))
+    with pytest.raises(ValueError, match="too small to hold prompts out"):
+        OnePrompt().examples(3, seed=0, split=missing)
+
+
+@pytest.mark.parametrize("name", ["order", "arith", "lookup"])
+def test_lab_validation_and_test_prompts_are_never_trained_on(name):
+    """The lab's evaluation prompts occur neither in the pair's pretraining stream nor in any method's training
+    rows, nor in each other (the tasks' prompt spaces are small: a set drawn with another seed overlaps)."""
+    from dopd.lab.models import LabPairConfig
+    from dopd.lab.pretraining import training_examples
+    from dopd.lab.runner import LabConfig, held_out_sets, training_rows
+
+    task, config = get_task(name), LabConfig(task=name)
+    validation, test = ({e.prompt for e in s} for s in held_out_sets(task, config))
+    assert len(validation) > 250 and len(test) > 1000
+    trained = {row["prompt"] for row in training_rows(task, config, "hints")}
+    pair = LabPairConfig(task=name)
+    rng = random.Random(pair.seed + 1000)  # the teacher's pretraining stream, as `pretrain` draws it
+    trained |= {e.prompt for _ in range(300) for e in training_examples(task, rng, pair.batch_size)}
+    assert not validation & trained and not test & trained and not validation & test

@@ -43,7 +43,7 @@ from dopd.lab.properties import (
     properties_hold,
     properties_record,
 )
-from dopd.lab.tasks import Task, get_task
+from dopd.lab.tasks import SPLIT_RULE, Task, get_task
 from dopd.lab.tokenizer import build_tokenizer
 from dopd.loading import quiet_transformers
 
@@ -103,7 +103,7 @@ class LabPairConfig:
         """Stable across processes and Python versions: sha256 of the sorted JSON of the fields and of the
         task's parameters (so that changing a task's defaults also rebuilds)."""
         task_params = {k: v for k, v in vars(get_task(self.task)).items() if not k.startswith("_")}
-        fields = {**self.to_dict(), "task_params": task_params}
+        fields = {**self.to_dict(), "task_params": task_params, "prompt_split": SPLIT_RULE}
         text = json.dumps(fields, sort_keys=True, separators=(",", ":"), default=repr)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -183,7 +183,7 @@ def _pretrain_teacher_and_student(config: LabPairConfig, task: Task, tokenizer, 
     selection = None
     if config.student_checkpoints:
         start = time.time()
-        examples = task.examples(n_eval, EVAL_SEED)
+        examples = task.examples(n_eval, EVAL_SEED, split="validation")
         teacher_accuracy = measure_accuracy(teacher, tokenizer, task, examples)
         candidate, measured = make_model(config.teacher, tokenizer, config.seed), {}
         for step, state in kept.items():

@@ -3,8 +3,9 @@ a task's worked completions, some of them with privileged input in the prompt.
 
 Tiny models read privileged input only when reading it pays off during pretraining, so each example is shown
 with a privileged kind drawn from `kind_mix` (none, answer, hints, solution). The loss falls on the completion
-and the end-of-sequence token only. `pretrain` can keep copies of the weights at given steps: the lab's student
-is such an earlier state of its teacher's own pretraining (`LabPairConfig.student_checkpoints`).
+and the end-of-sequence token only. Only training-split prompts are shown (`tasks.prompt_split`). `pretrain` can
+keep copies of the weights at given steps: the lab's student is such an earlier state of its teacher's own
+pretraining (`LabPairConfig.student_checkpoints`).
 """
 
 from __future__ import annotations
@@ -21,10 +22,9 @@ import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from dopd.lab.evaluation import render_lab_prompt
-from dopd.lab.tasks import Task
+from dopd.lab.tasks import Example, Task, prompt_split
 
-EVAL_SEED = 12345  # held-out prompts: the property checks draw from this seed, pretraining skips these prompts
-N_HELDOUT = 2000
+EVAL_SEED = 12345  # the property checks draw their (validation-split) prompts with this seed
 
 
 @dataclass(frozen=True)
@@ -103,24 +103,30 @@ def _lr_factor(recipe: Recipe):
     return factor
 
 
+def training_examples(task: Task, rng: random.Random, n: int) -> list[Example]:
+    """The next `n` examples of the pretraining stream: draws from `rng`, keeping training-split prompts only (the
+    lab's validation and test prompts are never shown)."""
+    examples: list[Example] = []
+    while len(examples) < n:
+        example = task.sample(rng)
+        if prompt_split(example.prompt) == "train":
+            examples.append(example)
+    return examples
+
+
 def pretrain(
     model: Any, tokenizer: Any, task: Task, recipe: Recipe, seed: int, log: Any = None, keep_at: Sequence[int] = ()
 ) -> tuple[list[dict[str, float]], dict[int, dict[str, torch.Tensor]]]:
     """Plain SFT with AdamW. Returns the logged losses and, for each step in `keep_at`, a copy of the weights after
     that many optimizer steps."""
     rng = random.Random(seed)
-    heldout = {ex.prompt for ex in task.examples(N_HELDOUT, EVAL_SEED)}
     kinds, weights = zip(*recipe.kind_mix)
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, betas=(0.9, 0.98), weight_decay=recipe.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(recipe))
     model.train()
     history, kept, running, start = [], {}, 0.0, time.time()
     for step in range(recipe.steps):
-        examples = []
-        while len(examples) < recipe.batch_size:
-            example = task.sample(rng)
-            if example.prompt not in heldout:
-                examples.append(example)
+        examples = training_examples(task, rng, recipe.batch_size)
         batch = sft_batch(tokenizer, examples, rng.choices(kinds, weights, k=len(examples)))
         loss = model(**batch).loss
         optimizer.zero_grad(set_to_none=True)

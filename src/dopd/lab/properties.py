@@ -32,13 +32,14 @@ def measure_accuracy(
 def measure_properties(
     pair, task: Task | str | None = None, n_eval: int = 300, seed: int = EVAL_SEED, batch_size: int = 150
 ) -> dict[str, Any]:
-    """Teacher and student accuracy without and with each privileged kind on held-out prompts, and the checks.
+    """Teacher and student accuracy without and with each privileged kind on validation-split prompts (never seen
+    in pretraining), and the checks.
 
     checks["a_teacher_gap"]: teacher answer accuracy without privileged input >= student's + MIN_TEACHER_GAP.
     checks["b_privilege_helps"]: for "hints" and "solution", both models gain >= MIN_PRIVILEGE_GAIN.
     """
     task = get_task(task if task is not None else pair.config.task)
-    examples = task.examples(n_eval, seed)
+    examples = task.examples(n_eval, seed, split="validation")
     accuracy = {
         role: measure_accuracy(model, pair.tokenizer, task, examples, batch_size)
         for role, model in (("teacher", pair.teacher), ("student", pair.student))
@@ -52,6 +53,7 @@ def properties_record(task: str, n_eval: int, seed: int, accuracy: dict) -> dict
         "task": task,
         "n_eval": n_eval,
         "eval_seed": seed,
+        "eval_split": "validation",
         "accuracy": accuracy,
         "checks": check_properties(accuracy),
     }

@@ -8,6 +8,8 @@ The lab is an instrument, built from the properties it must have:
 - a budget that moves the student, shown before methods are compared: every run includes two references,
   `sft` (supervised fine-tuning on the plain teacher's samples) and `opd` (vanilla OPD), with the same budget,
   seeds and prompts as the methods; the results say whether they recover the required share of the gap;
+- held-out prompts: validation and test prompts are never shown in the pair's pretraining nor in any method's
+  training rows (`tasks.prompt_split` holds problems out by prompt, not by seed);
 - skill and information reported apart: accuracy on the test prompts whose prompt determines the answer and on
   those where only the privileged input does;
 - no learning-rate confound: every method × rate × seed is run; the main table compares all methods at the one
@@ -192,6 +194,19 @@ def _init_worker(threads: int) -> None:
     logging.getLogger("dopd").setLevel(logging.ERROR)  # the lab prints one line per run instead
 
 
+def held_out_sets(task, config: LabConfig) -> tuple[list, list]:
+    """The validation and test examples, drawn from their own prompt splits (`tasks.prompt_split`)."""
+    return (
+        task.examples(config.n_validation, VALIDATION_SEED, "validation"),
+        task.examples(config.n_test, TEST_SEED, "test"),
+    )
+
+
+def training_rows(task, config: LabConfig, kind: str) -> list[dict[str, str]]:
+    """The methods' training rows (prompts with `kind`'s privileged context), from the training split."""
+    return task.rows(config.n_train, TRAIN_SEED, kind, split="train")
+
+
 def run_job(job: Job) -> dict:
     """Train one run and evaluate it: validation accuracy along the way, validation and test at the end."""
     from ..train import Trainer
@@ -200,7 +215,7 @@ def run_job(job: Job) -> dict:
     started = time.time()
     c = job.config
     task = get_task(c.task)
-    validation, test = task.examples(c.n_validation, VALIDATION_SEED), task.examples(c.n_test, TEST_SEED)
+    validation, test = held_out_sets(task, c)
     final: dict = {}
 
     def measure(step: int, trainer) -> dict[str, float]:
@@ -305,7 +320,7 @@ def run_lab(config: LabConfig, log=print) -> dict:
     pair_config = pair_config_with(default_pair_config(config.task), config.pair)
     pair = load_or_build_pair(pair_config, cache_dir=config.cache_dir, log=log, allow_weak=config.allow_weak_pair)
     os.makedirs(config.out, exist_ok=True)
-    validation, test = task.examples(config.n_validation, VALIDATION_SEED), task.examples(config.n_test, TEST_SEED)
+    validation, test = held_out_sets(task, config)
     baseline = {}
     for role, model in (("teacher", pair.teacher), ("student", pair.student)):
         baseline[role] = {"validation": evaluate(model, pair.tokenizer, task, validation)["answer_accuracy"]}
@@ -317,13 +332,13 @@ def run_lab(config: LabConfig, log=print) -> dict:
                 **result.get("parts", {}),
             }
     log(describe_baseline(baseline, config, pair))
-    longest = max(len(pair.tokenizer(e.completion)["input_ids"]) for e in task.examples(200, TRAIN_SEED))
+    longest = max(len(pair.tokenizer(e.completion)["input_ids"]) for e in task.examples(200, TRAIN_SEED, "train"))
     records_by_kind, timing = {}, {}
     for kind in config.privilege:
         kind_dir = os.path.join(config.out, kind)
         os.makedirs(kind_dir, exist_ok=True)
         data_path = os.path.join(kind_dir, "train.jsonl")
-        rows = task.rows(config.n_train, TRAIN_SEED, kind)
+        rows = training_rows(task, config, kind)
         write_text_atomic(data_path, "".join(json.dumps(row) + "\n" for row in rows))
         jobs = [
             Job(

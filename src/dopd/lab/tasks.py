@@ -18,6 +18,7 @@ privileged student and the lab's pretraining alike.
 from __future__ import annotations
 
 import abc
+import hashlib
 import importlib
 import random
 import re
@@ -27,6 +28,21 @@ PRIVILEGED_KINDS = ("none", "answer", "hints", "solution")
 # The privileged block sits on its own line right after the question, tagged so the model knows it is not
 # part of the problem. Contains both placeholders, as `dopd.prompts.check_template` requires.
 LAB_PRIVILEGED_TEMPLATE = "{prompt}\nH:{privileged_context}"
+
+# Held-out prompts. A task's prompt space is small (a two-operation problem recurs every few hundred draws), so
+# drawing evaluation sets with another seed does not hold them out: the lab holds problems out by prompt. A stable
+# hash of the prompt text gives every prompt one split for good, the same in every process, so pretraining, the
+# methods' training rows, validation and test never share a prompt. The hash does not look at a problem's
+# difficulty, so each split keeps the task's distribution.
+SPLITS = ("train", "validation", "test")
+SPLIT_RULE = "sha256(prompt) mod 10000: test < 1000 <= validation < 1500 <= train"  # part of the pairs' cache key
+
+
+def prompt_split(prompt: str) -> str:
+    """The split ("train", "validation" or "test") that `prompt` belongs to, by `SPLIT_RULE`: 10% of the prompts
+    are test prompts, 5% validation prompts, the rest training prompts."""
+    bucket = int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:8], "big") % 10_000
+    return "test" if bucket < 1000 else "validation" if bucket < 1500 else "train"
 
 
 @dataclass
@@ -72,12 +88,29 @@ class Task(abc.ABC):
         text = completion_text.strip()
         return CheckResult(answer_correct=extract_answer(text) == example.answer, full_match=text == example.completion)
 
-    def examples(self, n: int, seed: int) -> list[Example]:
+    def examples(self, n: int, seed: int, split: str | None = None) -> list[Example]:
+        """`n` examples drawn with `random.Random(seed)`; with `split`, only those whose prompt lies in that split
+        (`prompt_split`), drawn until there are `n`."""
         rng = random.Random(seed)
-        return [self.sample(rng) for _ in range(n)]
+        if split is None:
+            return [self.sample(rng) for _ in range(n)]
+        if split not in SPLITS:
+            raise ValueError(f"split {split!r} is unknown; choose one of {', '.join(SPLITS)}")
+        found: list[Example] = []
+        for _ in range(100 * n + 10_000):
+            example = self.sample(rng)
+            if prompt_split(example.prompt) == split:
+                found.append(example)
+                if len(found) == n:
+                    return found
+        raise ValueError(
+            f"task {self.name!r}: only {len(found)} of {n} examples drawn fall in the {split!r} split; its prompt "
+            "space is too small to hold prompts out (give it more distinct prompts)"
+        )
 
-    def rows(self, n: int, seed: int, kind: str = "none") -> list[dict[str, str]]:
-        """Dataset rows {"prompt", "privileged_context" ("" for kind "none"), "answer", "completion"}."""
+    def rows(self, n: int, seed: int, kind: str = "none", split: str | None = None) -> list[dict[str, str]]:
+        """Dataset rows {"prompt", "privileged_context" ("" for kind "none"), "answer", "completion"}, drawn as
+        `examples` draws them."""
         check_kind(kind)
         return [
             {
@@ -86,7 +119,7 @@ class Task(abc.ABC):
                 "answer": ex.answer,
                 "completion": ex.completion,
             }
-            for ex in self.examples(n, seed)
+            for ex in self.examples(n, seed, split)
         ]
 
     def __repr__(self) -> str:
