@@ -14,7 +14,7 @@ from dopd.kernels import chunked_objective, score_target
 from dopd.kernels import scores as chunked_module
 from dopd.objectives import build_objective
 from dopd.plain import compute_objective
-from dopd.terms import compute_batch_thresholds
+from dopd.terms import compute_cuts
 from dopd.types import Head, TargetScores
 
 V, K = 11, 3
@@ -245,9 +245,9 @@ def test_precomputed_scores_and_thresholds_give_the_same_result(option):
         objective.top_k_for("teacher"),
         chunk_size=3,
     )
-    thresholds = compute_batch_thresholds(objective, self_scores, teacher_scores, case.mask)
-    assert thresholds is not None
-    given = chunked(objective, case, 3, self_scores=self_scores, teacher_scores=teacher_scores, thresholds=thresholds)
+    cuts = compute_cuts(objective, self_scores, teacher_scores, case.mask)
+    assert cuts.routing is not None or cuts.teacher_entropy is not None
+    given = chunked(objective, case, 3, self_scores=self_scores, teacher_scores=teacher_scores, cuts=cuts)
     computed = chunked(objective, case, 3)
     assert given[0].thresholds == computed[0].thresholds
     assert_same(computed, given, rtol=1e-6)

@@ -21,6 +21,9 @@ from dopd.config import ConfigError
         ("train.max_tokens_per_micro_batch=-1", "train.max_tokens_per_micro_batch = -1 must be >= 0"),
         ("checkpoint.save_every=-1", "checkpoint.save_every = -1 must be >= 0"),
         ("train.mixed_precision=fp8", "train.mixed_precision = 'fp8' is unknown"),
+        ("train.loss_form=full", "train.loss_form = 'full' is unknown; use chunked or plain"),
+        ("train.chunk_size=0", r"train.chunk_size = 0 no longer selects the plain form; set train.loss_form=plain"),
+        ("train.chunk_size=-4", r"train.chunk_size = -4 must be positive \(null: automatic\)"),
     ],
 )
 def test_settings_that_cannot_work_fail_at_load(pair, tmp_path, override, message):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 
 # cuBLAS gives the same bits run after run only with a fixed workspace; it reads this when CUDA starts, so it is
 # set before any test touches the GPU (the resume tests compare two runs bit for bit).
@@ -14,8 +13,6 @@ os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 import pytest
 import torch
-
-sys.path.insert(0, os.path.dirname(__file__))
 from tiny import make_config, train_stopped_at, weights
 
 DEVICE = "cuda"
@@ -150,7 +147,7 @@ def _loss_on(trainer, prompts, rollouts) -> float:
     trainer.optimizer.zero_grad(set_to_none=True)
     batches = trainer.score(prompts, rollouts)
     metrics = StepMetrics()
-    trainer.update(batches, trainer.batch_thresholds(batches), 0, metrics)
+    trainer.update(batches, trainer.batch_cuts(batches), 0, metrics)
     trainer.optimizer.zero_grad(set_to_none=True)
     return metrics.reduce(trainer.accelerator)["loss"]
 

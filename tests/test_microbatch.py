@@ -3,17 +3,12 @@ gradients; bf16 autocast (`train.mixed_precision=bf16`) gives a finite loss clos
 
 from __future__ import annotations
 
-import os
-import sys
-
 import pytest
 import torch
+from tiny import make_config
 
-sys.path.insert(0, os.path.dirname(__file__))
-from tiny import make_config  # noqa: E402
-
-from dopd.scoring import pack_by_tokens, pass_inputs, trainable_pass  # noqa: E402
-from dopd.train import StepMetrics, Trainer  # noqa: E402
+from dopd.scoring import pack_by_tokens, pass_inputs, trainable_pass
+from dopd.train import StepMetrics, Trainer
 
 
 def test_pack_by_tokens():
@@ -31,13 +26,13 @@ def _step_loss_and_grads(trainer, prompts, rollouts):
     trainer.optimizer.zero_grad(set_to_none=True)
     batches = trainer.score(prompts, rollouts)
     metrics = StepMetrics()
-    trainer.update(batches, trainer.batch_thresholds(batches), 0, metrics)
+    trainer.update(batches, trainer.batch_cuts(batches), 0, metrics)
     grads = torch.cat([p.grad.flatten() for p in trainer.student.parameters() if p.grad is not None])
-    return metrics.reduce(trainer.accelerator)["loss"], grads, [len(b.owners) for b in batches]
+    return metrics.reduce(trainer.accelerator)["loss"], grads, [len(b.prompt_rows) for b in batches]
 
 
 @pytest.mark.parametrize("method", ["dopd", "opd"])
-def test_token_budget_gives_the_one_pass_loss_and_gradients(pair, tmp_path, method):  # noqa: F811
+def test_token_budget_gives_the_one_pass_loss_and_gradients(pair, tmp_path, method):
     config = make_config(
         pair,
         tmp_path / "run",
@@ -62,7 +57,7 @@ def test_token_budget_gives_the_one_pass_loss_and_gradients(pair, tmp_path, meth
     torch.testing.assert_close(packed_grads, one_grads, rtol=1e-5, atol=1e-8)
 
 
-def test_bf16_autocast_loss_is_fp32_finite_and_close(pair, tmp_path):  # noqa: F811
+def test_bf16_autocast_loss_is_fp32_finite_and_close(pair, tmp_path):
     """Accelerate's state is process-wide, so the bf16 trainer gets a fresh one and leaves a fresh one."""
     from accelerate.state import AcceleratorState
 
@@ -82,7 +77,7 @@ def test_bf16_autocast_loss_is_fp32_finite_and_close(pair, tmp_path):  # noqa: F
             prompts = trainer.local_prompts()
             rollouts = trainer.engine.generate([trainer.prompts.student_ids[p] for p in prompts], 2)
             batch = trainer.score(prompts, rollouts)[0]
-            inputs = pass_inputs([trainer.prompts.student_ids[p] for p in batch.owners], batch.completions, 0)
+            inputs = pass_inputs([trainer.prompts.student_ids[p] for p in batch.prompt_rows], batch.completions, 0)
             head = trainable_pass(trainer.student, trainer.inner, inputs, trainer.vocab_size)
             assert head.hidden.dtype == head.weight.dtype == torch.float32  # the objective works in fp32
             assert batch.self_head.hidden.dtype == torch.float32

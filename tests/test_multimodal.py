@@ -5,19 +5,16 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import pytest
+import tiny
+import tiny_vl
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
-import tiny  # noqa: E402
-import tiny_vl  # noqa: E402
-
-from dopd.config import ConfigError, load_config  # noqa: E402
-from dopd.multimodal import check_boxes, draw_boxes, load_processor, pixel_boxes, vision_tower  # noqa: E402
-from dopd.routing import assign_regimes  # noqa: E402
-from dopd.train import Trainer  # noqa: E402
+from dopd.config import ConfigError, load_config
+from dopd.multimodal import check_boxes, draw_boxes, load_processor, pixel_boxes, vision_tower
+from dopd.routing import assign_regimes
+from dopd.train import Trainer
 
 PATCH_VALUES = 3 * 2 * tiny_vl.PATCH * tiny_vl.PATCH  # channels x temporal patch x patch x patch
 
@@ -109,7 +106,7 @@ def _privileged_scores(vl, tmp_path, name, *extra):
 
     rollouts = Rollouts([p for p in prompts for _ in range(2)], completions * len(prompts), [False] * 2 * len(prompts))
     batches = trainer.score(prompts, rollouts)
-    thresholds = trainer.batch_thresholds(batches)
+    thresholds = trainer.batch_cuts(batches).routing
     self_logprobs = torch.cat([b.self_scores.token_logprobs[b.completions.mask.bool()] for b in batches])
     teacher_logprobs = torch.cat([b.teacher_scores.token_logprobs[b.completions.mask.bool()] for b in batches])
     regimes = assign_regimes(self_logprobs, teacher_logprobs, torch.ones_like(self_logprobs), thresholds)

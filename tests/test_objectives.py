@@ -14,6 +14,7 @@ from dopd import objectives, routing
 from dopd.objectives import build_objective
 from dopd.plain import compute_objective
 from dopd.routing import HS, HT, INVALID, LH, LL
+from dopd.terms import Cuts
 
 V, K = 4, 2
 
@@ -296,7 +297,7 @@ def test_random_drop_mode_uses_the_generator():
 def test_explicit_thresholds_override_the_batch_ones():
     *_, probs = hand_batch()
     # Ā = 0: every token is high-gap: HT where q_T ≥ q_S (a, b, c, e, f), HS for d.
-    out, _ = run(thresholds=routing.Thresholds(gap=0.0, prob_sum=0.0))
+    out, _ = run(cuts=Cuts(routing.Thresholds(gap=0.0, prob_sum=0.0)))
     assert out.regime.tolist() == [[HT, HT, HT, HS], [HT, HT, INVALID, INVALID]]
     regimes = [[HT, HT, HT, HS], [HT, HT]]
     assert out.loss.item() == pytest.approx(reference_loss(probs, TABLE, regimes=regimes), rel=1e-10)
@@ -389,6 +390,7 @@ def test_every_method_builds(method, needs_self, needs_teacher):
 
 def test_dopd_terms_are_the_spec_table():
     terms = {t.applies_to: (t.target, t.divergence, t.granularity, t.weight) for t in build_objective("dopd").terms}
+    terms = {routing.REGIMES.index(name): term for name, term in terms.items()}  # TABLE is keyed by regime code
     assert terms == TABLE
 
 

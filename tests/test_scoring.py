@@ -47,7 +47,7 @@ def test_privileged_passes_read_the_context(pair, tmp_path):
             batch.self_scores.token_logprobs,
             batch.teacher_scores.token_logprobs,
             mask,
-            trainer.batch_thresholds([batch]),
+            trainer.batch_cuts([batch]).routing,
         ), batch.teacher_scores.token_logprobs
 
     first, teacher_first = regimes()

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 from tiny import make_config, train_stopped_at
 
+from dopd.objectives import build_objective
 from dopd.self_weights import SelfWeights
 from dopd.train import Trainer, train
 
@@ -146,9 +147,9 @@ def test_sharded_parameters_are_copied_and_swapped_as_local_shards(tmp_path):
         dist.destroy_process_group()
 
 
-def test_unknown_mode():
-    with pytest.raises(ValueError, match="objective.self_weights = 'stale' is unknown"):
-        SelfWeights("stale", _linear())
+def test_unknown_mode():  # checked once, with the objective's options, before any model loads
+    with pytest.raises(ValueError, match="objective.self_weights = 'stale' is unknown; known: live, frozen, ema"):
+        build_objective({"self_weights": "stale"})
 
 
 # ----------------------------------------------------------------------------------------------- the trainer

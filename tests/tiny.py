@@ -262,11 +262,11 @@ def train_stopped_at(config, step: int) -> None:
 
 
 def with_scope(kwargs: dict) -> dict:
-    """Keyword arguments of a loss call with the scope's fields (thresholds, num_sequences, gather, generator,
-    eos_ids) gathered into one `terms.LossScope`."""
+    """Keyword arguments of a loss call with the scope's fields (cuts, num_sequences, gather, generator, eos_ids)
+    gathered into one `terms.LossScope`."""
     from dopd.terms import LossScope
 
-    fields = ("thresholds", "num_sequences", "gather", "generator", "eos_ids")
+    fields = ("cuts", "num_sequences", "gather", "generator", "eos_ids")
     scope = {key: kwargs.pop(key) for key in fields if key in kwargs}
     return {**kwargs, "scope": LossScope(**scope)} if scope else kwargs
 

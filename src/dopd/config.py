@@ -1,9 +1,10 @@
-"""Every setting of a training run, as dataclasses; loaded from YAML with dotted `key=value` overrides (OmegaConf
-does the parsing and type checks), validated before any model loads, and saved with each run.
+"""Every setting of a training run; over 450 lines on purpose: each key, its help and its check in one place.
 
-The comment after each field is its help text: `dopd train --help` and the key table of docs/training.md are made
-from it. Over 400 lines on purpose: every key is defined here once, with its help, and the check of its value sits
-beside the dataclasses, so that a key and what may be given for it are read in one place.
+The settings are dataclasses, loaded from YAML with dotted `key=value` overrides (OmegaConf does the parsing and
+type checks), validated before any model loads, and saved with each run. The comment after each field is its help
+text: `dopd train --help` and the key table of docs/training.md are made from it. Every key is defined here once,
+with its help, and the check of its value sits beside the dataclasses, so that a key and what may be given for it
+are read in one place.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .objectives import Objective, ObjectiveConfig
+from .objectives import Objective, ObjectiveConfig, build_objective
 from .prompts import DEFAULT_PRIVILEGED_TEMPLATE, check_template
 
 # Every linear layer of a Qwen3 (and Llama-style) decoder block.
@@ -127,7 +128,8 @@ class TrainConfig:
     micro_batch_size: int = 8  # sequences per forward/backward pass (gradient accumulation over the rest)
     max_tokens_per_micro_batch: int = 0  # pack micro-batches by padded prompt+completion tokens instead (0: off)
     seed: int = 0  # seeds data order, sampling and initialization
-    chunk_size: int | None = None  # tokens per chunk of the chunked loss (null: automatic; 0: plain full logits)
+    loss_form: str = "chunked"  # chunked (hidden states and heads, a chunk at a time) | plain (all full logits at once)
+    chunk_size: int | None = None  # tokens per chunk of the chunked loss and the scoring passes (null: automatic)
     device: str | None = None  # force a device, e.g. cpu (default: accelerate's choice)
     mixed_precision: str = "no"  # no | bf16 | fp16: autocast of the student's passes (weights, AdamW, loss: fp32)
 
@@ -252,11 +254,12 @@ def flat_dict(config: Config) -> dict:
     return flat
 
 
-def validate(config: Config) -> Objective:
-    """Check every setting that can be checked without loading a model (changing none: `resolve` fills the
-    defaults that depend on other settings); returns the built objective."""
+def validate(config: Config) -> None:
+    """Check every setting that can be checked without loading a model, changing none (`resolve` fills the
+    defaults that depend on other settings). The objective's options are checked by building it; the trainer
+    builds its own."""
     try:
-        objective = Objective(config.objective)
+        objective = build_objective(config.objective)
     except ValueError as error:
         raise ConfigError(str(error)) from None
     m, d, r, o, t, lg, ck = (
@@ -271,7 +274,7 @@ def validate(config: Config) -> Objective:
     if not m.student:
         raise ConfigError("model.student is required: a local path or a hub name of the student model")
     if m.teacher_server.url:
-        objective = _check_teacher_server(config, objective)
+        _check_teacher_server(config, objective)
     elif objective.needs_teacher_model and not m.teacher:
         raise ConfigError(f"model.teacher is required by method {config.objective.method!r}: a path or a hub name")
     if m.dtype not in ("float32", "bfloat16", "float16"):
@@ -316,8 +319,12 @@ def validate(config: Config) -> Objective:
     _positive(t.micro_batch_size, "train.micro_batch_size")
     if t.max_tokens_per_micro_batch < 0:
         raise ConfigError(f"train.max_tokens_per_micro_batch = {t.max_tokens_per_micro_batch} must be >= 0 (0: off)")
+    if t.loss_form not in ("chunked", "plain"):
+        raise ConfigError(f"train.loss_form = {t.loss_form!r} is unknown; use chunked or plain")
+    if t.chunk_size == 0:
+        raise ConfigError("train.chunk_size = 0 no longer selects the plain form; set train.loss_form=plain instead")
     if t.chunk_size is not None and t.chunk_size < 0:
-        raise ConfigError(f"train.chunk_size = {t.chunk_size} must be >= 0 (0: plain form; null: automatic)")
+        raise ConfigError(f"train.chunk_size = {t.chunk_size} must be positive (null: automatic)")
     if not lg.output_dir:
         raise ConfigError("logging.output_dir is required: the run directory")
     for tracker in lg.report_to:
@@ -341,12 +348,11 @@ def validate(config: Config) -> Objective:
     if ck.resume and lg.overwrite:
         raise ConfigError("checkpoint.resume and logging.overwrite are both true; choose one")
     _positive(ck.keep_last, "checkpoint.keep_last")
-    return objective
 
 
-def _check_teacher_server(config: Config, objective: Objective) -> Objective:
+def _check_teacher_server(config: Config, objective: Objective) -> None:
     """A served teacher gives the sampled token's log-prob and a top-K: check that the objective can live on that
-    (`resolve` sets `objective.teacher_full=topk_bucket` when it is unset). Returns the objective."""
+    (`resolve` sets `objective.teacher_full=topk_bucket` when it is unset)."""
     m, ts, o = config.model, config.model.teacher_server, config.objective
     if objective.rollout_model == "teacher":
         raise ConfigError(
@@ -386,10 +392,10 @@ def _check_teacher_server(config: Config, objective: Objective) -> Objective:
             f"objective.temperature = {o.temperature}: a served teacher's log-probs are at temperature 1 (vLLM's "
             "raw log-probs); use objective.temperature=1 or a local teacher"
         )
-    if config.train.chunk_size == 0:
+    if config.train.loss_form == "plain":
         raise ConfigError(
-            "train.chunk_size = 0 (the plain form) reads full teacher logits; a served teacher needs "
-            "the chunked form: leave train.chunk_size null"
+            "train.loss_form = plain reads full teacher logits; a served teacher needs the chunked form: "
+            "set train.loss_form=chunked"
         )
     if is_image_text(config):
         raise ConfigError("model.teacher_server does not carry images; image-text runs need a local teacher")
@@ -399,7 +405,6 @@ def _check_teacher_server(config: Config, objective: Objective) -> Objective:
     _positive(ts.retries, "model.teacher_server.retries")
     _positive(ts.max_sequences_per_request, "model.teacher_server.max_sequences_per_request")
     _positive(ts.max_concurrency, "model.teacher_server.max_concurrency")
-    return objective
 
 
 def _check_lora(lora: LoraConfig) -> None:

@@ -6,7 +6,7 @@ lengths (mean, min, max), the fraction of completions that end with end-of-seque
 ending (`logging.answer_pattern`), the deployed student's probability of end-of-sequence and the entropy of
 each pass. `CollapseWatch` compares each step with the mean of the first steps and raises a flag, with one
 warning line naming the step, when the mean completion length falls below half of its first-steps value or the
-student's entropy below a quarter of it. `dopd report` marks that step on its plots.
+student's entropy below a quarter of it. `dopd report` marks that step on its plots (`Collapse`).
 """
 
 from __future__ import annotations
@@ -110,3 +110,25 @@ class CollapseWatch:
     def load_state_dict(self, state: dict) -> None:
         self.first_values = {k: list(v) for k, v in state.get("first_values", {}).items()}
         self.first_step = dict(state.get("first_step", {}))
+
+
+@dataclass
+class Collapse:
+    """A collapse found in a run's logged metrics (`report.find_collapse`): the run flagged itself (`collapse/step`,
+    from `CollapseWatch`), or its student entropy fell below `fraction` of its value at the first logged step."""
+
+    label: str  # the run's label
+    step: int  # the step it collapsed at
+    start: float  # the student entropy at the first logged step (nan when the run flagged itself)
+    value: float  # the student entropy at `step`
+    threshold: float  # fraction × start (nan when the run flagged itself)
+    fraction: float
+    reason: str = "entropy"  # entropy (found by the report), or what the run's own flags named
+
+    def message(self) -> str:
+        if self.reason != "entropy":
+            return f"warning: {self.label}: the run flagged a collapse ({self.reason}) at step {self.step}"
+        return (
+            f"warning: {self.label}: student entropy collapsed at step {self.step}: {self.value:.4g} < "
+            f"{self.fraction:g} x {self.start:.4g} (its value at the first logged step)"
+        )

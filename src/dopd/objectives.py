@@ -11,18 +11,20 @@ all terms, Tables 6-8), `target` ("teacher": no self term; "self": no teacher te
 receives every enabled regime's term: our reading of "no routing"), `self_privileged=False` and
 `teacher_privileged=False` (no privileged input), `drop_fraction` / `drop_mode` (Figure 4), `self_weights` (which
 weights the privileged student scores with). `Objective` checks the options and resolves the terms, and says
-what the step needs (a teacher pass, a self pass, who samples); what a term does to a token is in `terms.py`.
+what the step needs (a teacher pass, a self pass, who samples).
+
+This module holds definitions only: what a `Term` is and which terms a method has. The machinery that evaluates
+them on tokens (`terms.py`, `plain.py`, `kernels/`) imports it, never the other way round.
 """
 
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field, replace
+from typing import Literal
 
 from . import losses, routing
-from .routing import HS, HT, LH, LL, REGIMES
-from .self_weights import MODES as SELF_WEIGHTS
-from .terms import ALL_TOKENS, HIGH_TEACHER_ENTROPY, Term
+from .routing import REGIMES
 
 METHODS: tuple[str, ...] = ("dopd", "opd", "opd-priv", "opsd", "gkd", "eopd", "sft")
 GRANULARITIES: tuple[str, ...] = ("sampled", "topk", "full")
@@ -31,6 +33,37 @@ TEACHER_FULL: tuple[str, ...] = ("full", "topk_bucket")
 _DEFAULT_TEACHER_PRIVILEGED = {
     "dopd": True, "opd": False, "opd-priv": True, "opsd": None, "gkd": False, "eopd": False, "sft": False,
 }  # fmt: skip
+# The weights the privileged student scores with (`objective.self_weights`); `self_weights.py` keeps them.
+SELF_WEIGHTS: tuple[str, ...] = ("live", "frozen", "ema", "lagged")
+
+# The tokens a term applies to, besides one DOPD regime (its name in `routing.REGIMES`).
+ALL_TOKENS = "all"
+HIGH_TEACHER_ENTROPY = "high_entropy"  # EOPD: where the teacher's entropy is at or above a quantile of the scope's
+AppliesTo = Literal["LH", "LL", "HT", "HS", "all", "high_entropy"]
+TARGET_LABELS = {"self": "privileged student", "teacher": "teacher"}  # how messages name a target's pass
+
+
+@dataclass(frozen=True)
+class Term:
+    """One weighted divergence between the deployed student and a target, and the tokens it applies to. A token's
+    loss is the sum of the terms that apply to it (`terms.route` says which do)."""
+
+    target: str  # teacher | self | none (reads no scorer: sft)
+    divergence: str  # one of losses.DIVERGENCES, or nll (sft: the sampled token's negative log-likelihood)
+    granularity: str  # sampled (the sampled token) | topk (a Top-K support) | full (the whole vocabulary)
+    weight: float
+    applies_to: AppliesTo  # a DOPD regime (LH, LL, HT, HS), ALL_TOKENS or HIGH_TEACHER_ENTROPY
+    tail: str | None = None  # a Top-K term's tail (renormalize | bucket); None: objective.topk_tail
+    entropy_quantile: float | None = None  # HIGH_TEACHER_ENTROPY: the quantile of the scope's teacher entropy
+
+    def __post_init__(self):
+        if self.applies_to not in (*REGIMES, ALL_TOKENS, HIGH_TEACHER_ENTROPY):
+            raise ValueError(
+                f"a term applies to a regime ({', '.join(REGIMES)}), {ALL_TOKENS!r} or {HIGH_TEACHER_ENTROPY!r}, "
+                f"not {self.applies_to!r}"
+            )
+        if (self.applies_to == HIGH_TEACHER_ENTROPY) != (self.entropy_quantile is not None):
+            raise ValueError(f"a term has an entropy_quantile exactly when it applies to {HIGH_TEACHER_ENTROPY!r}")
 
 
 @dataclass
@@ -146,12 +179,16 @@ class Objective:
                 )
         self.terms = self._resolve_terms()
         self.needs_teacher = any(term.target == "teacher" for term in self.terms)
-        self.uses_routing = any(0 <= term.applies_to < len(REGIMES) for term in self.terms) or (config.method == "dopd")
+        self.uses_routing = any(term.applies_to in REGIMES for term in self.terms) or config.method == "dopd"
         gap_drop = config.drop_fraction > 0 and config.drop_mode in ("lowest_gap", "highest_gap")
         self.needs_self = any(term.target == "self" for term in self.terms) or self.uses_routing or gap_drop
         if self.uses_routing or gap_drop:
             self.needs_teacher = True
-        self.uses_teacher_entropy = any(term.applies_to == HIGH_TEACHER_ENTROPY for term in self.terms)
+        # EOPD's cut: its high-entropy term applies where the teacher's entropy is at or above this quantile of the
+        # scope's (None: no term applies by entropy).
+        self.teacher_entropy_quantile = next(
+            (term.entropy_quantile for term in self.terms if term.applies_to == HIGH_TEACHER_ENTROPY), None
+        )
         if not self.needs_teacher and self.rollout_model != "teacher":
             self.teacher_privileged = None
         self.needs_teacher_model = self.needs_teacher or self.rollout_model == "teacher"
@@ -160,12 +197,12 @@ class Objective:
         c = self.config
         if c.method == "dopd":
             by_regime = {
-                LH: Term("teacher", "reverse_kl", "topk", c.beta_l, LH),
-                LL: Term("self", "reverse_kl", "topk", c.beta_w, LL),
-                HT: Term("teacher", "js", "full", c.ht_weight, HT),
-                HS: Term("self", "reverse_kl", "topk", c.beta_l, HS),
+                "LH": Term("teacher", "reverse_kl", "topk", c.beta_l, "LH"),
+                "LL": Term("self", "reverse_kl", "topk", c.beta_w, "LL"),
+                "HT": Term("teacher", "js", "full", c.ht_weight, "HT"),
+                "HS": Term("self", "reverse_kl", "topk", c.beta_l, "HS"),
             }
-            terms = [by_regime[REGIMES.index(name)] for name in REGIMES if name in c.regimes]
+            terms = [by_regime[name] for name in REGIMES if name in c.regimes]
             if not terms:
                 raise ValueError("objective.regimes is empty: enable at least one of LH, LL, HT, HS")
             if not c.routing:
@@ -181,7 +218,14 @@ class Objective:
         else:  # eopd
             terms = [
                 Term("teacher", "reverse_kl", "full", 1.0, ALL_TOKENS),
-                Term("teacher", "forward_kl", "full", c.eopd_forward_weight, HIGH_TEACHER_ENTROPY),
+                Term(
+                    "teacher",
+                    "forward_kl",
+                    "full",
+                    c.eopd_forward_weight,
+                    HIGH_TEACHER_ENTROPY,
+                    entropy_quantile=c.eopd_entropy_quantile,
+                ),
             ]
         overrides = {
             key: value
@@ -205,9 +249,17 @@ class Objective:
         uses = any(t.target == target and t.granularity == "topk" for t in self.terms)
         return self.config.top_k if uses else None
 
+    def check_top_k(self, vocab_size: int) -> None:
+        """A Top-K term needs K entries of the vocabulary the heads share: `objective.top_k` at most `vocab_size`."""
+        if any(t.granularity == "topk" for t in self.terms) and self.config.top_k > vocab_size:
+            raise ValueError(
+                f"objective.top_k = {self.config.top_k} is larger than the vocabulary ({vocab_size}); "
+                f"set it to at most {vocab_size}"
+            )
+
     def __repr__(self) -> str:
         terms = ", ".join(
-            f"{t.label}:{t.target}/{t.divergence}/{t.granularity}{'+' + t.tail if t.tail else ''}×{t.weight:g}"
+            f"{t.applies_to}:{t.target}/{t.divergence}/{t.granularity}{'+' + t.tail if t.tail else ''}×{t.weight:g}"
             for t in self.terms
         )
         return f"Objective({self.config.method}: {terms})"

@@ -2,32 +2,27 @@
 
 It holds [B, T, V] logits of every pass at once, which at Qwen3 scale takes gigabytes: training uses the chunked
 kernel (`kernels/chunked.py`), which gives the same loss and gradients from hidden states and heads. This form is
-the reference the kernel is tested against, and `train.chunk_size=0` trains with it.
+the reference the kernel is tested against, and `train.loss_form=plain` trains with it.
 """
 
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from . import losses
+from .objectives import TARGET_LABELS, Objective
 from .terms import (
-    TARGET_LABELS,
+    SINGLE_CALL,
     LossScope,
     ObjectiveOutput,
     check_alignment,
-    check_top_k,
     eos_probability,
     route,
     summarize,
     weighted_token_loss,
 )
 from .types import TargetScores
-
-if TYPE_CHECKING:
-    from .objectives import Objective
 
 
 def compute_objective(
@@ -38,16 +33,16 @@ def compute_objective(
     *,
     self_logits_BTV: Tensor | None = None,
     teacher_logits_BTV: Tensor | None = None,
-    scope: LossScope | None = None,
+    scope: LossScope = SINGLE_CALL,
 ) -> ObjectiveOutput:
     """The plain form: the objective from full logits of the three passes on the same completion tokens.
 
     Shapes: logits [B, T, V] (position t scores completion token t), `completion_ids_BT` [B, T] int,
-    `mask_BT` [B, T] (1 for completion tokens, 0 for padding). `scope` (`terms.LossScope`): the routing thresholds
-    when the trainer routes a larger scope than this call (otherwise they are computed here, over processes with
-    its `gather`), the number of sequences the loss is averaged over (default B; the trainer passes the step's
-    count so that gradient accumulation gives the mean over the whole batch), the token-dropping generator and the
-    end-of-sequence ids.
+    `mask_BT` [B, T] (1 for completion tokens, 0 for padding). `scope` (`terms.LossScope`; default: this call on its
+    own): the cuts (routing thresholds, EOPD's entropy cut) when the trainer routes a larger scope than this call
+    (otherwise they are computed here, over processes with its `gather`), the number of sequences the loss is
+    averaged over (default B; the trainer passes the step's count so that gradient accumulation gives the mean over
+    the whole batch), the token-dropping generator and the end-of-sequence ids.
     """
     others = {"self": self_logits_BTV, "teacher": teacher_logits_BTV}
     for name, needed in (("self", objective.needs_self), ("teacher", objective.needs_teacher)):
@@ -55,7 +50,7 @@ def compute_objective(
             raise ValueError(f"method {objective.config.method!r} needs the {TARGET_LABELS[name]}'s logits")
     shapes = {TARGET_LABELS[name]: tuple(logits.shape) for name, logits in others.items() if logits is not None}
     check_alignment("logits", tuple(student_logits_BTV.shape), completion_ids_BT, mask_BT, shapes)
-    check_top_k(objective, student_logits_BTV.shape[-1])
+    objective.check_top_k(student_logits_BTV.shape[-1])
     temperature = objective.config.temperature
     dtype = losses.accumulation_dtype(student_logits_BTV.dtype)
     student_lp = torch.log_softmax(student_logits_BTV.to(dtype) / temperature, dim=-1)
@@ -65,11 +60,10 @@ def compute_objective(
         if logits is not None:
             full[name] = torch.log_softmax(logits.detach().to(dtype) / temperature, dim=-1)
             scores[name] = TargetScores.from_logprobs(full[name], completion_ids_BT, objective.top_k_for(name))
-    scope = scope or LossScope()
     routed = route(objective, mask_BT, scores.get("self"), scores.get("teacher"), scope)
     valid = mask_BT.bool()
     flat_full = {name: lp[valid] for name, lp in full.items()}
-    token_loss, plain = weighted_token_loss(
+    contribution, token_loss = weighted_token_loss(
         objective,
         routed.coefficients[:, valid],
         student_lp[valid],
@@ -79,8 +73,9 @@ def compute_objective(
     )
     # The empty slice adds exactly 0 but keeps the loss on the student's graph when no term applies to any token
     # (all padding, all dropped, no token in an enabled regime): backward gives zero gradients, not an error.
-    loss = token_loss.sum() + student_lp[..., :0].sum()
-    token_loss_BT = torch.zeros(mask_BT.shape, dtype=plain.dtype, device=plain.device).masked_scatter(valid, plain)
+    loss = contribution.sum() + student_lp[..., :0].sum()
+    token_loss_BT = torch.zeros(mask_BT.shape, dtype=token_loss.dtype, device=token_loss.device)
+    token_loss_BT = token_loss_BT.masked_scatter(valid, token_loss)
     student_token_lp = student_lp.detach().gather(-1, completion_ids_BT.unsqueeze(-1)).squeeze(-1)
     entropies = {"student": losses.entropy(student_lp.detach())}
     entropies.update({name: s.entropy for name, s in scores.items()})
@@ -95,4 +90,4 @@ def compute_objective(
         scores["teacher"].token_logprobs if "teacher" in scores else None,
         eos_probability(student_lp, scope.eos_ids),
     )
-    return ObjectiveOutput(loss, metrics, token_loss_BT, routed.regime, routed.gap, routed.thresholds)
+    return ObjectiveOutput(loss, metrics, token_loss_BT, routed.regime, routed.gap, routed.cuts.routing)

@@ -15,33 +15,12 @@ import math
 import os
 from dataclasses import dataclass
 
+from .diagnostics import Collapse
 from .report_html import NEUTRAL_COLOUR, REGIME_COLOURS, render_html
 from .routing import REGIMES
 from .run_dir import Run, load_runs
 
 # ------------------------------------------------------------------------------------------------- collapse
-
-
-@dataclass
-class Collapse:
-    """The run flagged itself (`collapse/step`, diagnostics.py: completion length or student entropy), or its
-    student entropy fell below `fraction` of its first-step value."""
-
-    label: str
-    step: int
-    start: float
-    value: float
-    threshold: float
-    fraction: float
-    reason: str = "entropy"
-
-    def message(self) -> str:
-        if self.reason != "entropy":
-            return f"warning: {self.label}: the run flagged a collapse ({self.reason}) at step {self.step}"
-        return (
-            f"warning: {self.label}: student entropy collapsed at step {self.step}: {self.value:.4g} < "
-            f"{self.fraction:g} x {self.start:.4g} (its value at the first logged step)"
-        )
 
 
 def find_collapse(run: Run, fraction: float = 0.5, key: str = "entropy/student") -> Collapse | None:

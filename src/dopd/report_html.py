@@ -6,13 +6,10 @@ from __future__ import annotations
 
 import base64
 import html
-from typing import TYPE_CHECKING
 
+from .diagnostics import Collapse
 from .routing import REGIMES
 from .run_dir import Run
-
-if TYPE_CHECKING:
-    from .report import Collapse
 
 REGIME_COLOURS = {"LH": "#7fc97f", "LL": "#fdd870", "HT": "#f08080", "HS": "#86b6f6"}
 NEUTRAL_COLOUR = "#dddddd"

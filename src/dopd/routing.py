@@ -49,7 +49,6 @@ class Thresholds:
     num_tokens: int = 0
     gap_drop_low: float = float("-inf")
     gap_drop_high: float = float("inf")
-    teacher_entropy: float = float("inf")  # EOPD: forward KL on tokens at or above this teacher entropy
 
     def as_metrics(self) -> dict[str, float]:
         return {"gap/threshold": self.gap, "prob_sum/threshold": self.prob_sum}

@@ -131,7 +131,7 @@ def sample_records(step: int, batch, output, prompts, tokenizer, count: int) -> 
     from .routing import REGIMES
 
     records = []
-    for row, prompt in enumerate(batch.owners[:count]):
+    for row, prompt in enumerate(batch.prompt_rows[:count]):
         n = int(batch.completions.mask[row].sum())
         ids = batch.completions.ids[row, :n].tolist()
         record = {

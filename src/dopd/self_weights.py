@@ -37,7 +37,6 @@ from torch import Tensor
 from .scoring import heads_kept
 from .types import Head
 
-MODES = ("live", "frozen", "ema", "lagged")
 logger = logging.getLogger("dopd")
 
 
@@ -67,12 +66,10 @@ def _is_gathered(unit: torch.nn.Module) -> bool:
 class SelfWeights:
     """The privileged-self weights of a run: none to keep for `live`, else a copy of the trainable tensors.
 
-    `model`: the unwrapped student (its trainable parameters are those the copy mirrors, in `named_parameters`
-    order)."""
+    `mode`: one of `objectives.SELF_WEIGHTS`, checked with the objective's options. `model`: the unwrapped student
+    (its trainable parameters are those the copy mirrors, in `named_parameters` order)."""
 
     def __init__(self, mode: str, model: torch.nn.Module, ema_decay: float = 0.99, sync_every: int = 1):
-        if mode not in MODES:
-            raise ValueError(f"objective.self_weights = {mode!r} is unknown; known: {', '.join(MODES)}")
         self.mode, self.ema_decay, self.sync_every = mode, ema_decay, sync_every
         trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
         self.names, self.params = [name for name, _ in trainable], [p for _, p in trainable]

@@ -2,11 +2,11 @@
 (routing a batch), each term's value, the weighted token loss, and the metrics of one call (docs/method.md,
 "Routing").
 
-An objective is a list of `Term`s (`objectives.py` builds them from a method's name and options). A term names a
-target (the privileged `teacher` or the privileged student `self`), a divergence, a granularity (the `sampled`
-token, `topk`, the `full` vocabulary), a weight, and the tokens it applies to (a DOPD regime, every token, or,
-for EOPD, the tokens where the teacher's entropy is high). The per-token loss is the sum of the terms that apply
-to the token; the loss averages it over each sequence's tokens (`1/|y|`) and then over sequences.
+An objective is a list of `objectives.Term`s: a target (the privileged `teacher` or the privileged student
+`self`), a divergence, a granularity (the `sampled` token, `topk`, the `full` vocabulary), a weight, and the tokens
+it applies to (a DOPD regime, every token, or, for EOPD, the tokens where the teacher's entropy is high). The
+per-token loss is the sum of the terms that apply to the token; the loss averages it over each sequence's tokens
+(`1/|y|`) and then over sequences.
 
 Both forms of the objective import this module: the plain form from full logits (`plain.py`) and the chunked
 kernel from hidden states and heads (`kernels/chunked.py`). Shape letters: `types.py`.
@@ -15,65 +15,56 @@ kernel from hidden states and heads (`kernels/chunked.py`). Shape letters: `type
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from . import losses, routing
+from .objectives import ALL_TOKENS, HIGH_TEACHER_ENTROPY, Objective, Term
 from .routing import REGIMES, Gather, Thresholds
 from .types import TargetScores
 
-if TYPE_CHECKING:  # the objective is read for its terms and options only
-    from .objectives import Objective
 
-ALL_TOKENS = -2
-HIGH_TEACHER_ENTROPY = -3
-TARGET_LABELS = {"self": "privileged student", "teacher": "teacher"}  # how messages name a target's pass
+@dataclass(frozen=True)
+class Cuts:
+    """What the tokens of a scope decide together, computed once over the scope (one loss call, or a whole step
+    over every process, so that its micro-batches and processes decide alike) and then read token by token."""
+
+    routing: Thresholds | None = None  # DOPD's thresholds and the gap-drop cut-offs (None: no gap is read)
+    teacher_entropy: float | None = None  # EOPD: its high-entropy term applies at or above it (None: no such term)
 
 
 @dataclass(frozen=True)
-class Term:
-    target: str  # teacher | self | none (reads no scorer: sft)
-    divergence: str
-    granularity: str
-    weight: float
-    applies_to: int  # a regime code, ALL_TOKENS or HIGH_TEACHER_ENTROPY
-    tail: str | None = None  # a Top-K term's tail (renormalize | bucket); None: objective.topk_tail
-
-    @property
-    def label(self) -> str:
-        if 0 <= self.applies_to < len(REGIMES):
-            return REGIMES[self.applies_to]
-        return {ALL_TOKENS: "all", HIGH_TEACHER_ENTROPY: "high_entropy"}[self.applies_to]
-
-
-@dataclass
 class LossScope:
-    """What one loss call needs to know beyond its own tokens."""
+    """What one loss call needs to know beyond its own tokens (the trainer's is the step's: `Trainer.update`)."""
 
-    thresholds: Thresholds | None = None  # routing thresholds of a larger scope (the step); None: computed here
+    cuts: Cuts | None = None  # the cuts of a larger scope (the step); None: computed over this call's tokens
     num_sequences: int | None = None  # sequences the loss is averaged over (None: this call's); accumulation
-    gather: Gather | None = None  # all-gather over processes, for thresholds computed here
-    generator: torch.Generator | None = None  # token dropping at random
+    gather: Gather | None = None  # all-gather over processes, for cuts computed here
+    generator: torch.Generator | None = None  # token dropping at random (None: torch's global generator)
     eos_ids: tuple[int, ...] = ()  # end-of-sequence ids: the student's probability of them is a metric
+
+
+# A call on its own: cuts over its tokens, the mean over its sequences, this process only, no end-of-sequence
+# metric. The default scope of both forms.
+SINGLE_CALL = LossScope()
 
 
 # ------------------------------------------------------------------------------------------------- scores
 
 
-def compute_batch_thresholds(
+def compute_cuts(
     objective: Objective,
     self_scores: TargetScores | None,
     teacher_scores: TargetScores | None,
     mask: Tensor,
     gather: Gather | None = None,
-) -> Thresholds | None:
-    """Routing thresholds of one scope from the scores of its tokens (None when the method does not route)."""
+) -> Cuts:
+    """The cuts of one scope from the scores of its tokens (each None where the objective does not read it)."""
     c = objective.config
     needs_gap = objective.uses_routing or (c.drop_fraction > 0 and c.drop_mode in ("lowest_gap", "highest_gap"))
-    thresholds = None
+    thresholds = teacher_entropy = None
     if needs_gap:
         assert self_scores is not None and teacher_scores is not None
         thresholds = routing.compute_thresholds(
@@ -86,17 +77,17 @@ def compute_batch_thresholds(
             drop_fraction=c.drop_fraction,
             drop_mode=c.drop_mode,
         )
-    if objective.uses_teacher_entropy:
+    if objective.teacher_entropy_quantile is not None:
         assert teacher_scores is not None
-        ent = (gather or (lambda x: x))(teacher_scores.entropy.detach()[mask.bool()].double())
-        cut = float(torch.quantile(ent, c.eopd_entropy_quantile)) if ent.numel() else 0.0
-        thresholds = replace(thresholds or Thresholds(gap=0.0, prob_sum=0.0), teacher_entropy=cut)
-    return thresholds
+        entropy = (gather or (lambda x: x))(teacher_scores.entropy.detach()[mask.bool()].double())
+        quantile = objective.teacher_entropy_quantile
+        teacher_entropy = float(torch.quantile(entropy, quantile)) if entropy.numel() else 0.0
+    return Cuts(thresholds, teacher_entropy)
 
 
-def step_thresholds(objective: Objective, batches: list, gather: Gather | None) -> Thresholds | None:
-    """The thresholds of a whole step from its scored micro-batches (`types.MicroBatch`): the valid tokens' scores
-    of every micro-batch, then of every process through `gather`."""
+def step_cuts(objective: Objective, batches: list, gather: Gather | None) -> Cuts:
+    """The cuts of a whole step from its scored micro-batches (`types.MicroBatch`): the valid tokens' scores of
+    every micro-batch, then of every process through `gather`."""
 
     def flat(name: str) -> TargetScores | None:
         parts = [getattr(b, f"{name}_scores") for b in batches]
@@ -110,10 +101,10 @@ def step_thresholds(objective: Objective, batches: list, gather: Gather | None) 
 
     self_flat, teacher_flat = flat("self"), flat("teacher")
     reference = self_flat or teacher_flat
-    if reference is None:
-        return None
+    if reference is None:  # a method that reads no scorer (sft) cuts nothing
+        return Cuts()
     mask = torch.ones_like(reference.token_logprobs, dtype=torch.bool)
-    return compute_batch_thresholds(objective, self_flat, teacher_flat, mask, gather)
+    return compute_cuts(objective, self_flat, teacher_flat, mask, gather)
 
 
 # ---------------------------------------------------------------------------------------- token weights
@@ -127,7 +118,7 @@ class Routed:
     gap: Tensor | None
     keep: Tensor
     coefficients: Tensor
-    thresholds: Thresholds | None
+    cuts: Cuts
 
 
 def route(
@@ -140,12 +131,14 @@ def route(
     """Each term's coefficient for each token: weight × applies × kept × 1/(|y_b| · num_sequences)."""
     c = objective.config
     valid = mask_BT.bool()
-    thresholds = scope.thresholds
-    if thresholds is None:
-        thresholds = compute_batch_thresholds(objective, self_scores, teacher_scores, valid, scope.gather)
+    cuts = (
+        scope.cuts
+        if scope.cuts is not None
+        else compute_cuts(objective, self_scores, teacher_scores, valid, scope.gather)
+    )
     regime = gap = None
     if objective.uses_routing:
-        regime = routing.assign_regimes(self_scores.token_logprobs, teacher_scores.token_logprobs, valid, thresholds)
+        regime = routing.assign_regimes(self_scores.token_logprobs, teacher_scores.token_logprobs, valid, cuts.routing)
     if self_scores is not None and teacher_scores is not None:
         gap = routing.privilege_gap(self_scores.token_logprobs, teacher_scores.token_logprobs).masked_fill(~valid, 0)
     keep = routing.drop_mask(
@@ -154,7 +147,7 @@ def route(
         valid,
         c.drop_fraction,
         c.drop_mode,
-        thresholds,
+        cuts.routing,
         scope.generator,
     )
     lengths = valid.sum(-1, keepdim=True).clamp(min=1)
@@ -165,11 +158,11 @@ def route(
         if term.applies_to == ALL_TOKENS:
             applies = keep
         elif term.applies_to == HIGH_TEACHER_ENTROPY:
-            applies = keep & (teacher_scores.entropy.double() >= thresholds.teacher_entropy)
+            applies = keep & (teacher_scores.entropy.double() >= cuts.teacher_entropy)
         else:
-            applies = keep & (regime == term.applies_to)
+            applies = keep & (regime == REGIMES.index(term.applies_to))
         rows.append(term.weight * per_token * applies)
-    return Routed(regime, gap, keep, torch.stack(rows), thresholds)
+    return Routed(regime, gap, keep, torch.stack(rows), cuts)
 
 
 # ------------------------------------------------------------------------------------------- term values
@@ -251,13 +244,13 @@ def weighted_token_loss(
 ) -> tuple[Tensor, Tensor]:
     """Σ_terms coefficient × value per token, each term evaluated on the tokens where its coefficient is not 0.
 
-    Returns (the loss contribution per token [M], with the 1/(|y|·sequences) factors, and the sum of the
-    applicable terms' weighted values per token [M], without them, detached, for token-level views).
+    Returns (the loss contribution per token [M], with the 1/(|y|·sequences) factors, and the token loss [M]:
+    the sum of the applicable terms' weighted values, without those factors, detached, for token-level views).
     """
     dtype = losses.accumulation_dtype(student_logprobs_MV.dtype)
     coefficients_JM = coefficients_JM.to(dtype)
-    total = torch.zeros(coefficients_JM.shape[-1], dtype=dtype, device=student_logprobs_MV.device)
-    plain = torch.zeros_like(total)
+    contribution = torch.zeros(coefficients_JM.shape[-1], dtype=dtype, device=student_logprobs_MV.device)
+    token_loss = torch.zeros_like(contribution)
     for term, coefficient in zip(objective.terms, coefficients_JM):
         rows = coefficient.nonzero().squeeze(-1)
         if rows.numel() == 0:
@@ -265,9 +258,9 @@ def weighted_token_loss(
         target = targets.get(term.target)  # None for a term that reads no scorer (sft)
         target = None if target is None else target.rows(rows)
         values = term_values(objective, term, student_logprobs_MV, completion_ids_M, target, full_target, rows)
-        total = total.index_add(0, rows, values * coefficient[rows])
-        plain = plain.index_add(0, rows, values.detach() * term.weight)
-    return total, plain
+        contribution = contribution.index_add(0, rows, values * coefficient[rows])
+        token_loss = token_loss.index_add(0, rows, values.detach() * term.weight)
+    return contribution, token_loss
 
 
 # ------------------------------------------------------------------------------------------------ output
@@ -282,7 +275,7 @@ class ObjectiveOutput:
     token_loss: Tensor  # Σ of the terms applied to each token, weights included, not length-normalized
     regime: Tensor | None
     gap: Tensor | None
-    thresholds: Thresholds | None
+    thresholds: Thresholds | None  # DOPD's routing thresholds (None when the objective reads no gap)
 
 
 def summarize(
@@ -313,8 +306,8 @@ def summarize(
         metrics["sampled_kl/teacher"] = mean(student_token_logprobs_BT - teacher_token_logprobs_BT, valid)
     if routed.gap is not None:
         metrics["gap/mean"] = mean(routed.gap, valid)
-    if routed.thresholds is not None and routed.regime is not None:
-        for key, value in routed.thresholds.as_metrics().items():
+    if routed.cuts.routing is not None and routed.regime is not None:
+        for key, value in routed.cuts.routing.as_metrics().items():
             metrics[key] = torch.tensor(value, dtype=torch.float64)
     if routed.regime is not None:
         metrics.update({k: v.double() for k, v in routing.regime_fractions(routed.regime).items()})
@@ -349,14 +342,6 @@ def check_alignment(student: str, student_BTV: tuple, ids_BT: Tensor, mask_BT: T
                 f"vocabulary sizes differ: {_SIZES[student].format(student_BTV[-1], label, shape[-1])}; the student "
                 "and teacher must share one tokenizer (slice embeddings padded beyond the tokenizer to a common size)"
             )
-
-
-def check_top_k(objective: Objective, vocab_size: int) -> None:
-    if any(t.granularity == "topk" for t in objective.terms) and objective.config.top_k > vocab_size:
-        raise ValueError(
-            f"objective.top_k = {objective.config.top_k} is larger than the vocabulary ({vocab_size}); "
-            f"set it to at most {vocab_size}"
-        )
 
 
 def eos_probability(student_logprobs_MV: Tensor, eos_ids: tuple[int, ...]) -> Tensor | None:

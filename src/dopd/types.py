@@ -126,10 +126,10 @@ class TargetScores:
 
 @dataclass
 class MicroBatch:
-    """One micro-batch of a step after scoring: each sequence's prompt (its data set row), the completions, and
-    the no-gradient passes' heads and scores (None when the method reads no such pass)."""
+    """One micro-batch of a step after scoring: each sequence's prompt, the completions, and the no-gradient passes'
+    heads and scores (None when the method reads no such pass)."""
 
-    owners: list[int]
+    prompt_rows: list[int]  # each sequence's prompt: its row in the prompt set (`data.PromptSet`)
     completions: Completions
     self_head: Head | None
     teacher_head: Head | None

@@ -8,7 +8,7 @@ chunk (`Workspace`; two [chunk, V] arrays' worth):
 1. scores (no gradient): for the privileged student and the teacher, chunk by chunk, the sampled token's
    log-prob, the entropy and the top-K (what routing and the Top-K terms read); tiny passes keep their full
    log-probs instead. The trainer may compute these per micro-batch and route the whole batch at once
-   (`TargetScores`, `terms.compute_batch_thresholds`). `kernels/scores.py`.
+   (`TargetScores`, `terms.compute_cuts`). `kernels/scores.py`.
 2. routing, exactly as the plain form (`terms.route`).
 3. loss and gradients: chunk by chunk, the student's log-probs, the per-token terms and the gradient with respect
    to the chunk's logits, folded at once into the gradients of the hidden states and the head (`grad_W += G^T h`).
@@ -25,18 +25,14 @@ The result equals `plain.compute_objective` on the full logits, value and gradie
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import Tensor
 
-from ..terms import TARGET_LABELS, LossScope, ObjectiveOutput, check_alignment, check_top_k, route, summarize
+from ..objectives import TARGET_LABELS, Objective
+from ..terms import SINGLE_CALL, LossScope, ObjectiveOutput, check_alignment, route, summarize
 from ..types import Head, TargetScores
 from .loss_run import _LossRun, _needs_full
 from .scores import _workspace_for, default_chunk_size, score_target
-
-if TYPE_CHECKING:
-    from ..objectives import Objective
 
 
 class _ChunkedLoss(torch.autograd.Function):
@@ -81,7 +77,7 @@ def chunked_objective(
     teacher_head: Head | None = None,
     self_scores: TargetScores | None = None,
     teacher_scores: TargetScores | None = None,
-    scope: LossScope | None = None,
+    scope: LossScope = SINGLE_CALL,
     chunk_size: int | None = None,
 ) -> ObjectiveOutput:
     """The objective from heads; the same result as `plain.compute_objective` with logits (`scope` likewise).
@@ -98,7 +94,7 @@ def chunked_objective(
                 f"method {objective.config.method!r} needs the {TARGET_LABELS[name]}'s hidden states and head"
             )
     _check_heads(student, completion_ids_BT, mask_BT, heads)
-    check_top_k(objective, student.vocab_size)
+    objective.check_top_k(student.vocab_size)
     c = objective.config
     valid = mask_BT.bool()
     workspace = _workspace_for(int(valid.sum()), chunk_size or default_chunk_size(student.vocab_size), student)
@@ -113,7 +109,6 @@ def chunked_objective(
     for name, score in scores.items():  # scores without a head (a served teacher) hold only the top-K
         if heads[name] is None and score.full_logprobs is None:
             _check_scores_only(objective, name, TARGET_LABELS[name], score)
-    scope = scope or LossScope()
     routed = route(objective, mask_BT, scores.get("self"), scores.get("teacher"), scope)
     # The tokens whose terms read a target's full distribution come first, grouped by target, so that the
     # recomputed target logits come in full blocks (a few scattered HT tokens per chunk make slow matmuls); the
@@ -123,14 +118,14 @@ def chunked_objective(
     index_N = index_N[order]
     run = _LossRun(
         objective,
-        routed.coefficients.flatten(1)[:, index_N],
-        {name: _token_scores(s, index_N) for name, s in scores.items()},
-        completion_ids_BT.flatten()[index_N],
-        index_N,
-        {name: (h, s.full_logprobs) for (name, h), s in zip(heads.items(), map(scores.get, heads)) if h is not None},
-        full_count,
-        workspace,
-        scope.eos_ids,
+        coefficients_JN=routed.coefficients.flatten(1)[:, index_N],
+        scores={name: _token_scores(s, index_N) for name, s in scores.items()},
+        ids_N=completion_ids_BT.flatten()[index_N],
+        index_N=index_N,
+        full_targets={name: (head, scores[name].full_logprobs) for name, head in heads.items() if head is not None},
+        full_count=full_count,
+        workspace=workspace,
+        eos_ids=scope.eos_ids,
     )
     loss = _ChunkedLoss.apply(student.hidden.flatten(0, 1)[index_N], student.weight, student.bias, run)
 
@@ -138,7 +133,7 @@ def chunked_objective(
         flat = torch.zeros(mask_BT.numel(), dtype=values_N.dtype, device=values_N.device)
         return flat.index_copy_(0, index_N, values_N).view(mask_BT.shape)
 
-    token_loss_BT = unflatten(run.plain_N)
+    token_loss_BT = unflatten(run.token_loss_N)
     entropies = {"student": unflatten(run.entropy_N)}
     entropies.update({name: s.entropy for name, s in scores.items()})
     metrics = summarize(
@@ -152,7 +147,7 @@ def chunked_objective(
         scores["teacher"].token_logprobs if "teacher" in scores else None,
         None if run.eos_prob_N is None else unflatten(run.eos_prob_N),
     )
-    return ObjectiveOutput(loss, metrics, token_loss_BT, routed.regime, routed.gap, routed.thresholds)
+    return ObjectiveOutput(loss, metrics, token_loss_BT, routed.regime, routed.gap, routed.cuts.routing)
 
 
 def _token_scores(scores: TargetScores, index_N: Tensor) -> TargetScores:
@@ -171,6 +166,20 @@ def _group_by_full_targets(objective: Objective, coefficients_JN: Tensor, scores
     """A stable order of the tokens that puts first those that need a target's full log-probs, grouped by
     which targets they need and then by which terms (so that each term's rows make one run, and a Top-K term
     takes its support on a slice), and how many they are."""
+    # Each token's key is a bit set, and the tokens are sorted by it, largest first. With J terms, bit J + 1 is
+    # set when a term reading the teacher's full log-probs applies, bit J for the privileged self's, and bit
+    # J - 1 - j for term j itself (when it reads a full target), so the first term weighs most after the targets.
+    # DOPD in training (J = 4: LH, LL, HT, HS, each reading a full target: scores keep no top-K) on four tokens:
+    #
+    #   token  regime  target   key bits                  key
+    #   0      LL      self     self (16) + LL (4)         20
+    #   1      HT      teacher  teacher (32) + HT (2)      34
+    #   2      LH      teacher  teacher (32) + LH (8)      40
+    #   3      HS      self     self (16) + HS (1)         17
+    #
+    # The order is 2, 1, 0, 3: the teacher's tokens (LH, then HT), then the self's (LL, then HS); each term's rows
+    # make one run, and full_count = 4. A token that reads no full target has key 0 and keeps its place at the
+    # end (the sort is stable); a token with several terms (routing=false) sorts by all of its bits.
     terms = objective.terms
     key = torch.zeros(coefficients_JN.shape[-1], dtype=torch.long, device=coefficients_JN.device)
     for j, (term, coefficient) in enumerate(zip(terms, coefficients_JN)):
@@ -188,7 +197,7 @@ def _check_scores_only(objective: Objective, name: str, label: str, scores: Targ
             continue
         if term.granularity == "full":
             raise ValueError(
-                f"the {label}'s full distribution is needed by the {term.label} term ({term.divergence}, full "
+                f"the {label}'s full distribution is needed by the {term.applies_to} term ({term.divergence}, full "
                 f"vocabulary), but only its top-K log-probs were given; set objective.teacher_full=topk_bucket"
             )
         if objective.config.topk_support != "target":

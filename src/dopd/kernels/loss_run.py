@@ -6,21 +6,20 @@ gradients of the student's hidden states and head assembled without autograd ove
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
+from ..objectives import Objective, Term
 from ..terms import sampled_values, topk_inputs, topk_values
-from ..types import TargetScores
+from ..types import Head, TargetScores
 from .logit_grads import full_divergence_, log_softmax_, log_softmax_rows_, rowdot, support_divergence
-from .scores import _detach, _logits_into
-
-if TYPE_CHECKING:
-    from ..objectives import Objective
+from .scores import Workspace, _detach, _logits_into
 
 
-def _needs_full(objective: Objective, term, target: TargetScores | None) -> bool:
+def _needs_full(objective: Objective, term: Term, target: TargetScores | None) -> bool:
+    """Whether `term` reads its target's full log-probs: a full-vocabulary term, or a Top-K term whose support
+    the target's scores do not hold (another support than the target's, or no top-K kept)."""
     if term.granularity == "full":
         return True
     if term.granularity == "topk":
@@ -36,12 +35,33 @@ class _LossRun:
     `G = q − scale ⊙ s` plus the sparse entries of the Top-K and sampled-token terms; then `grad_h = G W` and
     `grad_W += Gᵀ h` (divided by the temperature, which divided the logits). The first `full_count` tokens also
     need a target's log-probs and the closed forms' `q` (and a second `q` when two full-vocabulary terms meet on
-    one token), so their chunks are cut into four or five arrays instead of two."""
+    one token), so their chunks are cut into four or five arrays instead of two.
 
-    def __init__(self, objective, coefficients_JN, scores, ids_N, index_N, targets, full_count, workspace, eos_ids=()):
+    The N tokens are the call's valid tokens in the order `chunked._group_by_full_targets` gives. Arguments:
+    `coefficients_JN`, each term's coefficient per token (`terms.route`); `scores`, each target's scores of the
+    ordered tokens [N, ...]; `ids_N`, the sampled tokens; `index_N`, each ordered token's place in the call's
+    B·T positions; `full_targets`, each target's head and the full log-probs [B, T, V] its scores kept (None:
+    recomputed from the head where needed); `full_count`, how many tokens at the front read a target's full
+    log-probs; `workspace`, the [rows, V] memory; `eos_ids`, the end-of-sequence ids whose probability is kept.
+
+    After the call: `token_loss_N` (each token's Σ weighted term values, not length-normalized: the per-token
+    view), `token_logprobs_N`, `entropy_N` and `eos_prob_N` (None without end-of-sequence ids) of the student."""
+
+    def __init__(
+        self,
+        objective: Objective,
+        *,
+        coefficients_JN: Tensor,
+        scores: dict[str, TargetScores],
+        ids_N: Tensor,
+        index_N: Tensor,
+        full_targets: dict[str, tuple[Head, Tensor | None]],
+        full_count: int,
+        workspace: Workspace,
+        eos_ids: tuple[int, ...] = (),
+    ):
         self.objective, self.scores, self.ids_N, self.index_N = objective, scores, ids_N, index_N
-        self.targets = targets  # name: (Head, the full log-probs its scores kept [B, T, V] or None)
-        self.full_count, self.workspace = full_count, workspace
+        self.full_targets, self.full_count, self.workspace = full_targets, full_count, workspace
         self.temperature = objective.config.temperature
         self._group_terms(objective, coefficients_JN)
         self.full = [_needs_full(objective, term, scores.get(term.target)) for term in self.terms]
@@ -49,13 +69,13 @@ class _LossRun:
         self.full_arrays = 4 if full_vocabulary <= 1 else 5
         self.grad_enabled = torch.is_grad_enabled()
         dtype = workspace.pool.dtype
-        self.plain_N = torch.zeros(ids_N.shape[0], dtype=dtype, device=ids_N.device)
-        self.token_logprobs_N = torch.zeros_like(self.plain_N)
-        self.entropy_N = torch.zeros_like(self.plain_N)
+        self.token_loss_N = torch.zeros(ids_N.shape[0], dtype=dtype, device=ids_N.device)
+        self.token_logprobs_N = torch.zeros_like(self.token_loss_N)
+        self.entropy_N = torch.zeros_like(self.token_loss_N)
         self.eos_ids = [i for i in eos_ids if 0 <= i < workspace.pool.shape[-1]]
-        self.eos_prob_N = torch.zeros_like(self.plain_N) if self.eos_ids else None  # a collapse sign
+        self.eos_prob_N = torch.zeros_like(self.token_loss_N) if self.eos_ids else None  # a collapse sign
 
-    def _group_terms(self, objective, coefficients_JN) -> None:
+    def _group_terms(self, objective: Objective, coefficients_JN: Tensor) -> None:
         """Terms with the same target, divergence and granularity (DOPD's LL and HS) are evaluated as one, with
         the sum of their coefficients (the value is linear in it); `weights_GN` keeps each token's Σ weight of
         the terms that apply to it, for the per-token view."""
@@ -77,7 +97,7 @@ class _LossRun:
                 yield slice(start, min(start + step, last)), arrays
 
     def __call__(self, hidden_NH, weight_VH, bias_V, grad_hidden, grad_weight, grad_bias) -> Tensor:
-        total = torch.zeros((), dtype=self.plain_N.dtype, device=hidden_NH.device)
+        total = torch.zeros((), dtype=self.token_loss_N.dtype, device=hidden_NH.device)
         scale = 1.0 / self.temperature
         for rows, arrays in self.chunks(hidden_NH.shape[0]):
             loss, grad_logits = self.chunk(rows, arrays, hidden_NH[rows], weight_VH, bias_V)
@@ -107,7 +127,7 @@ class _LossRun:
             self.eos_prob_N[rows] = probs[:, self.eos_ids].sum(-1)
         coefficients_GC = self.coefficients_GN[:, rows].to(probs.dtype)
         weights_GC = self.weights_GN[:, rows].to(probs.dtype)
-        state = _ChunkState(self.plain_N[rows], torch.zeros(n, dtype=probs.dtype, device=probs.device))
+        state = _ChunkState(self.token_loss_N[rows], torch.zeros(n, dtype=probs.dtype, device=probs.device))
         if not bool((coefficients_GC != 0).any()):
             return state.loss, None
         scores = {name: s.rows(rows) for name, s in self.scores.items()}
@@ -162,9 +182,13 @@ class _LossRun:
         state.sparse.append((index[:, None], entry_ids, grad))
 
     def _full_terms(self, rows, coefficients_GC, weights_GC, logprobs_CV, probs_CV, scores, arrays, state):
-        """The terms that read a target's full log-probs, target by target on the rows that need it (a
-        contiguous run, the tokens being grouped). Returns the closed forms' Σ q [C, V], or None if none ran."""
-        target_lp_buffer, q_sum, *extra = arrays
+        """The terms that read a target's full log-probs, target by target: on the target's span of the chunk
+        (`_target_span`), a Top-K term takes its support from the full log-probs there, and a full-vocabulary
+        term runs on its own rows within the span (`_full_term_run`). Returns the closed forms' Σ q [C, V], or None
+        if none ran."""
+        target_lp_buffer, q_sum_CV, *q_term_buffer = arrays
+        # Two full-vocabulary terms in one chunk: each writes its q apart, then adds it (one: into q_sum at once).
+        q_term_CV = q_term_buffer[0] if q_term_buffer else None
         q_written = False
         for name in ("teacher", "self"):
             terms = [
@@ -172,11 +196,10 @@ class _LossRun:
                 for term, full, coefficient, weight in zip(self.terms, self.full, coefficients_GC, weights_GC)
                 if full and term.target == name
             ]
-            span = _nonzero_span([coefficient for _, coefficient, _ in terms])
+            span = self._target_span(name, rows, [coefficient for _, coefficient, _ in terms], target_lp_buffer)
             if span is None:
                 continue
-            part = slice(*span)
-            target_lp = self._target_logprobs(name, rows.start + part.start, target_lp_buffer[: span[1] - span[0]])
+            part, target_lp_PV = span
             for term, coefficient, weight in terms:
                 coefficient, weight = coefficient[part], weight[part]
                 if not bool((coefficient != 0).any()):
@@ -191,39 +214,68 @@ class _LossRun:
                         scores[name].rows(part),
                         state,
                         part.start,
-                        target_lp,
+                        target_lp_PV,
                     )
                     continue
                 if not q_written:
-                    q_sum.zero_()
+                    q_sum_CV.zero_()
                     q_written = True
-                # The term's own run of rows: the target's span also holds the tokens of its Top-K terms (DOPD's LH
-                # beside HT), where this term's coefficient is 0 and its full-vocabulary work would be wasted.
-                first, last = _nonzero_span([coefficient])
-                own = slice(part.start + first, part.start + last)
-                coefficient, weight = coefficient[first:last], weight[first:last]
-                q = extra[0][own] if extra else q_sum[own]  # one full-vocabulary term: q lands in q_sum at once
-                values, scale = full_divergence_(
-                    term.divergence,
-                    self.objective.config.jsd_beta,
+                self._full_term_run(
+                    term,
                     coefficient,
-                    logprobs_CV[own],
-                    probs_CV[own],
-                    target_lp[first:last],
-                    q,
-                    self.workspace.scratch,
+                    weight,
+                    part.start,
+                    logprobs_CV,
+                    probs_CV,
+                    target_lp_PV,
+                    q_sum_CV,
+                    q_term_CV,
+                    state,
                 )
-                if extra:
-                    q_sum[own].add_(q)
-                applies = coefficient.nonzero().squeeze(-1)
-                state.add(applies + own.start, values[applies], coefficient[applies], weight[applies])
-                state.scale_C[own] += scale
-        return q_sum if q_written else None
+        return q_sum_CV if q_written else None
+
+    def _target_span(self, name: str, rows: slice, coefficients: list[Tensor], buffer_RV: Tensor):
+        """The chunk's rows from the first to the last that a term reading `name`'s full log-probs applies to (one
+        run: the tokens are grouped by target) as a slice P, and the target's full log-probs there [P, V], written
+        into `buffer_RV`. None when no such term applies to any row of the chunk."""
+        span = _nonzero_span(coefficients)
+        if span is None:
+            return None
+        part = slice(*span)
+        return part, self._target_logprobs(name, rows.start + part.start, buffer_RV[: part.stop - part.start])
+
+    def _full_term_run(
+        self, term, coefficient_P, weight_P, offset, logprobs_CV, probs_CV, target_lp_PV, q_sum_CV, q_term_CV, state
+    ) -> None:
+        """One full-vocabulary term on its own run of rows: the target's span (P rows from chunk row `offset`)
+        also holds the tokens of its Top-K terms (DOPD's LH beside HT), where this term's coefficient is 0 and its
+        full-vocabulary work would be wasted. Adds the term's values and its scale of `s` to `state`, and its
+        closed form's q to `q_sum_CV` (directly, or through `q_term_CV` when another full-vocabulary term shares
+        the chunk)."""
+        first, last = _nonzero_span([coefficient_P])
+        own = slice(offset + first, offset + last)
+        coefficient, weight = coefficient_P[first:last], weight_P[first:last]
+        q = q_sum_CV[own] if q_term_CV is None else q_term_CV[own]
+        values, scale = full_divergence_(
+            term.divergence,
+            self.objective.config.jsd_beta,
+            coefficient,
+            logprobs_CV[own],
+            probs_CV[own],
+            target_lp_PV[first:last],
+            q,
+            self.workspace.scratch,
+        )
+        if q_term_CV is not None:
+            q_sum_CV[own].add_(q)
+        applies = coefficient.nonzero().squeeze(-1)
+        state.add(applies + own.start, values[applies], coefficient[applies], weight[applies])
+        state.scale_C[own] += scale
 
     def _target_logprobs(self, name: str, start: int, buffer_RV: Tensor) -> Tensor:
         """The target's full log-probs of the ordered tokens from `start` on, into the buffer: copied from the
         ones its scores kept, or recomputed from its head."""
-        head, kept = self.targets[name]
+        head, kept = self.full_targets[name]
         index = self.index_N[start : start + buffer_RV.shape[0]]
         if kept is not None:
             return torch.index_select(kept.flatten(0, 1), 0, index, out=buffer_RV)
@@ -261,7 +313,7 @@ class _ChunkState:
     """What the terms of one chunk add up: the loss, the token views, and the logit gradient's parts: a per-row
     scale of `s` and sparse entries (rows [R, 1], ids [R, K], values [R, K])."""
 
-    plain_C: Tensor  # a view into the run's per-token values
+    token_loss_C: Tensor  # a view into the run's `token_loss_N`
     scale_C: Tensor
     sparse: list[tuple[Tensor, Tensor, Tensor]] = field(default_factory=list)
     loss: Tensor | None = None
@@ -272,4 +324,4 @@ class _ChunkState:
     def add(self, index_R: Tensor, values_R: Tensor, coefficient_R: Tensor, weight_R: Tensor) -> None:
         """Values of a term group on some of the chunk's tokens, with their coefficients and Σ weights."""
         self.loss = self.loss + (values_R * coefficient_R).sum()
-        self.plain_C.index_add_(0, index_R, values_R * weight_R)
+        self.token_loss_C.index_add_(0, index_R, values_R * weight_R)
