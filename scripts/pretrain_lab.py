@@ -5,11 +5,14 @@
     python scripts/pretrain_lab.py --task arith --like-shipped --out src/dopd/lab/pretrained/arith --n-eval 300
 
 The first made the default pair (today's `LabPairConfig` defaults); the second remakes the older `arith` pair from
-the config it ships with (a 2 x 48 student of its own). `--pair KEY=VALUE` changes any `LabPairConfig` field. The
-same as `python -m dopd.lab.models ...`; docs/lab_design.md records every pair tried.
+the config it ships with (a 2 x 48 student of its own). `--pair KEY=VALUE` changes any `LabPairConfig` field. An
+alias of `dopd lab pretrain ...` (the pair's lab_pair.json records that command); docs/lab_design.md records every
+pair tried.
 """
 
-from dopd.lab.models import main
+import sys
+
+from dopd.cli import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main(["lab", "pretrain", *sys.argv[1:]]))

@@ -157,6 +157,8 @@ CASES = {
     "lab_pair": lambda f: (["lab", "--out", "lab", "--pair", "teacher_stepz=3"], "--pair"),
     "lab_quick_full": lambda f: (["lab", "--out", "lab", "--quick", "--full"], "--quick and --full"),
     "lab_workers": lambda f: (["lab", "--out", "lab", "--workers", "0"], "--workers = 0 must be at least 1"),
+    "lab_pretrain_pair": lambda f: (["lab", "pretrain", "--out", "pair", "--pair", "teacher_stepz=3"], "--pair"),
+    "lab_pretrain_after": lambda f: (["lab", "--steps", "3", "pretrain", "--out", "pair"], "--steps: an option of"),
     # eval
     "eval_data": lambda f: (
         ["eval", "--model", f["student"], "--data", "missing.jsonl", "--out", "r.json"],

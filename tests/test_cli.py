@@ -3,6 +3,10 @@ line (every bad input of every command: tests/test_bad_inputs.py)."""
 
 from __future__ import annotations
 
+import codecs
+import dataclasses
+import os
+import re
 import subprocess
 import sys
 
@@ -22,50 +26,76 @@ def test_cli_help_lists_every_key_and_errors_are_one_line(pair, tmp_path):
     assert len(run.stderr.strip().splitlines()) == 1
 
 
-def _default_text(value) -> str | None:
-    if isinstance(value, list):
-        return ",".join(map(str, value))
-    return None if value is None else str(value)
+def _help_entries(*command: str) -> dict[str, str]:
+    """{option: its help, on one line} of `dopd COMMAND --help`."""
+    env = {**os.environ, "COLUMNS": "200"}
+    run = subprocess.run([sys.executable, "-m", "dopd", *command, "--help"], capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr
+    entries, current = {}, None
+    for line in run.stdout.splitlines():
+        match = re.match(r"^  (--[\w-]+)", line)
+        if match:
+            current = match.group(1)
+            entries[current] = line[match.end() :]
+        elif current and line.startswith("    "):
+            entries[current] += " " + line
+        else:
+            current = None
+    return {option: " ".join(text.split()) for option, text in entries.items()}
 
 
-def test_cli_help_defaults_are_the_settings_defaults():
-    """Every `default X` in the help of `dopd lab`, `hints` and `eval` is the default of the dataclass field the
-    option sets (LabConfig, HintsSpec, EvalSpec), so the help cannot drift from what the command does."""
-    import argparse
-    import codecs
-    import dataclasses
-    import re
+def _shown_default_is(shown: str, value) -> bool:
+    """Whether the help's `default X` is `value`: numbers by value (1e-4 is 0.0001), lists item by item."""
+    if shown.startswith("'"):
+        shown = codecs.decode(shown.strip("'"), "unicode_escape")
+    expected = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+    pairs = list(zip(shown.split(","), expected.split(",")))
+    try:
+        return len(shown.split(",")) == len(expected.split(",")) and all(float(a) == float(b) for a, b in pairs)
+    except ValueError:
+        return shown == expected
 
-    from dopd.cli import build_parser
-    from dopd.evaluate import EvalSpec
+
+def test_lab_hints_and_eval_help_list_every_setting_with_its_default():
+    """`dopd lab`, `lab pretrain`, `hints` and `eval` have one option per field of their settings (LabConfig,
+    PretrainConfig, HintsSpec, EvalSpec with the data and sampling fields of EVAL_OPTIONS) and no other (but
+    `--quick` and `--full`), each help showing the field's own default, so the help cannot drift from what the
+    command does."""
+    from dopd.evaluate import EVAL_OPTIONS, EvalData, EvalSampling, EvalSpec
     from dopd.hints import HintsSpec
-    from dopd.lab.runner import LabConfig
+    from dopd.lab.config import LabConfig, PretrainConfig
 
-    subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    def settings(cls, skip=()):
+        for item in dataclasses.fields(cls):
+            if item.name not in skip:
+                default = item.default_factory() if item.default_factory is not dataclasses.MISSING else item.default
+                yield item.name, default
+
+    nested = {"data": EvalData(), "sampling": EvalSampling()}
+    eval_settings = [*settings(EvalSpec, skip=nested)]
+    eval_settings += [
+        (EVAL_OPTIONS[path], getattr(nested[path.split(".")[0]], path.split(".")[1])) for path in EVAL_OPTIONS
+    ]
     checked = 0
-    for command, spec in (("lab", LabConfig), ("hints", HintsSpec), ("eval", EvalSpec)):
-        fields = {f.name: f for f in dataclasses.fields(spec)}
-        for action in subparsers.choices[command]._actions:
-            match = re.search(r"\bdefault ('[^']*'|[^\s):]+)", action.help or "")
-            if not match or action.dest not in fields:
-                continue
-            item = fields[action.dest]
-            value = item.default_factory() if item.default_factory is not dataclasses.MISSING else item.default
-            if value is dataclasses.MISSING:  # a required field: the command line fills it (e.g. a timestamped --out)
-                continue
-            expected = _default_text(value)
-            if expected is None:  # the help describes what None means
-                continue
-            shown = match.group(1).rstrip(",")
-            if shown.startswith("'"):
-                shown = codecs.decode(shown.strip("'"), "unicode_escape")
-            pairs = list(zip(shown.split(","), expected.split(",")))
-            try:  # numbers compare by value, item by item (1e-4 is 0.0001)
-                same = len(shown.split(",")) == len(expected.split(",")) and all(float(a) == float(b) for a, b in pairs)
-            except ValueError:
-                same = shown == expected
-            assert same, (
-                f"dopd {command} {action.option_strings[0]}: help says {shown!r}, {spec.__name__} has {expected!r}"
+    for command, fields, extra in (
+        (["lab"], settings(LabConfig), {"--quick", "--full"}),
+        (["lab", "pretrain"], settings(PretrainConfig), set()),
+        (["hints"], settings(HintsSpec), set()),
+        (["eval"], eval_settings, set()),
+    ):
+        entries, options = _help_entries(*command), set()
+        for name, default in fields:
+            option = (
+                name if name.startswith("--") else "--" + ("no-" if default is True else "") + name.replace("_", "-")
+            )
+            options.add(option)
+            assert option in entries, f"dopd {' '.join(command)} --help lacks {option}"
+            if default in (None, dataclasses.MISSING, "", [], {}) or isinstance(default, bool):
+                continue  # no default to show: the help says what leaving it out means
+            match = re.search(r"\(default ('[^']*'|[^\s)]+)\)", entries[option])
+            assert match and _shown_default_is(match.group(1), default), (
+                f"dopd {' '.join(command)} {option}: help {entries[option]!r}, default {default!r}"
             )
             checked += 1
-    assert checked >= 25
+        assert set(entries) == options | extra, set(entries) ^ (options | extra)
+    assert checked >= 50

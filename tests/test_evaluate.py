@@ -9,14 +9,14 @@ import os
 import sys
 
 import pytest
+import tiny
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
-import tiny  # noqa: E402
-
-from dopd.cli import main  # noqa: E402
-from dopd.config import ConfigError  # noqa: E402
-from dopd.evaluate import (  # noqa: E402
+from dopd.cli import main
+from dopd.config import ConfigError
+from dopd.evaluate import (
+    EvalData,
+    EvalSampling,
     EvalSpec,
     ExactChecker,
     MathChecker,
@@ -29,7 +29,7 @@ from dopd.evaluate import (  # noqa: E402
     read_result,
     summarize,
 )
-from dopd.prompts import render_prompt  # noqa: E402
+from dopd.prompts import render_prompt
 
 # ------------------------------------------------------------------------------------------------ metrics
 
@@ -66,6 +66,7 @@ def test_gap_recovery_reproduces_the_papers_figures():
     assert gap_recovery(43.9, 39.1, 52.8) == pytest.approx(0.350, abs=5e-4)  # vanilla OPD, LLM
     assert gap_recovery(58.4, 48.3, 62.9) == pytest.approx(0.692, abs=5e-4)  # DOPD, VLM
     assert gap_recovery(0.3, 0.4, 0.4) is None
+    assert gap_recovery(0.5, 0.6, 0.4) is None  # a teacher below the student leaves no gap to recover
 
 
 # ------------------------------------------------------------------------------------------------ checkers
@@ -209,14 +210,13 @@ def test_eval_scores_a_tiny_model_with_known_answers(answering_model, tmp_path, 
 def test_sampling_several_answers_and_the_gap_recovery(answering_model, tmp_path):
     data = write_jsonl(tmp_path / "math.jsonl", math_rows())
     base = tmp_path / "base.json"
-    evaluate(EvalSpec(model=answering_model, data=data, out=str(base), max_new_tokens=6, progress=False))
+    short = EvalSampling(max_new_tokens=6)
+    evaluate(EvalSpec(model=answering_model, data=EvalData(path=data), out=str(base), sampling=short, progress=False))
     spec = EvalSpec(
         model=answering_model,
-        data=data,
+        data=EvalData(path=data),
         out=str(tmp_path / "sampled.json"),
-        samples=4,
-        temperature=3.0,
-        max_new_tokens=6,
+        sampling=EvalSampling(num_generations=4, temperature=3.0, max_new_tokens=6),
         pass_k=[1, 2, 4],
         progress=False,
         teacher_result="0.95",
@@ -263,11 +263,10 @@ def test_lab_checker_agrees_with_the_labs_own_evaluation(tmp_path):
     report = evaluate(
         EvalSpec(
             model=student,
-            data=data,
+            data=EvalData(path=data),
             out=str(tmp_path / "lab.json"),
             checker="lab:arith",
-            max_new_tokens=48,
-            batch_size=24,
+            sampling=EvalSampling(max_new_tokens=48, batch_size=24),
             progress=False,
         )
     )
@@ -308,14 +307,24 @@ def test_bad_input_stops_before_the_model_loads(tmp_path, capsys, monkeypatch, e
 def test_unreadable_answers_and_other_reports_are_refused(answering_model, tmp_path, capsys):
     bad = write_jsonl(tmp_path / "bad.jsonl", math_rows() + [{"prompt": "what is ?", "answer": "a lot of apples"}])
     with pytest.raises(ConfigError, match=r"1 of 5 reference answers cannot be read .*row 4: 'a lot of apples'"):
-        evaluate(EvalSpec(model=str(tmp_path / "no-model"), data=bad, out=str(tmp_path / "r.json"), progress=False))
+        evaluate(
+            EvalSpec(
+                model=str(tmp_path / "no-model"), data=EvalData(path=bad), out=str(tmp_path / "r.json"), progress=False
+            )
+        )
     assert main(["eval", "--model", answering_model, "--data", bad, "--out", str(tmp_path / "r.json")]) == 2
     error = capsys.readouterr().err.strip()
     assert error.startswith("dopd: error: 1 of 5 reference answers") and len(error.splitlines()) == 1
-    data = write_jsonl(tmp_path / "math.jsonl", math_rows())
+    data = EvalData(path=write_jsonl(tmp_path / "math.jsonl", math_rows()))
     other = write_jsonl(tmp_path / "other.jsonl", math_rows()[:3])
     evaluate(
-        EvalSpec(model=answering_model, data=other, out=str(tmp_path / "other.json"), max_new_tokens=6, progress=False)
+        EvalSpec(
+            model=answering_model,
+            data=EvalData(path=other),
+            out=str(tmp_path / "other.json"),
+            sampling=EvalSampling(max_new_tokens=6),
+            progress=False,
+        )
     )
     with pytest.raises(ConfigError, match="was measured on other prompts or answers"):
         evaluate(

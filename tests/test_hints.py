@@ -12,16 +12,13 @@ import threading
 import time
 
 import pytest
+import tiny
 
-sys.path.insert(0, os.path.dirname(__file__))
-import tiny  # noqa: E402
-
-from dopd.cli import main  # noqa: E402
-from dopd.config import ConfigError  # noqa: E402
-from dopd.hints import (  # noqa: E402
-    ChatClient,
+from dopd.chat_client import ChatClient, ServerError
+from dopd.cli import main
+from dopd.config import ConfigError
+from dopd.hints import (
     HintsSpec,
-    ServerError,
     box_hint,
     contains_answer,
     executed_hints,

@@ -2,6 +2,10 @@
 
 import dataclasses
 import json
+import os
+import shlex
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -187,6 +191,21 @@ def test_pair_settings_from_the_command_line():
         pair_config_with(TINY, ["teacher_stepz=10"])
     with pytest.raises(ValueError, match="strictly between 0 and teacher_steps"):
         pair_config_with(TINY, ["student_checkpoints=[5]"])
+
+
+def test_pretrain_command_builds_a_pair_that_records_the_command(tmp_path):
+    """`dopd lab pretrain` through its alias scripts/pretrain_lab.py: the pair it writes says how it was made."""
+    out = tmp_path / "pair"
+    settings = ["teacher={layers: 1, hidden: 16, heads: 2, kv_heads: 1, intermediate: 32}", "teacher_steps=4",
+                "student_checkpoints=[2]", "batch_size=4", "warmup_steps=1"]  # fmt: skip
+    arguments = ["--out", str(out), *[f"--pair={item}" for item in settings], "--n-eval", "20", "--threads", "1"]
+    script = os.path.join(os.path.dirname(__file__), "..", "scripts", "pretrain_lab.py")
+    run = subprocess.run([sys.executable, script, *arguments], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert f"wrote {out}" in run.stdout
+    meta = json.loads((out / models.COMPLETE_MARKER).read_text())
+    assert meta["command"] == "dopd lab pretrain " + shlex.join(arguments)
+    assert meta["config"]["teacher_steps"] == 4 and meta["config"]["student_checkpoints"] == [2]
 
 
 DEFAULT_TASK = LabPairConfig().task

@@ -11,10 +11,11 @@ import sys
 
 import pytest
 
+from dopd.lab.config import LabConfig
 from dopd.lab.methods import method_specs, parse_method, split_methods
 from dopd.lab.models import WeakPairError
 from dopd.lab.results import choose_rates, paired, standard_error
-from dopd.lab.runner import LabConfig, check_lab_config, run_lab
+from dopd.lab.runner import check_lab_config, run_lab
 
 TINY_PAIR = ["teacher={layers: 1, hidden: 16, heads: 2, kv_heads: 1, intermediate: 32}", "teacher_steps=4",
              "student_checkpoints=[2]", "batch_size=4", "warmup_steps=1"]  # fmt: skip

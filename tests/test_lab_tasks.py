@@ -299,9 +299,10 @@ def test_examples_of_a_split_hold_only_its_prompts_and_refuse_a_task_too_small()
 def test_lab_validation_and_test_prompts_are_never_trained_on(name):
     """The lab's evaluation prompts occur neither in the pair's pretraining stream nor in any method's training
     rows, nor in each other (the tasks' prompt spaces are small: a set drawn with another seed overlaps)."""
+    from dopd.lab.config import LabConfig
     from dopd.lab.models import LabPairConfig
     from dopd.lab.pretraining import training_examples
-    from dopd.lab.runner import LabConfig, held_out_sets, training_rows
+    from dopd.lab.runner import held_out_sets, training_rows
 
     task, config = get_task(name), LabConfig(task=name)
     validation, test = ({e.prompt for e in s} for s in held_out_sets(task, config))

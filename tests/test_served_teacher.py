@@ -5,22 +5,19 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import pytest
+import tiny
 import torch
+from tiny import make_config
 
-sys.path.insert(0, os.path.dirname(__file__))
-import tiny  # noqa: E402
-from tiny import make_config  # noqa: E402
-
-from dopd.config import ConfigError, TeacherServerConfig  # noqa: E402
-from dopd.kernels import score_target  # noqa: E402
-from dopd.kernels import scores as chunked_module  # noqa: E402
-from dopd.scoring import frozen_pass, pass_inputs  # noqa: E402
-from dopd.served_teacher import ServedTeacher, TeacherServerError  # noqa: E402
-from dopd.train import Trainer  # noqa: E402
-from dopd.types import Completions  # noqa: E402
+from dopd.config import ConfigError, TeacherServerConfig
+from dopd.kernels import score_target
+from dopd.kernels import scores as chunked_module
+from dopd.scoring import frozen_pass, pass_inputs
+from dopd.served_teacher import ServedTeacher, TeacherServerError
+from dopd.train import Trainer
+from dopd.types import Completions
 
 
 class FakeVLLM:
@@ -204,7 +201,7 @@ def config_for(pair, out, url, *extra):
         ("objective.teacher_full=full", "objective.teacher_full=topk_bucket"),
         ("objective.topk_support=union", "objective.topk_support=target"),
         ("objective.temperature=2", "objective.temperature=1"),
-        ("train.chunk_size=0", "leave train.chunk_size null"),
+        ("train.loss_form=plain", "set train.loss_form=chunked"),
         ("model.teacher_server.top_k=4", "model.teacher_server.top_k = 4 is below objective.top_k = 8"),
         ("objective.method=opsd", "reads no teacher"),
     ],

@@ -187,7 +187,8 @@ def summarize(correct: list[list[bool]], ks: list[int]) -> dict[str, Any]:
 
 
 def gap_recovery(method: float, student: float, teacher: float) -> float | None:
-    """(method - student) / (teacher - student); None when teacher and student score the same."""
-    if teacher == student:
+    """The share of the teacher-student gap that `method` closes, `(method - student) / (teacher - student)`; None
+    when the teacher does not score above the student (no gap to recover). `dopd eval` and the lab both use it."""
+    if teacher <= student:
         return None
     return (method - student) / (teacher - student)

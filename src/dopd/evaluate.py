@@ -35,7 +35,7 @@ from .answers import (  # noqa: F401  (the checkers and metrics are part of `dop
     strip_thinking,
     summarize,
 )
-from .config import ConfigError, DataConfig
+from .config import ConfigError, DataConfig, RolloutConfig
 from .prompts import DEFAULT_PRIVILEGED_TEMPLATE
 from .run_dir import write_json_atomic, write_text_atomic
 
@@ -129,74 +129,97 @@ def results_table(report: dict) -> str:
 
 
 @dataclass
+class EvalData(DataConfig):
+    """The data set `dopd eval` reads: the trainer's data settings (`data.load_rows` reads them as they are), the
+    test split by default."""
+
+    split: str = "test"  # split of a hub data set or a saved DatasetDict
+
+
+@dataclass
+class EvalSampling(RolloutConfig):
+    """How `dopd eval` samples: the trainer's rollout settings (`rollout/hf.py` reads them as they are), greedy and
+    one completion per prompt by default."""
+
+    num_generations: int = 1  # completions per prompt
+    max_new_tokens: int = 1024  # longest completion
+    temperature: float = 0.0  # sampling temperature; 0 means greedy
+    batch_size: int = 16  # prompts per generate call
+
+
+@dataclass
 class EvalSpec:
-    """Every setting of `dopd eval` (the command line's options, one field each)."""
+    """Every setting of `dopd eval` (one option each: the comments are their help)."""
 
-    model: str
-    data: str
-    out: str
-    split: str = "test"
-    name: str | None = None
-    max_rows: int | None = None
-    prompt_column: str = "prompt"
-    answer_column: str = "answer"
-    privileged: bool = False
-    privileged_column: str = "privileged_context"
-    template: str = DEFAULT_PRIVILEGED_TEMPLATE
-    checker: str = "math"
-    samples: int = 1
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    max_new_tokens: int = 1024
-    batch_size: int = 16
-    pass_k: list[int] | None = None
-    seed: int = 0
-    tokenizer: str | None = None
-    dtype: str = "auto"
-    device: str | None = None
-    trust_remote_code: bool = False
-    use_chat_template: bool | None = None
+    model: str  # model path or hub name
+    data: EvalData  # the data set and its columns (options below: EVAL_OPTIONS)
+    out: str = ""  # report .json; the table goes beside it as .md (default: runs/eval-TIME.json)
+    sampling: EvalSampling = field(default_factory=EvalSampling)
+    checker: str = "math"  # math | exact | lab:TASK (e.g. lab:arith)
+    pass_k: list[int] | None = None  # k values, comma-separated (default: 1, powers of 2, --samples)
+    seed: int = 0  # sampling seed
+    privileged: bool = False  # insert the privileged context into the prompt (to measure a model reading it)
+    template: str = DEFAULT_PRIVILEGED_TEMPLATE  # how --privileged inserts it
+    #: JSON for the chat template, e.g. '{"enable_thinking": false}'
     chat_template_kwargs: dict = field(default_factory=dict)
-    teacher_result: str | None = None
-    student_result: str | None = None
-    progress: bool = True
+    tokenizer: str | None = None  # tokenizer path or hub name (default: the model's)
+    dtype: str = "auto"  # auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16 | float16
+    device: str | None = None  # e.g. cpu, cuda:0 (default: cuda if available)
+    trust_remote_code: bool = False  # passed to from_pretrained
+    teacher_result: str | None = None  # the teacher's accuracy in [0, 1] or its report .json
+    student_result: str | None = None  # the base student's accuracy in [0, 1] or its report .json
+    progress: bool = True  # a progress bar; --no-progress turns it off
 
 
-# The options errors about the data set name (`data.load_rows`, `data.check_columns`).
-EVAL_KEYS = {
-    "path": "--data",
-    "split": "--split",
-    "prompt_column": "--prompt-column",
-    "privileged_column": "--privileged-column",
+# The data and sampling settings `dopd eval` takes, with their options (the other DataConfig and RolloutConfig
+# settings keep their defaults); every error about one names its option.
+EVAL_OPTIONS = {
+    "data.path": "--data",
+    "data.name": "--name",
+    "data.split": "--split",
+    "data.max_samples": "--max-rows",
+    "data.prompt_column": "--prompt-column",
+    "data.answer_column": "--answer-column",
+    "data.privileged_column": "--privileged-column",
+    "sampling.num_generations": "--samples",
+    "sampling.temperature": "--temperature",
+    "sampling.top_p": "--top-p",
+    "sampling.top_k": "--top-k",
+    "sampling.max_new_tokens": "--max-new-tokens",
+    "sampling.batch_size": "--batch-size",
 }
+# The options errors about the data set name (`data.load_rows`, `data.check_columns`).
+EVAL_KEYS = {path.removeprefix("data."): option for path, option in EVAL_OPTIONS.items() if path.startswith("data.")}
 
 
 def check_spec(spec: EvalSpec) -> None:
     """The settings alone, before the data set is read."""
     from .prompts import check_template
 
+    sampling, samples = spec.sampling, spec.sampling.num_generations
     for option, value in (
-        ("--samples", spec.samples),
-        ("--max-new-tokens", spec.max_new_tokens),
-        ("--batch-size", spec.batch_size),
+        ("--samples", samples),
+        ("--max-new-tokens", sampling.max_new_tokens),
+        ("--batch-size", sampling.batch_size),
     ):
         if value <= 0:
             raise ConfigError(f"{option} = {value} must be positive")
-    if spec.temperature < 0 or not 0 < spec.top_p <= 1 or spec.top_k < 0:
+    if sampling.temperature < 0 or not 0 < sampling.top_p <= 1 or sampling.top_k < 0:
         raise ConfigError("--temperature must be >= 0, --top-p in (0, 1] and --top-k >= 0")
-    if spec.temperature == 0 and spec.samples > 1:
+    if sampling.temperature == 0 and samples > 1:
         raise ConfigError(
-            f"--samples {spec.samples} with --temperature 0 gives {spec.samples} identical greedy "
+            f"--samples {samples} with --temperature 0 gives {samples} identical greedy "
             "answers; set --temperature (e.g. 0.6) or --samples 1"
         )
     for k in spec.pass_k or []:
-        if not 1 <= k <= spec.samples:
-            raise ConfigError(f"--pass-k {k} must be between 1 and --samples = {spec.samples}")
-    if spec.max_rows is not None and spec.max_rows <= 0:
-        raise ConfigError(f"--max-rows = {spec.max_rows} must be positive")
+        if not 1 <= k <= samples:
+            raise ConfigError(f"--pass-k {k} must be between 1 and --samples = {samples}")
+    if spec.data.max_samples is not None and spec.data.max_samples <= 0:
+        raise ConfigError(f"--max-rows = {spec.data.max_samples} must be positive")
     if spec.dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise ConfigError(f"--dtype {spec.dtype!r} is unknown; use auto, float32, bfloat16 or float16")
+    if not spec.out:
+        raise ConfigError("--out is required: the report's .json path")
     if not spec.out.endswith(".json"):
         raise ConfigError(f"--out {spec.out} must end in .json (the table goes beside it as .md)")
     if os.path.isdir(spec.out):
@@ -211,26 +234,18 @@ def check_spec(spec: EvalSpec) -> None:
 def load_eval_rows(spec: EvalSpec) -> tuple[list, list, list[str | None], list[dict]]:
     """(prompts, answers, privileged contexts or Nones, rows) of the data set, columns checked."""
     from .data import check_columns, load_rows, require_column
-    from .hints import check_local_path
+    from .loading import check_source
 
-    check_local_path(spec.data, "--data")
-    config = DataConfig(
-        path=spec.data,
-        name=spec.name,
-        split=spec.split,
-        prompt_column=spec.prompt_column,
-        privileged_column=spec.privileged_column,
-        answer_column=spec.answer_column,
-        max_samples=spec.max_rows,
-    )
-    dataset = load_rows(config, EVAL_KEYS)
-    check_columns(dataset, config, spec.privileged, EVAL_KEYS)
-    answers = list(require_column(dataset, spec.answer_column, "--answer-column", spec.data))
-    privileged = list(dataset[spec.privileged_column]) if spec.privileged else [None] * len(answers)
+    data = spec.data
+    check_source(data.path, "--data", "dataset")
+    dataset = load_rows(data, EVAL_KEYS)
+    check_columns(dataset, data, spec.privileged, EVAL_KEYS)
+    answers = list(require_column(dataset, data.answer_column, "--answer-column", data.path))
+    privileged = list(dataset[data.privileged_column]) if spec.privileged else [None] * len(answers)
     # Only the text columns a checker may read (the lab's reference completion), never an image column.
     extra = {column: list(dataset[column]) for column in ("completion",) if column in dataset.column_names}
     rows = [{column: values[i] for column, values in extra.items()} for i in range(len(answers))]
-    return list(dataset[spec.prompt_column]), answers, privileged, rows
+    return list(dataset[data.prompt_column]), answers, privileged, rows
 
 
 def _load_tokenizer(spec: EvalSpec):
@@ -251,33 +266,26 @@ def _load_model(spec: EvalSpec):
 
 
 def sample_completions(model, tokenizer, prompt_ids: list[list[int]], spec: EvalSpec) -> tuple[list[list[str]], int]:
-    """`spec.samples` completions per prompt (decoded, special tokens removed) and how many hit the token limit."""
+    """`--samples` completions per prompt (decoded, special tokens removed) and how many hit the token limit."""
     import torch
     from tqdm.auto import tqdm
 
-    from .config import RolloutConfig
     from .rollout.hf import HFRollout
 
-    settings = RolloutConfig(
-        num_generations=spec.samples,
-        max_new_tokens=spec.max_new_tokens,
-        temperature=spec.temperature,
-        top_p=spec.top_p,
-        top_k=spec.top_k,
-        batch_size=spec.batch_size,
-    )
-    engine = HFRollout(lambda: model, tokenizer, settings)
+    sampling, size = spec.sampling, spec.sampling.batch_size
+    engine = HFRollout(lambda: model, tokenizer, sampling)
     torch.manual_seed(spec.seed)
     completions: list[list[str]] = [[] for _ in prompt_ids]
     unfinished = 0
-    batches = -(-len(prompt_ids) // spec.batch_size)
+    batches = -(-len(prompt_ids) // size)
     # Progress in generated tokens with their rate, the batch of prompts in the postfix: a batch of a large model
     # takes minutes on a CPU, and a bar counting prompts would sit at 0 meanwhile.
     with tqdm(disable=not spec.progress, desc="eval", unit="tok", dynamic_ncols=True) as bar:
         progress = _TokenProgress(bar)
-        for number, start in enumerate(range(0, len(prompt_ids), spec.batch_size), 1):
+        for number, start in enumerate(range(0, len(prompt_ids), size), 1):
             bar.set_postfix_str(f"batch {number}/{batches}, prompts {start}/{len(prompt_ids)}")
-            rollouts = engine.generate(prompt_ids[start : start + spec.batch_size], spec.samples, streamer=progress)
+            batch = prompt_ids[start : start + size]
+            rollouts = engine.generate(batch, sampling.num_generations, streamer=progress)
             for index, ids, done in zip(rollouts.prompt_index, rollouts.completion_ids, rollouts.finished):
                 completions[start + index].append(tokenizer.decode(ids, skip_special_tokens=True))
                 unfinished += not done
@@ -327,7 +335,7 @@ def evaluate(spec: EvalSpec) -> dict[str, Any]:
     tokenizer = _load_tokenizer(spec)
     try:
         texts = [
-            render_prompt(tokenizer, p, c, spec.template, spec.use_chat_template, spec.chat_template_kwargs)
+            render_prompt(tokenizer, p, c, spec.template, spec.data.use_chat_template, spec.chat_template_kwargs)
             for p, c in zip(prompts, privileged)
         ]
     except ValueError as error:
@@ -336,26 +344,27 @@ def evaluate(spec: EvalSpec) -> dict[str, Any]:
     model = _load_model(spec)
     completions, unfinished = sample_completions(model, tokenizer, prompt_ids, spec)
     correct = [[checker.score(i, text) for text in row] for i, row in enumerate(completions)]
-    ks = sorted(set(spec.pass_k)) if spec.pass_k else default_ks(spec.samples)
+    data, sampling = spec.data, spec.sampling
+    ks = sorted(set(spec.pass_k)) if spec.pass_k else default_ks(sampling.num_generations)
     report = {
         "model": spec.model,
         "data": {
-            "path": spec.data,
-            "split": spec.split,
-            "name": spec.name,
+            "path": data.path,
+            "split": data.split,
+            "name": data.name,
             "rows": len(prompts),
-            "prompt_column": spec.prompt_column,
-            "answer_column": spec.answer_column,
+            "prompt_column": data.prompt_column,
+            "answer_column": data.answer_column,
             "privileged": spec.privileged,
             "fingerprint": fingerprint,
         },
         "checker": checker.name,
         "sampling": {
-            "samples": spec.samples,
-            "temperature": spec.temperature,
-            "top_p": spec.top_p,
-            "top_k": spec.top_k,
-            "max_new_tokens": spec.max_new_tokens,
+            "samples": sampling.num_generations,
+            "temperature": sampling.temperature,
+            "top_p": sampling.top_p,
+            "top_k": sampling.top_k,
+            "max_new_tokens": sampling.max_new_tokens,
             "seed": spec.seed,
         },
         **summarize(correct, ks),
@@ -385,6 +394,9 @@ def table_path(out: str) -> str:
 
 __all__ = [
     "CHECKERS",
+    "EVAL_OPTIONS",
+    "EvalData",
+    "EvalSampling",
     "EvalSpec",
     "ExactChecker",
     "LabChecker",

@@ -35,8 +35,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from .chat_client import ChatClient, ServerError
 from .config import TeacherServerConfig
-from .hints.client import ChatClient, ServerError
 from .types import TargetScores
 
 logger = logging.getLogger("dopd")
@@ -237,30 +237,45 @@ class ServedTeacher:
         return token_lps, all_ids, all_values, counts
 
 
-def connect(config, objective, tokenizer, main_process: bool) -> ServedTeacher | None:
-    """The client of the teacher served at `model.teacher_server.url`, its server checked (the model it serves, its
-    tokenizer against the student's, the log-probs cap), or None when no teacher is served."""
+def _client(config, objective, vocab_size: int) -> ServedTeacher:
+    """The run's client: its `model.teacher_server` settings, the served model's name, the log-probs to request
+    (`model.teacher_server.top_k`, else K when a Top-K term reads the teacher, else 1) and the longest sequence."""
+    ts = config.model.teacher_server
+    top_k = ts.top_k or (config.objective.top_k if objective.top_k_for("teacher") else 1)
+    max_length = config.data.max_prompt_length + config.rollout.max_new_tokens + 1
+    return ServedTeacher(ts, ts.model or config.model.teacher, top_k, vocab_size, max_length)
+
+
+def check_server(config, objective, tokenizer) -> None:
+    """Before any model loads: the server at `model.teacher_server.url` answers, serves the model, the student's
+    tokenizer and enough log-probs (`ServedTeacher.check`; a `ConfigError` otherwise). Nothing when no teacher is
+    served. The probe's scores are read for errors only, so the tokenizer's size stands in for the vocabulary."""
     from .config import ConfigError
 
+    if not config.model.teacher_server.url:
+        return
+    try:
+        _client(config, objective, len(tokenizer)).check(tokenizer)
+    except TeacherServerError as error:
+        raise ConfigError(str(error)) from None
+
+
+def connect(config, objective, vocab_size: int, main_process: bool) -> ServedTeacher | None:
+    """The client of the teacher served at `model.teacher_server.url` (checked by `check_server` before the models
+    loaded), scoring over `vocab_size`, the rows the heads share; None when no teacher is served."""
     ts = config.model.teacher_server
     if not ts.url:
         return None
-    top_k = ts.top_k or (config.objective.top_k if objective.top_k_for("teacher") else 1)
-    max_length = config.data.max_prompt_length + config.rollout.max_new_tokens + 1
-    client = ServedTeacher(ts, ts.model or config.model.teacher, top_k, len(tokenizer), max_length)
-    try:
-        client.check(tokenizer)
-    except TeacherServerError as error:
-        raise ConfigError(str(error)) from None
+    client = _client(config, objective, vocab_size)
     if main_process:
-        fallback = [t.label for t in objective.terms if t.target == "teacher" and t.tail == "bucket"]
+        fallback = [t.applies_to for t in objective.terms if t.target == "teacher" and t.tail == "bucket"]
         logger.warning(
             "teacher served by %s (%s, top-%d log-probs per token)%s",
             ts.url,
             client.model,
-            top_k,
-            f"; the teacher's full-vocabulary term(s) {', '.join(fallback)} run on its top-{top_k} with a tail "
-            "bucket (objective.teacher_full=topk_bucket)"
+            client.top_k,
+            f"; the teacher's full-vocabulary term(s) {', '.join(fallback)} run on its top-{client.top_k} with a "
+            "tail bucket (objective.teacher_full=topk_bucket)"
             if fallback
             else "",
         )

@@ -10,8 +10,9 @@ chat API for hints without execution, then checks every hint twice (a rule and a
 ones that fail. Its results are appended to a `.partial` file row by row, so that a crash loses no paid request
 and a rerun continues where the last one stopped; the output itself is written once, complete, by a rename.
 
-The parts: `rules` holds the rule-based forms (the text rules and the box form, `RULE_FORMS`); `client` the served
-model's client, the generation and check prompts and `generate_hints`; `spec` the options (`FORMS`, the default
+The parts: `rules` holds the rule-based forms (the text rules and the box form, `RULE_FORMS`); `client` the
+generated form (the server check, the generation and check prompts and `generate_hints`; the HTTP client itself is
+`dopd.chat_client`); `spec` the options (`FORMS`, the default
 prefixes, `HintsSpec`) and their checks; `partial` the `.partial` file; `pipeline` the data set side: `run_hints`,
 writing the output and the printed summary. Every public name is re-exported here, so `from dopd.hints import X`
 works for each of them.
@@ -21,12 +22,10 @@ from ..loading import datasets_progress
 from .client import (
     GENERATION_SYSTEM,
     VERIFY_SYSTEM,
-    ChatClient,
     HintResult,
-    ServerError,
+    check_reachable,
     generate_hints,
     generation_messages,
-    normalize_base_url,
     parse_hint_lines,
     parse_verdicts,
     verification_messages,
@@ -86,9 +85,7 @@ __all__ = [
     "image_size",
     "box_hint",
     # client
-    "ServerError",
-    "ChatClient",
-    "normalize_base_url",
+    "check_reachable",
     "GENERATION_SYSTEM",
     "VERIFY_SYSTEM",
     "generation_messages",

@@ -12,9 +12,10 @@ from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any
 
+from ..chat_client import ChatClient, ServerError
 from ..config import ConfigError, DataConfig
 from ..loading import datasets_progress
-from .client import ChatClient, HintResult, ServerError, generate_hints
+from .client import HintResult, check_reachable, generate_hints
 from .partial import PartialLog, run_settings
 from .rules import (
     answer_hint,
@@ -202,7 +203,7 @@ def _run_hints(spec: HintsSpec) -> HintsSummary:
             spec.temperature,
             spec.max_tokens,
         )
-        client.check_reachable()
+        check_reachable(client)
     build = row_builder(spec, dataset.column_names, client)
     records, resumed = _build_all(spec, dataset, build, prefix)
     contexts = [records[i]["context"] for i in range(len(dataset))]

@@ -7,8 +7,8 @@ import os
 import urllib.parse
 from dataclasses import dataclass
 
+from ..chat_client import ChatClient, normalize_base_url
 from ..config import ConfigError
-from .client import ChatClient, normalize_base_url
 from .rules import COORDINATE_SYSTEMS, RULE_FORMS
 
 FORMS = RULE_FORMS + ("generated",)
@@ -29,41 +29,41 @@ DEFAULT_PREFIXES = {
 
 @dataclass
 class HintsSpec:
-    """Every setting of `dopd hints` (the command line's options, one field each)."""
+    """Every setting of `dopd hints` (one option each: the comments are their help)."""
 
-    input: str
-    out: str
-    form: str
-    split: str = "train"
-    name: str | None = None
-    max_rows: int | None = None
-    prompt_column: str = "prompt"
-    solution_column: str = "solution"
-    answer_column: str = "answer"
-    output_column: str = "privileged_context"
-    prefix: str | None = None  # None: the form's DEFAULT_PREFIXES entry
+    input: str  # JSONL/JSON/Parquet/CSV file, save_to_disk directory or hub name
+    out: str  # output: .jsonl, .parquet, or a directory (save_to_disk)
+    form: str  # answer | solution | stepwise | stepwise-executed | summary | boxes | generated
+    split: str = "train"  # split of a hub data set or a saved DatasetDict
+    name: str | None = None  # hub data set configuration name
+    max_rows: int | None = None  # use only the first N rows
+    prompt_column: str = "prompt"  # the question or prompt column, as train and eval read it
+    solution_column: str = "solution"  # the reference solution column
+    answer_column: str = "answer"  # the final answer column
+    output_column: str = "privileged_context"  # the column written
+    prefix: str | None = None  # text before the hints (default: a short label per form, DEFAULT_PREFIXES; '' for none)
     on_empty: str = "drop"  # drop | keep: rows whose privileged context comes out empty
-    overwrite: bool = False
-    summary_words: int = 10
-    base_url: str | None = None
-    model: str | None = None
-    api_key: str | None = None
-    concurrency: int = 8
+    overwrite: bool = False  # replace an existing --out
+    summary_words: int = 10  # summary: words kept per step
+    base_url: str | None = None  # e.g. http://localhost:8000/v1 (default: $OPENAI_BASE_URL)
+    model: str | None = None  # served model name (default: $OPENAI_MODEL)
+    api_key: str | None = None  # bearer key (default: $OPENAI_API_KEY; vllm serve needs none)
+    concurrency: int = 8  # requests in flight
     # The served model's settings take the client's own defaults, so that the two cannot drift apart.
-    retries: int = ChatClient.retries
-    retry_wait: float = ChatClient.retry_wait
-    timeout: float = ChatClient.timeout
-    temperature: float = ChatClient.temperature
-    max_tokens: int = ChatClient.max_tokens
-    max_hints: int = 8
-    verify: bool = True
-    boxes_column: str = "boxes"
-    labels_column: str = "labels"
-    image_column: str = "image"
-    width_column: str = "width"
-    height_column: str = "height"
-    coords: str = "pixel"
-    progress: bool = True
+    retries: int = ChatClient.retries  # retries of a failed request
+    retry_wait: float = ChatClient.retry_wait  # first backoff in seconds, doubled each retry
+    timeout: float = ChatClient.timeout  # seconds per request
+    temperature: float = ChatClient.temperature  # sampling temperature
+    max_tokens: int = ChatClient.max_tokens  # longest reply in tokens
+    max_hints: int = 8  # hints asked for per row
+    verify: bool = True  # a second request checks the hints (the answer rule applies either way); --no-verify skips it
+    boxes_column: str = "boxes"  # [x1, y1, x2, y2] in pixels, or a list of them
+    labels_column: str = "labels"  # a label or a list of labels, one per box
+    image_column: str = "image"  # images, for their size
+    width_column: str = "width"  # image width in pixels, when there is no image column
+    height_column: str = "height"  # image height in pixels
+    coords: str = "pixel"  # pixel (Qwen2.5-VL) | norm1000 (Qwen3-VL) | norm1
+    progress: bool = True  # a progress bar; --no-progress turns it off
 
 
 @dataclass

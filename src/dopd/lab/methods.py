@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .runner import LabConfig
+    from .config import LabConfig
 
 REFERENCES = ("sft", "opd")  # the runs that show the budget moves the student
 

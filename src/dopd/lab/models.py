@@ -14,17 +14,15 @@ with a student of its own (`student_checkpoints=()`, `student` size and `student
 
 `load_or_build_pair(config)` returns the pair shipped in `dopd/lab/pretrained/<task>` when `config` is the shipped
 one, else a cached build (`$DOPD_CACHE` or `~/.cache/dopd/lab`, one directory per config hash), else trains it and
-writes it atomically. `python -m dopd.lab.models --help` rebuilds and measures a pair.
+writes it atomically. `dopd lab pretrain` (or `scripts/pretrain_lab.py`) rebuilds and measures a pair.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -34,6 +32,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from dopd.lab.config import PretrainConfig
 from dopd.lab.pretraining import EVAL_SEED, ModelSize, Recipe, make_model, pretrain
 from dopd.lab.properties import (
     choose_student,
@@ -316,40 +315,14 @@ def pair_config_with(base: LabPairConfig, settings: list[str]) -> LabPairConfig:
         raise ValueError(f"--pair {' '.join(settings)}: {error}") from None
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Pretrain the lab's teacher/student pair and measure its properties.")
-    parser.add_argument("--task", default="order")
-    parser.add_argument("--out", default=None, help="output directory (default: the cache directory of the config)")
-    parser.add_argument(
-        "--pair",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a LabPairConfig field to change, e.g. --pair teacher_steps=2000 (repeatable)",
-    )
-    parser.add_argument(
-        "--like-shipped",
-        action="store_true",
-        help="start from the config of the pair shipped for the task instead of today's defaults",
-    )
-    parser.add_argument("--n-eval", type=int, default=300)
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    base = default_pair_config(args.task) if args.like_shipped else LabPairConfig(task=args.task)
-    try:
-        config = pair_config_with(base, args.pair)
-    except ValueError as error:
-        parser.error(str(error))
-    out = Path(args.out) if args.out else default_cache_root() / config.config_hash()
-    command = "python scripts/pretrain_lab.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    start = time.time()
-    pair = build_pair(config, out, n_eval=args.n_eval, command=command)
-    holds = properties_hold(pair.properties.get("checks", {}))
-    print(f"wrote {pair.path} in {time.time() - start:.0f} s; properties hold: {holds}")
-    if pair.weak:
-        print(describe_weakness(pair.properties, config.task))
-
-
-if __name__ == "__main__":
-    main()
+def pretrain_target(config: PretrainConfig) -> tuple[LabPairConfig, Path]:
+    """The pair `dopd lab pretrain` builds (the task's defaults, or its shipped config, with the `--pair` changes)
+    and where it goes; a bad setting raises one clear ValueError before any work."""
+    get_task(config.task)
+    if config.threads < 1:
+        raise ValueError(f"--threads = {config.threads} must be at least 1")
+    if config.n_eval < 0:
+        raise ValueError(f"--n-eval = {config.n_eval} must be at least 0")
+    base = default_pair_config(config.task) if config.like_shipped else LabPairConfig(task=config.task)
+    pair_config = pair_config_with(base, config.pair)
+    return pair_config, Path(config.out) if config.out else default_cache_root() / pair_config.config_hash()

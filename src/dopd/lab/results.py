@@ -15,12 +15,13 @@ import os
 from dataclasses import asdict
 from typing import TYPE_CHECKING
 
+from ..answers import gap_recovery
 from ..routing import REGIMES
 from ..run_dir import write_json_atomic, write_text_atomic
 from .methods import REFERENCES, MethodSpec
 
 if TYPE_CHECKING:
-    from .runner import LabConfig
+    from .config import LabConfig
 
 # Required shares of the teacher-student gap recovered by the references at the common rate.
 MIN_RECOVERY = {"sft": 0.40, "opd": 0.25}
@@ -42,14 +43,14 @@ def _mean(values: list[float]) -> float:
 def method_stats(runs: list[dict], teacher: dict, student: dict) -> dict:
     """Statistics of one method at one rate over its seeds."""
     accuracy = [r["test"]["answer_accuracy"] for r in runs]
-    gap = teacher["answer_accuracy"] - student["answer_accuracy"]
     mean = _mean(accuracy)
+    recovery = gap_recovery(mean, student["answer_accuracy"], teacher["answer_accuracy"])
     stats = {
         "seeds": [r["seed"] for r in runs],
         "accuracy_per_seed": accuracy,
         "accuracy_mean": mean,
         "accuracy_se": standard_error(accuracy),
-        "gap_recovery": (mean - student["answer_accuracy"]) / gap if gap > 0 else math.nan,
+        "gap_recovery": math.nan if recovery is None else recovery,  # NaN: a pair without a gap (JSON and tables)
         "full_match_mean": _mean([r["test"]["full_match"] for r in runs]),
         "validation_mean": _mean([r["validation_accuracy"] for r in runs]),
         "final_student_entropy": _mean([r["curves"]["student_entropy"][-1][1] for r in runs]),

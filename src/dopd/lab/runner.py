@@ -19,7 +19,8 @@ The lab is an instrument, built from the properties it must have:
   gives the same numbers.
 
 Runs go to `<out>/<kind>/<label>/lr<rate>/seed_<seed>/` (each a `dopd train` run directory), in parallel worker
-processes of one thread each. Results: `results.json`, `results.md` and plots (lab/results.py, lab/plots.py).
+processes of one thread each. Results: `results.json`, `results.md` and plots (lab/results.py, lab/plots.py);
+the settings: `LabConfig` (lab/config.py).
 """
 
 from __future__ import annotations
@@ -29,72 +30,17 @@ import logging
 import multiprocessing
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..routing import REGIMES
 from ..run_dir import read_jsonl, write_text_atomic
+from .config import TEST_SEED, TRAIN_SEED, VALIDATION_SEED, LabConfig
 from .methods import MethodSpec, method_specs
 from .models import default_pair_config, load_or_build_pair, pair_config_with
 from .properties import describe_weakness, properties_hold
 from .results import build_results, write_results
 from .tasks import LAB_PRIVILEGED_TEMPLATE, PRIVILEGED_KINDS, get_task
-
-DEFAULT_METHODS = ["sft", "opd", "opd-priv", "opsd", "dopd"]
-FULL_ABLATIONS = [
-    "dopd[self_weights=live]", "dopd[self_weights=ema]", "dopd[self_weights=lagged]", "opsd[self_weights=live]",
-    "dopd[regimes=LH+HT]",
-]  # fmt: skip
-TRAIN_SEED, VALIDATION_SEED, TEST_SEED = 101, 202, 303
-
-
-@dataclass
-class LabConfig:
-    task: str = "order"
-    privilege: list[str] = field(default_factory=lambda: ["hints"])
-    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    steps: int = 40
-    prompts_per_step: int = 32
-    num_generations: int = 4
-    # Warm-up then cosine decay, as in pretraining; the same grid for every method.
-    lr_grid: list[float] = field(default_factory=lambda: [1e-4, 3e-4])
-    warmup_steps: int = 4
-    eval_every: int = 10  # steps between validation accuracies of the curves
-    n_train: int = 4000
-    n_validation: int = 300
-    n_test: int = 1200  # a binomial standard error of at most 1.44 points
-    top_k: int = 16
-    out: str = ""
-    cache_dir: str | None = None
-    threads: int = 1  # torch threads per worker: tiny models gain nothing from more
-    workers: int = 2  # runs in parallel processes
-    pair: list[str] = field(default_factory=list)  # LabPairConfig changes, KEY=VALUE (another pair: built, cached)
-    allow_weak_pair: bool = False
-
-    @staticmethod
-    def quick(**overrides) -> LabConfig:
-        """The same pipeline at the size of a first look (and CI): one seed, one rate, a few steps."""
-        values = {
-            "seeds": [0],
-            "steps": 6,
-            "lr_grid": [3e-4],
-            "warmup_steps": 1,
-            "eval_every": 3,
-            "n_train": 400,
-            "n_validation": 100,
-            "n_test": 200,
-            "prompts_per_step": 8,
-        }
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return LabConfig(**values)
-
-    @staticmethod
-    def full(**overrides) -> LabConfig:
-        """Five seeds and the ablations of the privileged self's weights and of the regimes."""
-        values = {"seeds": [0, 1, 2, 3, 4], "methods": DEFAULT_METHODS + FULL_ABLATIONS}
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return LabConfig(**values)
 
 
 def check_lab_config(config: LabConfig) -> list[MethodSpec]:
@@ -124,7 +70,7 @@ def check_lab_config(config: LabConfig) -> list[MethodSpec]:
         if getattr(config, key) < 1:
             raise ValueError(f"--{key.replace('_', '-')} = {getattr(config, key)} must be at least 1")
     if not 0 <= config.warmup_steps <= config.steps:
-        raise ValueError(f"warmup_steps = {config.warmup_steps} must be between 0 and --steps = {config.steps}")
+        raise ValueError(f"--warmup-steps = {config.warmup_steps} must be between 0 and --steps = {config.steps}")
     if not config.out:
         raise ValueError("--out is required: the lab's output directory")
     if os.path.exists(os.path.join(config.out, "results.json")):
