@@ -9,7 +9,7 @@ output directory; they load the same student weights.
 
 Each repetition samples the rollouts once, with the DOPD trainer's engine, and hands the same `Rollouts` to both
 methods, interleaved (the order alternates between repetitions so that load on the shared machine hits both
-alike). For each method it times `score` + `batch_thresholds` + `update` (scoring passes, routing thresholds,
+alike). For each method it times `score` + `batch_cuts` + `update` (scoring passes, routing thresholds,
 student pass with gradient, loss and backward): that is the "update" time. The optimizer is never stepped (weights
 stay fixed, so every repetition sees the same model; gradients are reset with `zero_grad(set_to_none=True)`
 outside the timed region); clipping and AdamW would cost the same for both methods anyway. A whole step is the
@@ -33,6 +33,8 @@ import tempfile
 import time
 from contextlib import contextmanager
 
+from dopd.probe import Probe
+
 STEP_RATIO_TARGET = 1.15
 UPDATE_RATIO_TARGET = 1.3
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -49,7 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--vocab", type=int, default=512, help="vocabulary size (tiny words plus filler words)")
     parser.add_argument("--student", default="2x64", help="student LAYERSxHIDDEN")
     parser.add_argument("--teacher", default="4x128", help="teacher LAYERSxHIDDEN")
-    parser.add_argument("--chunk-size", type=int, default=None, help="train.chunk_size (default: automatic; 0: plain)")
+    parser.add_argument("--loss-form", choices=("chunked", "plain"), default="chunked", help="train.loss_form")
+    parser.add_argument("--chunk-size", type=int, default=None, help="train.chunk_size (default: automatic)")
     parser.add_argument(
         "--threads",
         type=int,
@@ -93,7 +96,7 @@ def build_inputs(directory: str, args) -> dict:
     return paths
 
 
-def make_trainer(paths: dict, directory: str, method: str, args, accelerator):
+def make_trainer(paths: dict, directory: str, method: str, args, accelerator, probe=None):
     from dopd.config import load_config
     from dopd.train import Trainer
 
@@ -114,68 +117,34 @@ def make_trainer(paths: dict, directory: str, method: str, args, accelerator):
         "logging.progress_bar=false",
         "logging.sample_every=0",
         "checkpoint.save_every=0",
+        f"train.loss_form={args.loss_form}",
     ]
     if args.chunk_size is not None:
         overrides.append(f"train.chunk_size={args.chunk_size}")
-    return Trainer(load_config(overrides=overrides), accelerator=accelerator)
+    return Trainer(load_config(overrides=overrides), accelerator=accelerator, probe=probe)
 
 
 # ------------------------------------------------------------------------------------------------ timing
 
 
-class Probes:
-    """Wall-clock totals of the pieces of `score` and `update`, by wrapping the functions `dopd.train` calls
-    (the wrappers cost a `perf_counter` call each, the same for both methods)."""
+class Probes(Probe):
+    """Wall-clock totals of the pieces of `score` and `update` through the trainer's timing hook (`dopd.probe`;
+    a `perf_counter` call at each end of a piece, the same for both methods)."""
 
     def __init__(self):
         self.totals: dict[str, float] = {}
-        self.model_names: dict[int, str] = {}
-        self.head_names: dict[int, str] = {}
 
-    def add(self, key: str, seconds: float) -> None:
-        self.totals[key] = self.totals.get(key, 0.0) + seconds
+    @contextmanager
+    def section(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - start
 
     def take(self) -> dict[str, float]:
         out, self.totals = self.totals, {}
         return out
-
-    def install(self) -> None:
-        import dopd.train as train_module
-
-        frozen_pass, score_target = train_module.frozen_pass, train_module.score_target
-        trainable_pass, objective_output = train_module.trainable_pass, train_module.Trainer.objective_output
-        probes = self
-
-        def timed_frozen_pass(model, *rest, **kwargs):
-            start = time.perf_counter()
-            head = frozen_pass(model, *rest, **kwargs)
-            name = probes.model_names.get(id(model), "other")
-            probes.add(f"{name}_pass", time.perf_counter() - start)
-            probes.head_names[id(head)] = name
-            return head
-
-        def timed_score_target(head, *rest, **kwargs):
-            start = time.perf_counter()
-            scores = score_target(head, *rest, **kwargs)
-            probes.add(f"{probes.head_names.pop(id(head), 'other')}_score_target", time.perf_counter() - start)
-            return scores
-
-        def timed_trainable_pass(*a, **k):
-            start = time.perf_counter()
-            head = trainable_pass(*a, **k)
-            probes.add("student_pass", time.perf_counter() - start)
-            return head
-
-        def timed_objective_output(self, *a, **k):
-            start = time.perf_counter()
-            output = objective_output(self, *a, **k)
-            probes.add("loss", time.perf_counter() - start)
-            return output
-
-        train_module.frozen_pass = timed_frozen_pass
-        train_module.score_target = timed_score_target
-        train_module.trainable_pass = timed_trainable_pass
-        train_module.Trainer.objective_output = timed_objective_output
 
 
 def run_method(trainer, prompts, rollouts, step: int, probes: Probes) -> dict[str, float]:
@@ -187,9 +156,9 @@ def run_method(trainer, prompts, rollouts, step: int, probes: Probes) -> dict[st
     start = time.perf_counter()
     batches = trainer.score(prompts, rollouts)
     scored = time.perf_counter()
-    thresholds = trainer.batch_thresholds(batches)
+    cuts = trainer.batch_cuts(batches)
     routed = time.perf_counter()
-    trainer.update(batches, thresholds, step, StepMetrics())
+    trainer.update(batches, cuts, step, StepMetrics())
     done = time.perf_counter()
     cpu = time.process_time() - cpu_start
     out = {
@@ -232,14 +201,9 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory(prefix="dopd-step-overhead-") as directory, quiet():
         paths = build_inputs(directory, args)
         accelerator = Accelerator(cpu=True)
-        trainers = {m: make_trainer(paths, directory, m, args, accelerator) for m in methods}
-        dopd = trainers["dopd"]
         probes = Probes()
-        for trainer in trainers.values():
-            probes.model_names[id(trainer.inner)] = "self"
-            if trainer.teacher is not None:
-                probes.model_names[id(trainer.teacher)] = "teacher"
-        probes.install()
+        trainers = {m: make_trainer(paths, directory, m, args, accelerator, probes) for m in methods}
+        dopd = trainers["dopd"]
         log(
             f"vocab {paths['vocab']}, student {args.student}, teacher {args.teacher}, {args.prompts} prompts × "
             f"{args.generations} rollouts, {args.max_new_tokens} new tokens, threads {torch.get_num_threads()}"
@@ -321,6 +285,7 @@ def main(argv=None) -> dict:
         "vocab": paths["vocab"],
         "student": args.student,
         "teacher": args.teacher,
+        "loss_form": args.loss_form,
         "chunk_size": args.chunk_size,
         "threads": torch.get_num_threads(),
         "optimizer_step": False,

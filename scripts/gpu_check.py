@@ -863,33 +863,27 @@ class SharedRollouts:
         self.engine.sync_weights()
 
 
-@contextmanager
 def one_teacher_load(timings: dict):
-    """The trainers share the frozen teacher: `dopd.train.load_model` loads it once (timed) and hands the same
-    module to the second trainer (it is never written to); students load each time."""
-    import dopd.train as train_module
+    """The trainers share the frozen teacher through the trainer's hook (`dopd.probe`): it is loaded once (timed)
+    and the same module goes to the second trainer (it is never written to); students load each time."""
+    from dopd.probe import Probe
 
-    original = train_module.load_model
-    teachers: dict = {}
+    class SharedTeacher(Probe):
+        def __init__(self):
+            self.teachers: dict = {}
 
-    def load_model(path, config, role):
-        if role != "teacher":
-            return original(path, config, role)
-        key = (path, config.model.dtype)
-        if key not in teachers:
-            start = time.perf_counter()
-            teachers[key] = original(path, config, role)
-            timings["teacher_load_s"] = round(time.perf_counter() - start, 2)
-        return teachers[key]
+        def load_teacher(self, path, config):
+            key = (path, config.model.dtype)
+            if key not in self.teachers:
+                start = time.perf_counter()
+                self.teachers[key] = super().load_teacher(path, config)
+                timings["teacher_load_s"] = round(time.perf_counter() - start, 2)
+            return self.teachers[key]
 
-    train_module.load_model = load_model
-    try:
-        yield
-    finally:
-        train_module.load_model = original
+    return SharedTeacher()
 
 
-def make_trainer(models: dict, method: str, settings: Settings, work_dir: str, accelerator):
+def make_trainer(models: dict, method: str, settings: Settings, work_dir: str, accelerator, probe=None):
     from dopd.config import load_config
     from dopd.train import Trainer
 
@@ -911,7 +905,7 @@ def make_trainer(models: dict, method: str, settings: Settings, work_dir: str, a
         "logging.sample_every=0",
         "checkpoint.save_every=0",
     ]
-    return Trainer(load_config(overrides=overrides), accelerator=accelerator)
+    return Trainer(load_config(overrides=overrides), accelerator=accelerator, probe=probe)
 
 
 def build_trainers(record: dict, models: dict, settings: Settings, device: str, work_dir: str) -> dict:
@@ -920,11 +914,11 @@ def build_trainers(record: dict, models: dict, settings: Settings, device: str, 
 
     accelerator = Accelerator(cpu=device == "cpu", mixed_precision="bf16")
     trainers, record["trainer_build_s"] = {}, {}
-    with one_teacher_load(record):
-        for method in ("dopd", "opd-priv"):
-            start = time.perf_counter()
-            trainers[method] = make_trainer(models, method, settings, work_dir, accelerator)
-            record["trainer_build_s"][method] = round(time.perf_counter() - start, 2)
+    probe = one_teacher_load(record)
+    for method in ("dopd", "opd-priv"):
+        start = time.perf_counter()
+        trainers[method] = make_trainer(models, method, settings, work_dir, accelerator, probe)
+        record["trainer_build_s"][method] = round(time.perf_counter() - start, 2)
     shared = SharedRollouts(trainers["dopd"].engine, device)
     for trainer in trainers.values():
         trainer.engine = shared

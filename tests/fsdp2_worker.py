@@ -238,7 +238,8 @@ def main() -> None:
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, f"rank{accelerator.process_index}.json"), "w") as handle:
         json.dump(out, handle)
-    accelerator.end_training() if hasattr(accelerator, "end_training") else None
+    accelerator.wait_for_everyone()  # both results are written before either process tears the group down
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -9,13 +9,11 @@ import sys
 from types import SimpleNamespace
 
 import pytest
+import tiny
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
-import tiny  # noqa: E402
-
-from dopd.config import ConfigError, load_config  # noqa: E402
-from dopd.engines import check_engine, configure_deepspeed, engine_name, teacher_fsdp_plugin  # noqa: E402
+from dopd.config import ConfigError, load_config
+from dopd.engines import check_engine, configure_deepspeed, engine_name, teacher_fsdp_plugin
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs", "accelerate")
 

@@ -10,11 +10,10 @@ import subprocess
 import sys
 import time
 
+import gpu_check  # scripts/gpu_check.py (pytest puts scripts/ on the path: pyproject's pythonpath)
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "scripts"))
-import gpu_check  # noqa: E402  (a script, importable once its folder is on the path)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import sys
 import warnings
 
 import pytest
@@ -13,16 +12,15 @@ import torch
 from safetensors.torch import load_file
 
 pytest.importorskip("peft")
-sys.path.insert(0, os.path.dirname(__file__))
-from tiny import make_config, train_stopped_at  # noqa: E402
+from tiny import make_config, train_stopped_at
 
-from dopd.config import ConfigError  # noqa: E402
-from dopd.train import Trainer, train  # noqa: E402
+from dopd.config import ConfigError
+from dopd.train import Trainer, train
 
 LORA = ["model.lora.enabled=true", "model.lora.r=4", "model.lora.alpha=8"]
 
 
-def test_lora_trains_only_adapter_weights(pair, tmp_path):  # noqa: F811
+def test_lora_trains_only_adapter_weights(pair, tmp_path):
     trainer = Trainer(make_config(pair, tmp_path / "run", *LORA, "train.steps=3"))
     before = {k: v.clone() for k, v in trainer.inner.state_dict().items()}
     trainable = {n for n, p in trainer.inner.named_parameters() if p.requires_grad}
@@ -35,7 +33,7 @@ def test_lora_trains_only_adapter_weights(pair, tmp_path):  # noqa: F811
     assert {k for k in before if "lora_B" in k} <= changed  # B starts at zero and every adapted module moved
 
 
-def test_privileged_pass_runs_the_adapter(pair, tmp_path):  # noqa: F811
+def test_privileged_pass_runs_the_adapter(pair, tmp_path):
     trainer = Trainer(
         make_config(
             pair, tmp_path / "run", *LORA, "rollout.temperature=0", "train.steps=2", "objective.self_weights=live"
@@ -50,7 +48,7 @@ def test_privileged_pass_runs_the_adapter(pair, tmp_path):  # noqa: F811
     assert not torch.allclose(with_adapter, base)
 
 
-def test_lora_checkpoints_resume_and_merge(pair, tmp_path):  # noqa: F811
+def test_lora_checkpoints_resume_and_merge(pair, tmp_path):
     common = [*LORA, "train.steps=4", "checkpoint.save_every=2", "model.lora.save_merged=true"]
     straight = train(make_config(pair, tmp_path / "straight", *common))
     assert {"adapter_config.json", "adapter_model.safetensors", "merged"} <= set(os.listdir(straight.final_dir))
@@ -77,7 +75,7 @@ def test_lora_checkpoints_resume_and_merge(pair, tmp_path):  # noqa: F811
         assert not torch.allclose(merged(ids).logits, base(ids).logits)
 
 
-def test_bad_lora_settings_fail(pair, tmp_path, monkeypatch):  # noqa: F811
+def test_bad_lora_settings_fail(pair, tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="model.lora.r = 0 must be positive"):
         make_config(pair, tmp_path / "run", "model.lora.enabled=true", "model.lora.r=0")
     with pytest.raises(ConfigError, match=r"model.lora.target_modules = \['attn_qkv'\] does not fit the student"):

@@ -8,20 +8,17 @@ import base64
 import json
 import os
 import shutil
-import sys
 from html.parser import HTMLParser
 
 import pytest
+import tiny
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
-import tiny  # noqa: E402
-
-from dopd.cli import main  # noqa: E402
-from dopd.report import build_report, find_collapse  # noqa: E402
-from dopd.report_html import NEUTRAL_COLOUR, REGIME_COLOURS, token_view_html  # noqa: E402
-from dopd.run_dir import find_runs, load_run, read_jsonl  # noqa: E402
-from dopd.train import train  # noqa: E402
+from dopd.cli import main
+from dopd.report import build_report, find_collapse
+from dopd.report_html import NEUTRAL_COLOUR, REGIME_COLOURS, token_view_html
+from dopd.run_dir import find_runs, load_run, read_jsonl
+from dopd.train import train
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TRAINER_PLOTS = {

@@ -12,16 +12,14 @@ import subprocess
 import sys
 
 import pytest
+import tiny
 import torch
 from safetensors.torch import load_file
+from tiny import make_config
 from transformers import AutoModelForCausalLM
 
-sys.path.insert(0, os.path.dirname(__file__))
-import tiny  # noqa: E402
-from tiny import make_config  # noqa: E402
-
-from dopd.config import ConfigError, load_config  # noqa: E402
-from dopd.rollout.vllm import VLLMRollout, engine_settings  # noqa: E402
+from dopd.config import ConfigError, load_config
+from dopd.rollout.vllm import VLLMRollout, engine_settings
 
 
 def vllm_config(*extra):
@@ -178,7 +176,7 @@ def _peft_name(name: str, peft_names) -> str:
     raise KeyError(name)
 
 
-def test_trainer_with_the_vllm_backend_syncs_after_every_step(pair, tmp_path, monkeypatch):  # noqa: F811
+def test_trainer_with_the_vllm_backend_syncs_after_every_step(pair, tmp_path, monkeypatch):
     fake = tiny.install_fake_vllm(monkeypatch)
     config = make_config(pair, tmp_path / "run", "rollout.backend=vllm", "train.steps=2")
     from dopd.train import Trainer

@@ -8,15 +8,13 @@ import subprocess
 import sys
 
 import pytest
+import tiny
 import torch
+from tiny import make_config, weights
 
-sys.path.insert(0, os.path.dirname(__file__))
-import tiny  # noqa: E402
-from tiny import make_config, weights  # noqa: E402
-
-from dopd.config import ConfigError  # noqa: E402
-from dopd.objectives import METHODS  # noqa: E402
-from dopd.train import Trainer, train  # noqa: E402
+from dopd.config import ConfigError
+from dopd.objectives import METHODS
+from dopd.train import Trainer, train
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -50,7 +48,11 @@ def test_gradient_accumulation_and_plain_form_match(pair, tmp_path):
     """Micro-batches of 1 or 8 sequences, chunked or plain loss: the same step loss and gradients."""
     results = []
     for number, extra in enumerate(
-        (["train.micro_batch_size=8"], ["train.micro_batch_size=1"], ["train.micro_batch_size=3", "train.chunk_size=0"])
+        (
+            ["train.micro_batch_size=8"],
+            ["train.micro_batch_size=1"],
+            ["train.micro_batch_size=3", "train.loss_form=plain"],
+        )
     ):
         config = make_config(pair, tmp_path / f"run{number}", "rollout.temperature=0", *extra)
         trainer = Trainer(config)
@@ -59,7 +61,7 @@ def test_gradient_accumulation_and_plain_form_match(pair, tmp_path):
         from dopd.train import StepMetrics
 
         metrics = StepMetrics()
-        trainer.update(batches, trainer.batch_thresholds(batches), 0, metrics)
+        trainer.update(batches, trainer.batch_cuts(batches), 0, metrics)
         grads = torch.cat([p.grad.flatten() for p in trainer.student.parameters() if p.grad is not None])
         results.append((metrics.reduce(trainer.accelerator)["loss"], grads))
     for loss, grads in results[1:]:

@@ -5,7 +5,8 @@ Each optimizer step:
      (for `sft`, the teacher samples them);
   2. scoring: per micro-batch, the privileged student (no gradient, with the weights of `objective.self_weights`)
      and the teacher (frozen) score the completions on their own prompts; every score is checked to be finite;
-  3. routing thresholds over the whole step's tokens, gathered over all processes (or per micro-batch);
+  3. the cuts (routing thresholds, EOPD's entropy cut) over the whole step's tokens, gathered over all processes
+     (or per micro-batch);
   4. update: per micro-batch, the student's pass with gradient, the objective (chunked by default) and backward,
      with the loss averaged per sequence over the step's sequences, so accumulation gives the batch mean;
      then clipping, AdamW, the schedule, and the privileged self's copy.
@@ -37,17 +38,20 @@ from .data import PromptOrder, load_prompt_set
 from .diagnostics import CollapseWatch, NonFiniteError, check_finite
 from .engines import check_engine, configure_deepspeed, frozen_head, prepare_teacher
 from .kernels import chunked_objective, score_target
-from .loading import check_sources, common_vocab_size, load_model, load_processing, load_student
+from .loading import check_sources, common_vocab_size, load_processing, load_student
 from .lora import require_peft
 from .metrics import StepMetrics, completion_metrics
+from .objectives import build_objective
 from .pair_checks import check_teacher_fidelity
 from .plain import compute_objective
+from .probe import Probe
 from .rollout import end_of_sequence_ids, make_engine
 from .routing import make_gather
 from .scoring import frozen_pass, micro_batches, pass_inputs, trainable_pass
 from .self_weights import SelfWeights
+from .served_teacher import check_server as check_served_teacher
 from .served_teacher import connect as connect_served_teacher
-from .terms import LossScope, check_top_k, step_thresholds
+from .terms import Cuts, LossScope, step_cuts
 from .types import Completions, Head, MicroBatch, Rollouts
 
 logger = logging.getLogger("dopd")
@@ -83,11 +87,13 @@ def seed_everything(seed: int) -> None:
 class Trainer:
     """Holds the models, data and state of one run; `run()` trains. Built by `train(config)`."""
 
-    def __init__(self, config: Config, accelerator=None):
+    def __init__(self, config: Config, accelerator=None, probe: Probe | None = None):
         from accelerate import Accelerator
 
         self.config, c = config, config
-        self.objective = validate(resolve(config))  # a config built in code gets the defaults load_config fills
+        self.probe = probe or Probe()  # timing hook for benchmarks (probe.py)
+        validate(resolve(config))  # a config built in code gets the defaults load_config fills
+        self.objective = build_objective(config.objective)
         restart = run_dir.check_run_dir(config)  # an interrupted run that never reached a checkpoint: start again
         self.accelerator = accelerator or Accelerator(
             cpu=c.train.device == "cpu",
@@ -114,16 +120,15 @@ class Trainer:
         self.tokenizer, self.processor = load_processing(config)  # processor: an image-text model's, else None
         teacher_tokenizer = check_teacher_fidelity(config, self.tokenizer)  # None: the student's renders both
         self.prompts = load_prompt_set(config, self.objective, self.tokenizer, self.processor, teacher_tokenizer)
-        self.served_teacher = connect_served_teacher(config, self.objective, self.tokenizer, self.is_main)
+        check_served_teacher(config, self.objective, self.tokenizer)  # before any model loads
         resume_dir = ckpt.latest(self.run_dir) if c.checkpoint.resume else None
         student = load_student(config, resume_dir, self.processor is not None)
-        local_teacher = self.objective.needs_teacher_model and self.served_teacher is None
-        teacher = load_model(c.model.teacher, config, "teacher") if local_teacher else None
+        local_teacher = self.objective.needs_teacher_model and not c.model.teacher_server.url
+        teacher = self.probe.load_teacher(c.model.teacher, config) if local_teacher else None
         self.vocab_size = common_vocab_size(student, teacher, self.tokenizer)
-        if self.served_teacher is not None:
-            self.served_teacher.vocab_size = self.vocab_size
+        self.served_teacher = connect_served_teacher(config, self.objective, self.vocab_size, self.is_main)
         try:
-            check_top_k(self.objective, self.vocab_size)
+            self.objective.check_top_k(self.vocab_size)
         except ValueError as error:
             raise ConfigError(str(error)) from None
         student.train()
@@ -144,16 +149,8 @@ class Trainer:
         if c.checkpoint.resume and self.is_main:
             run_dir.truncate_after(self.run_dir, self.start_step)
         student_model = lambda: self.inner  # the engine reads the live student module
-        self.engine = make_engine(
-            config,
-            self.objective,
-            self.accelerator,
-            student_model,
-            self.teacher,
-            self.tokenizer,
-            self.vocab_size,
-            self.processor,
-        )
+        models = (student_model, self.teacher, self.tokenizer, self.vocab_size, self.processor)
+        self.engine = make_engine(config, self.objective, self.accelerator, *models)
         # The ids whose probability is a metric (the loss leaves out any beyond the vocabulary both heads score).
         self.eos_ids = tuple(sorted(end_of_sequence_ids(self.tokenizer, self.inner)))
         self.gather = make_gather(self.accelerator)
@@ -168,10 +165,6 @@ class Trainer:
     @property
     def is_main(self) -> bool:
         return self.accelerator.is_main_process
-
-    @property
-    def chunk_size(self) -> int | None:
-        return self.config.train.chunk_size or None
 
     def checkpoint_state(self) -> ckpt.CheckpointState:
         processing = self.processor or self.tokenizer  # an image-text student's processor holds its tokenizer
@@ -198,13 +191,10 @@ class Trainer:
 
     def rollouts(self, prompts: list[int], step: int) -> Rollouts:
         ids = [self.prompts.student_ids[p] for p in prompts]
-        images = None  # the student sees the plain image, without the privileged boxes
-        if self.prompts.images is not None:
-            images = [self.prompts.images.image(p) for p in prompts]
+        pictures = self.prompts.images  # the student sees the plain image, without the privileged boxes
+        images = [pictures.image(p) for p in prompts] if pictures is not None else None
         try:
-            return self.engine.generate(
-                ids, self.config.rollout.num_generations, **({"images": images} if images else {})
-            )
+            return self.engine.generate(ids, self.config.rollout.num_generations, images)
         except RuntimeError as error:
             if "probability tensor contains" in str(error):  # torch.multinomial on a distribution with NaN or inf
                 sampler = "teacher" if self.objective.rollout_model == "teacher" else "student"
@@ -231,25 +221,26 @@ class Trainer:
         pad = self.tokenizer.pad_token_id
         # No top-K here (top_k=None): routing reads only the sampled token, and the loss computes a target's top-K
         # for just the tokens whose Top-K term applies (LH: teacher; LL, HS: self), from the heads kept here.
-        temperature = self.config.objective.temperature
+        temperature, chunk_size = self.config.objective.temperature, self.config.train.chunk_size
         inner = self.inner  # unwrapping walks the engine's wrappers: once per step, not per micro-batch
         batches = []
         for sequences in self.micro_batches(prompts, rollouts):
-            owners = [prompts[rollouts.prompt_index[i]] for i in sequences]
+            prompt_rows = [prompts[rollouts.prompt_index[i]] for i in sequences]
             completions = Completions.from_lists([rollouts.completion_ids[i] for i in sequences], pad)
             self_head = teacher_head = self_scores = teacher_scores = None
             if self.objective.needs_self:
                 inputs = self.pass_inputs(
-                    self.prompts.self_ids, owners, completions, bool(self.config.objective.self_privileged)
+                    self.prompts.self_ids, prompt_rows, completions, bool(self.config.objective.self_privileged)
                 )
-                with self.self_weights.swapped_in():
+                with self.self_weights.swapped_in(), self.probe.section("self_pass"):
                     self_head = frozen_pass(inner, inputs, self.vocab_size, self.student_head_weights)
-                self_scores = score_target(
-                    self_head, completions.ids, completions.mask, None, temperature, self.chunk_size
-                )
+                with self.probe.section("self_score_target"):
+                    self_scores = score_target(
+                        self_head, completions.ids, completions.mask, None, temperature, chunk_size
+                    )
             if self.objective.needs_teacher and self.served_teacher is not None:
                 teacher_scores = self.served_teacher.score(  # the teacher's prompts, privileged as the method says
-                    [self.prompts.teacher_ids[p] for p in owners],
+                    [self.prompts.teacher_ids[p] for p in prompt_rows],
                     completions.ids,
                     completions.mask,
                     self.objective.top_k_for("teacher"),
@@ -257,59 +248,72 @@ class Trainer:
                 )
             elif self.objective.needs_teacher:
                 inputs = self.pass_inputs(
-                    self.prompts.teacher_ids, owners, completions, bool(self.objective.teacher_privileged)
+                    self.prompts.teacher_ids, prompt_rows, completions, bool(self.objective.teacher_privileged)
                 )
-                teacher_head = frozen_pass(self.teacher, inputs, self.vocab_size, self.teacher_head_weights)
-                teacher_scores = score_target(
-                    teacher_head, completions.ids, completions.mask, None, temperature, self.chunk_size
-                )
+                with self.probe.section("teacher_pass"):
+                    teacher_head = frozen_pass(self.teacher, inputs, self.vocab_size, self.teacher_head_weights)
+                with self.probe.section("teacher_score_target"):
+                    teacher_scores = score_target(
+                        teacher_head, completions.ids, completions.mask, None, temperature, chunk_size
+                    )
             for name, scores in (("self", self_scores), ("teacher", teacher_scores)):
                 if scores is not None:  # a NaN score would route every token to one regime, silently
                     check_finite(name, step, scores.token_logprobs, completions.mask)
-            batches.append(MicroBatch(owners, completions, self_head, teacher_head, self_scores, teacher_scores))
+            batches.append(MicroBatch(prompt_rows, completions, self_head, teacher_head, self_scores, teacher_scores))
         return batches
 
-    def pass_inputs(self, prompt_ids: list[list[int]], owners: list[int], completions: Completions, privileged: bool):
-        """One pass's inputs: `prompt + completion` rows, and for an image-text model each row's image (with its
-        boxes drawn for a privileged pass when `data.draw_box` is set)."""
-        prompts = [prompt_ids[p] for p in owners]
+    def pass_inputs(
+        self, prompt_ids: list[list[int]], prompt_rows: list[int], completions: Completions, privileged: bool
+    ):
+        """One pass's inputs: `prompt + completion` rows (`prompt_rows`: each sequence's row in the prompt set), and
+        for an image-text model each row's image (with its boxes drawn for a privileged pass when `data.draw_box`
+        is set)."""
+        prompts = [prompt_ids[p] for p in prompt_rows]
         inputs = pass_inputs(prompts, completions, self.tokenizer.pad_token_id)
         images = self.prompts.images
         if images is not None:
             from .multimodal import vision_inputs
 
-            pictures = [images.image(p) for p in owners]
+            pictures = [images.image(p) for p in prompt_rows]
             if privileged:
-                pictures = [images.privileged(picture, p) for picture, p in zip(pictures, owners)]
+                pictures = [images.privileged(picture, p) for picture, p in zip(pictures, prompt_rows)]
             inputs.vision = vision_inputs(self.processor, pictures, inputs.input_ids, [len(p) for p in prompts])
         return inputs
 
-    def batch_thresholds(self, batches: list[MicroBatch]):
-        """Routing thresholds over the whole step, all processes (None for micro-batch scope or no routing)."""
+    def batch_cuts(self, batches: list[MicroBatch]) -> Cuts | None:
+        """The cuts (routing thresholds, EOPD's entropy cut) over the whole step and all processes (None for the
+        micro-batch scope: each loss call cuts its own tokens)."""
         if self.config.objective.threshold_scope != "batch":
             return None
-        return step_thresholds(self.objective, batches, self.gather)
+        return step_cuts(self.objective, batches, self.gather)
 
-    def update(self, batches: list[MicroBatch], thresholds, step: int, metrics: StepMetrics):
-        """Student passes with gradient, the objective and backward, micro-batch by micro-batch."""
+    def update(self, batches: list[MicroBatch], cuts: Cuts | None, step: int, metrics: StepMetrics):
+        """Student passes with gradient, the objective and backward, micro-batch by micro-batch, in the step's
+        `LossScope`: its cuts, the mean over all its sequences, its dropping generator and end-of-sequence ids."""
         rank = self.accelerator.process_index
         generator = torch.Generator().manual_seed((self.config.train.seed * 1_000_003 + step) * 1009 + rank)
-        gather = self.gather if self.config.objective.threshold_scope == "batch" else None
-        scope = LossScope(thresholds, sum(len(b.owners) for b in batches), gather, generator, self.eos_ids)
+        scope = LossScope(
+            cuts=cuts,
+            num_sequences=sum(len(b.prompt_rows) for b in batches),
+            gather=self.gather if self.config.objective.threshold_scope == "batch" else None,
+            generator=generator,
+            eos_ids=self.eos_ids,
+        )
         outputs, inner = [], self.inner
         for number, batch in enumerate(batches):
-            inputs = self.pass_inputs(self.prompts.student_ids, batch.owners, batch.completions, privileged=False)
+            inputs = self.pass_inputs(self.prompts.student_ids, batch.prompt_rows, batch.completions, privileged=False)
             last = number == len(batches) - 1
             with nullcontext() if last else self.accelerator.no_sync(self.student):
-                student = trainable_pass(self.student, inner, inputs, self.vocab_size, self.student_head_weights)
+                with self.probe.section("student_pass"):
+                    student = trainable_pass(self.student, inner, inputs, self.vocab_size, self.student_head_weights)
                 mask = batch.completions.mask.to(student.hidden.device)
                 check_finite("student", step, student.hidden.detach(), mask)
                 if batch.self_head is not None and self.self_weights.is_live:
                     # The same weights, read live: a sharded head kept since scoring may have been freed by now.
                     batch.self_head = batch.self_head.with_weights_of(student)
-                output = self.objective_output(
-                    student, batch.completions.ids.to(student.hidden.device), mask, batch, scope
-                )
+                with self.probe.section("loss"):
+                    ids = batch.completions.ids.to(student.hidden.device)
+                    output = self.objective_output(student, ids, mask, batch, scope)
                 check_finite("loss", step, output.loss.detach())
                 self.accelerator.backward(output.loss)
             metrics.add(output.metrics)
@@ -317,7 +321,7 @@ class Trainer:
         return outputs
 
     def objective_output(self, student: Head, ids, mask, batch: MicroBatch, scope: LossScope):
-        if self.config.train.chunk_size == 0:
+        if self.config.train.loss_form == "plain":
             return compute_objective(
                 self.objective,
                 student.logits(),
@@ -333,7 +337,7 @@ class Trainer:
             ids,
             mask,
             scope=scope,
-            chunk_size=self.chunk_size,
+            chunk_size=self.config.train.chunk_size,
             self_head=batch.self_head,
             teacher_head=batch.teacher_head,
             self_scores=batch.self_scores,
@@ -347,10 +351,10 @@ class Trainer:
         rollouts = self.rollouts(prompts, step)
         rolled = timer()
         batches = self.score(prompts, rollouts, step)
-        thresholds = self.batch_thresholds(batches)
+        cuts = self.batch_cuts(batches)
         scored = timer()
         metrics = StepMetrics()
-        outputs = self.update(batches, thresholds, step, metrics)
+        outputs = self.update(batches, cuts, step, metrics)
         grad_norm, lr = None, self.scheduler.get_last_lr()[0]  # the rate this step uses
         if self.config.optim.max_grad_norm is not None:
             grad_norm = self.accelerator.clip_grad_norm_(self.student.parameters(), self.config.optim.max_grad_norm)

@@ -1,7 +1,7 @@
 """Rollouts: the student samples completions of prompts it sees without privileged context (docs/method.md,
 "Setting": step 1).
 
-A backend implements one narrow interface, `RolloutEngine.generate(prompt_ids, num_generations)`, and returns
+A backend implements one narrow interface, `RolloutEngine.generate(prompt_ids, num_generations, images)`, and returns
 completion token ids without padding (ending with the end-of-sequence token when the model produced one). The
 trainer never needs to know which engine sampled: transformers `generate` (`hf.py`, the default) or vLLM
 (`vllm.py`, imported only when `rollout.backend=vllm`).
@@ -15,8 +15,9 @@ from ..types import Rollouts
 
 
 class RolloutEngine(Protocol):
-    def generate(self, prompt_ids: list[list[int]], num_generations: int) -> Rollouts:
-        """`num_generations` completions of each prompt, grouped by prompt (prompt 0's first)."""
+    def generate(self, prompt_ids: list[list[int]], num_generations: int, images: list | None = None) -> Rollouts:
+        """`num_generations` completions of each prompt, grouped by prompt (prompt 0's first). `images`: one image
+        per prompt for an image-text student (None for text)."""
         ...
 
     def sync_weights(self) -> None:

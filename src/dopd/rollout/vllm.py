@@ -106,7 +106,9 @@ class VLLMRollout:
         self.engine.sync_weights()
         self.synced = True
 
-    def generate(self, prompt_ids: list[list[int]], num_generations: int) -> Rollouts:
+    def generate(self, prompt_ids: list[list[int]], num_generations: int, images: list | None = None) -> Rollouts:
+        if images is not None:  # the config check refuses an image-text run with this backend before it starts
+            raise ValueError("rollout.backend = vllm does not carry images yet; use rollout.backend=hf")
         if not self.synced:
             self.sync_weights()
         # VLLMGeneration takes each prompt repeated num_generations times in a row (server mode samples
