@@ -8,31 +8,16 @@ import json
 import sys
 
 from accelerate import Accelerator
+from tiny import make_config
 
-from dopd.config import load_config
 from dopd.train import Trainer
 
 student, teacher, data, out = sys.argv[1:5]
-config = load_config(
-    overrides=[
-        f"model.student={student}",
-        f"model.teacher={teacher}",
-        f"data.path={data}",
-        f"logging.output_dir={out}",
-        "train.steps=2",
-        "optim.lr=1e-2",
-        "train.prompts_per_step=4",
-        "train.micro_batch_size=8",
-        "rollout.num_generations=2",
-        "rollout.max_new_tokens=6",
-        "rollout.temperature=0",
-        "objective.top_k=8",
-        "model.lora.enabled=true",
-        "objective.self_weights=live",
-        "logging.progress_bar=false",
-        "logging.sample_every=0",
-        "checkpoint.save_every=0",
-    ]
+config = make_config(
+    {"student": student, "teacher": teacher, "data": data},
+    out,
+    *("train.micro_batch_size=8", "rollout.temperature=0", "logging.sample_every=0"),
+    *("model.lora.enabled=true", "objective.self_weights=live"),
 )
 accelerator = Accelerator()
 trainer = Trainer(config, accelerator)

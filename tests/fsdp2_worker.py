@@ -187,32 +187,14 @@ def vllm_sync(accelerator, out: dict) -> None:
 
 
 def train(accelerator, args: list[str]) -> None:
-    from dopd.config import load_config
+    from tiny import make_config
+
     from dopd.train import Trainer
 
     student, teacher, data, run_dir, *overrides = args
-    config = load_config(
-        overrides=[
-            f"model.student={student}",
-            f"model.teacher={teacher}",
-            f"data.path={data}",
-            f"logging.output_dir={run_dir}",
-            "train.steps=3",
-            "optim.lr=1e-2",
-            "train.prompts_per_step=4",
-            "train.micro_batch_size=2",
-            "rollout.num_generations=2",
-            "rollout.max_new_tokens=6",
-            "rollout.temperature=0",
-            "objective.top_k=8",
-            "logging.progress_bar=false",
-            "logging.sample_every=0",
-            "checkpoint.save_every=0",
-            "train.device=cpu",
-            *overrides,
-        ]
-    )
-    Trainer(config, accelerator).run()
+    pair = {"student": student, "teacher": teacher, "data": data}
+    steps = ("train.steps=3", "train.micro_batch_size=2", "rollout.temperature=0", "logging.sample_every=0")
+    Trainer(make_config(pair, run_dir, *steps, "train.device=cpu", *overrides), accelerator).run()
 
 
 def main() -> None:
