@@ -13,18 +13,14 @@ import collections
 import statistics
 import sys
 
+from dopd.lab.tasks import OrderTask
 from dopd.routing import REGIMES
 from dopd.run_dir import read_jsonl
 
 
 def plan_positions(tokens: list[str]) -> list[bool]:
-    plan, step_start = [False] * len(tokens), True
-    for i, token in enumerate(tokens):
-        plan[i] = plan[i] or (step_start and token != "A")
-        step_start = token == ";"
-        if token in "+-" and i + 1 < len(tokens):
-            plan[i + 1] = True
-    return plan
+    """The arithmetic tasks' plan tokens (`ArithmeticTask.plan_positions`: the operands each step chooses)."""
+    return OrderTask().plan_positions(tokens)
 
 
 def main(paths: list[str]) -> None:

@@ -40,6 +40,8 @@ def _lab(args: argparse.Namespace) -> int:
     values["out"] = values.get("out") or os.path.join("runs", time.strftime("lab-%Y%m%d-%H%M%S"))
     if args.quick and args.full:
         raise ConfigError("--quick and --full contradict each other; choose one")
+    if args.study:
+        return _lab_study(args, values)
     config = LabConfig.quick(**values) if args.quick else LabConfig.full(**values) if args.full else LabConfig(**values)
     try:
         results = run_lab(config)
@@ -49,6 +51,32 @@ def _lab(args: argparse.Namespace) -> int:
         print(f"\n{kind_markdown(results, kind)}")
     print(f"\nresults: {os.path.join(config.out, 'results.json')} and results.md; plots under {config.out}/<kind>/")
     print(f"wall time: {results['timing']['total']} s")
+    return 0
+
+
+def _lab_study(args: argparse.Namespace, values: dict) -> int:
+    import os
+
+    from .lab.config import LabConfig
+    from .lab.models import WeakPairError
+    from .lab.study import STUDY_LR_GRID, run_study, summary_line
+
+    for key in ("methods", "privilege"):
+        if key in values:
+            raise ConfigError(f"--{key} with --study: a study chooses its methods and kinds; leave --{key} out")
+    if args.full:
+        raise ConfigError("--full with --study: give --seeds (and --lr-grid) to size a study")
+    if not args.quick:
+        values.setdefault("lr_grid", list(STUDY_LR_GRID))
+    config = LabConfig.quick(**values) if args.quick else LabConfig(**values)
+    try:
+        results = run_study(args.study, config)
+    except (ValueError, WeakPairError) as error:
+        raise ConfigError(str(error)) from None
+    print(f"\nstudy {results['study']}: the DOPD variant minus each baseline (points, mean ± SE over seeds)")
+    print(summary_line(results))
+    print(f"\nresults: {os.path.join(config.out, 'study.md')}, study.json and study.png; each level's lab below it")
+    print(f"wall time: {results['seconds']} s")
     return 0
 
 
@@ -191,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_lab_parser(commands) -> None:
     from .lab.config import LabConfig, PretrainConfig
     from .lab.methods import split_methods
+    from .lab.study import STUDIES, STUDY_LR_GRID
 
     lab = commands.add_parser(
         "lab",
@@ -212,6 +241,14 @@ def _add_lab_parser(commands) -> None:
         "--quick", action="store_true", default=None, help="the same pipeline at a size that takes under a minute"
     )
     lab.add_argument("--full", action="store_true", default=None, help="five seeds and the ablations")
+    lab.add_argument(
+        "--study",
+        metavar="FACTOR",
+        choices=sorted(STUDIES),
+        help="run one factor's grid instead: DOPD's paired differences against opd-priv and opd at each level, "
+        f"in study.md, study.json and study.png (one of {', '.join(STUDIES)}; rate {STUDY_LR_GRID[0]:g} unless "
+        "--lr-grid is given; at most 20 minutes for components, top-k, weights, share on 2 cores)",
+    )
     lab.set_defaults(handler=_lab, settings=settings)
 
     pretrain = lab.add_subparsers(dest="lab_command", title="subcommands", parser_class=_Parser).add_parser(

@@ -23,6 +23,9 @@ TRAIN_SEED, VALIDATION_SEED, TEST_SEED = 101, 202, 303
 @dataclass
 class LabConfig:
     task: str = "order"  # lab task: order, arith or lookup, or module:Class
+    #: share of the methods' training, validation and test problems whose answer only the privileged input
+    #: determines, 0 to 1 (default: the task's own mix; the pair stays the task's own)
+    undetermined_share: float | None = None
     #: privileged kinds, comma-separated: hints, solution, answer (one comparison each)
     privilege: list[str] = field(default_factory=lambda: ["hints"])
     #: methods, comma-separated, each with optional objective overrides in brackets (dopd[self_weights=ema],
@@ -40,6 +43,9 @@ class LabConfig:
     n_validation: int = 300  # validation prompts (the rates, the curves)
     n_test: int = 1200  # held-out test prompts (a binomial standard error of at most 1.44 points)
     top_k: int = 16  # objective.top_k of every run
+    #: training prompts each run's attribution is measured on, before and after training (shares of tokens, loss
+    #: and gradient per regime, part and plan tokens: lab/attribution.py); 0: not measured
+    attribution_prompts: int = 16
     out: str = ""  # output directory (default: a new directory under runs/)
     cache_dir: str | None = None  # where built lab pairs are cached (default: $DOPD_CACHE/lab or ~/.cache/dopd/lab)
     threads: int = 1  # torch threads per worker: tiny models gain nothing from more

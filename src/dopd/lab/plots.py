@@ -60,6 +60,8 @@ def write_plots(kind_dir: str, results: dict, kind: str) -> dict[str, str]:
         figure, axis = plt.subplots(figsize=(max(6, 1.1 * len(labels)), 4))
         width = 0.38
         for offset, (part, color) in enumerate((("determined", "C0"), ("undetermined", "C3"))):
+            if f"{part}_change" not in next(iter(k["main"].values())):
+                continue  # a part without test prompts (an undetermined share of 0)
             values = [100 * k["main"][label][f"{part}_change"] for label in labels]
             errors = [100 * k["main"][label][f"{part}_se"] for label in labels]
             positions = [i + (offset - 0.5) * width for i in range(len(labels))]

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from ..answers import gap_recovery
 from ..routing import REGIMES
 from ..run_dir import write_json_atomic, write_text_atomic
+from .attribution import mean_attribution
 from .methods import REFERENCES, MethodSpec
 
 if TYPE_CHECKING:
@@ -65,6 +66,10 @@ def method_stats(runs: list[dict], teacher: dict, student: dict) -> dict:
             stats[f"{part}_change"] = stats[f"{part}_mean"] - student[part]
     if "regime_fractions" in runs[0]:
         stats["regime_fractions"] = {k: _mean([r["regime_fractions"][k] for r in runs]) for k in REGIMES}
+    if any("attribution" in r for r in runs):
+        stats["attribution"] = {
+            when: mean_attribution([r.get("attribution", {}).get(when, {}) for r in runs]) for when in ("start", "end")
+        }
     return stats
 
 
@@ -80,10 +85,27 @@ def choose_rates(records: list[dict], labels: list[str], grid: list[float]) -> t
     return common, own, by_rate
 
 
-def paired(records: list[dict], first: str, second: str, lr: float) -> dict:
-    """`first` − `second` test accuracy per seed at rate `lr`, over the seeds both ran."""
-    one = {r["seed"]: r["test"]["answer_accuracy"] for r in records if r["label"] == first and r["lr"] == lr}
-    two = {r["seed"]: r["test"]["answer_accuracy"] for r in records if r["label"] == second and r["lr"] == lr}
+def paired(
+    records: list[dict],
+    first: str,
+    second: str,
+    lr: float,
+    second_lr: float | None = None,
+    key: str = "answer_accuracy",
+) -> dict:
+    """`first` − `second` test accuracy (or the test record's `key`: a part, "determined" or "undetermined") per
+    seed, `first` at rate `lr` and `second` at `second_lr` (default the same), over the seeds both ran with a
+    value."""
+    second_lr = lr if second_lr is None else second_lr
+
+    def values(label: str, rate: float) -> dict[int, float]:
+        return {
+            r["seed"]: r["test"][key]
+            for r in records
+            if r["label"] == label and r["lr"] == rate and r["test"].get(key) is not None
+        }
+
+    one, two = values(first, lr), values(second, second_lr)
     differences = [one[s] - two[s] for s in sorted(one) if s in two]
     return {"mean": _mean(differences), "se": standard_error(differences), "per_seed": differences}
 
@@ -252,7 +274,33 @@ def kind_markdown(results: dict, kind: str) -> str:
         for label, fractions in routed.items():
             shown = ", ".join(f"{r} {v:.2f}" for r, v in fractions.items())
             lines.append(f"{label} regime fractions at the last step: {shown}.")
+    attributed = {
+        label: m["attribution"]["end"] for label, m in k["main"].items() if m.get("attribution", {}).get("end")
+    }
+    if attributed:
+        lines += [
+            "",
+            "Attribution at the last step (lab/attribution.py), shares of tokens / loss / squared gradient:",
+            "",
+        ]
+        lines += [f"- {label}: {describe_attribution(a)}" for label, a in attributed.items()]
     return "\n".join(lines)
+
+
+def describe_attribution(margins: dict) -> str:
+    """One line of an attribution's margins: per regime, the undetermined problems, the plan tokens."""
+
+    def cell(shares: dict) -> str:
+        return f"{100 * shares['tokens']:.0f}/{100 * shares['loss']:.0f}/{100 * shares['grad']:.0f}%"
+
+    parts = [f"{name} {cell(shares)}" for name, shares in margins["by_regime"].items() if name != "all"]
+    for margin, name, shown in (
+        ("by_part", "undetermined", "undetermined problems"),
+        ("by_token", "plan", "plan tokens"),
+    ):
+        if name in margins[margin]:
+            parts.append(f"{shown} {cell(margins[margin][name])}")
+    return ", ".join(parts)
 
 
 def write_results(out: str, results: dict) -> None:

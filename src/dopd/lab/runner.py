@@ -40,12 +40,12 @@ from .methods import MethodSpec, method_specs
 from .models import default_pair_config, load_or_build_pair, pair_config_with
 from .properties import describe_weakness, properties_hold
 from .results import build_results, write_results
-from .tasks import LAB_PRIVILEGED_TEMPLATE, PRIVILEGED_KINDS, get_task
+from .tasks import LAB_PRIVILEGED_TEMPLATE, PRIVILEGED_KINDS, Task, get_task, with_undetermined_share
 
 
 def check_lab_config(config: LabConfig) -> list[MethodSpec]:
     """Every option that can be checked before any work, each failure one line naming the option."""
-    get_task(config.task)
+    lab_task(config)
     for kind in config.privilege:
         if kind not in PRIVILEGED_KINDS or kind == "none":
             raise ValueError(f"--privilege {kind!r} is unknown; use one or more of answer, hints, solution")
@@ -69,6 +69,8 @@ def check_lab_config(config: LabConfig) -> list[MethodSpec]:
     ):
         if getattr(config, key) < 1:
             raise ValueError(f"--{key.replace('_', '-')} = {getattr(config, key)} must be at least 1")
+    if config.attribution_prompts < 0:
+        raise ValueError(f"--attribution-prompts = {config.attribution_prompts} must be 0 (off) or more")
     if not 0 <= config.warmup_steps <= config.steps:
         raise ValueError(f"--warmup-steps = {config.warmup_steps} must be between 0 and --steps = {config.steps}")
     if not config.out:
@@ -77,6 +79,11 @@ def check_lab_config(config: LabConfig) -> list[MethodSpec]:
         raise ValueError(f"--out {config.out} already holds a lab's results; choose another directory")
     pair_config_with(default_pair_config(config.task), config.pair)
     return method_specs(config)
+
+
+def lab_task(config: LabConfig) -> Task:
+    """The task the methods train and are tested on: `--task`, with `--undetermined-share` when it is set."""
+    return with_undetermined_share(get_task(config.task), config.undetermined_share)
 
 
 # -------------------------------------------------------------------------------------------------- runs
@@ -102,7 +109,7 @@ def run_config(job: Job):
     from ..config import load_config
 
     c, pair = job.config, Path(job.pair_path)
-    task = get_task(c.task)
+    task = lab_task(c)
     return load_config(
         model={"student": str(pair / "student"), "teacher": str(pair / "teacher")},
         data={
@@ -156,15 +163,20 @@ def training_rows(task, config: LabConfig, kind: str) -> list[dict[str, str]]:
 def run_job(job: Job) -> dict:
     """Train one run and evaluate it: validation accuracy along the way, validation and test at the end."""
     from ..train import Trainer
+    from .attribution import attribute
     from .evaluation import evaluate
 
     started = time.time()
     c = job.config
-    task = get_task(c.task)
+    task = lab_task(c)
     validation, test = held_out_sets(task, c)
     final: dict = {}
+    attribution: dict = {}
+    examples = task.examples(c.n_train, TRAIN_SEED, "train") if c.attribution_prompts else []
 
     def measure(step: int, trainer) -> dict[str, float]:
+        if c.attribution_prompts and step in (0, c.steps):
+            attribution["start" if step == 0 else "end"] = attribute(trainer, task, examples, c.attribution_prompts)
         if step == 0:
             return {}  # the student before training is measured once, by the lab
         out = {
@@ -181,7 +193,10 @@ def run_job(job: Job) -> dict:
     trainer = Trainer(run_config(job))
     trainer.run(evaluate=measure, evaluate_every=c.eval_every)
     lines = read_jsonl(os.path.join(job.run_dir, "metrics.jsonl"))
-    return summarize_run(job, lines, final, time.time() - started)
+    record = summarize_run(job, lines, final, time.time() - started)
+    if attribution:
+        record["attribution"] = attribution
+    return record
 
 
 def summarize_run(job: Job, lines: list[dict], test: dict, seconds: float) -> dict:
@@ -262,7 +277,7 @@ def run_lab(config: LabConfig, log=print) -> dict:
     specs = check_lab_config(config)
     torch.set_num_threads(config.threads)
     started = time.time()
-    task = get_task(config.task)
+    task = lab_task(config)
     pair_config = pair_config_with(default_pair_config(config.task), config.pair)
     pair = load_or_build_pair(pair_config, cache_dir=config.cache_dir, log=log, allow_weak=config.allow_weak_pair)
     os.makedirs(config.out, exist_ok=True)

@@ -88,6 +88,11 @@ class Task(abc.ABC):
         text = completion_text.strip()
         return CheckResult(answer_correct=extract_answer(text) == example.answer, full_match=text == example.completion)
 
+    def plan_positions(self, tokens: list[str]) -> list[bool] | None:
+        """Which completion tokens carry the plan (the choices a worked solution makes), for the lab's attribution
+        (`lab/attribution.py`); None when the task does not say."""
+        return None
+
     def examples(self, n: int, seed: int, split: str | None = None) -> list[Example]:
         """`n` examples drawn with `random.Random(seed)`; with `split`, only those whose prompt lies in that split
         (`prompt_split`), drawn until there are `n`."""
@@ -228,6 +233,18 @@ class ArithmeticTask(Task):
             determined=read_as_written(expression) == acc,
         )
 
+    def plan_positions(self, tokens: list[str]) -> list[bool]:
+        """The operands each step chooses: the first token of a step and the token after its operator. On `order`
+        they carry the evaluation order that only the privileged input gives; results, separators and the answer
+        are the rest."""
+        plan, step_start = [False] * len(tokens), True
+        for i, token in enumerate(tokens):
+            plan[i] = plan[i] or (step_start and token != "A")
+            step_start = token == ";"
+            if token in ("+", "-") and i + 1 < len(tokens):
+                plan[i + 1] = True
+        return plan
+
 
 def read_as_written(expression: str) -> int:
     """The value of a +/- expression of non-negative integers and parentheses read by the usual rules (left to
@@ -318,6 +335,61 @@ class LookupTask(Task):
             privileged={"answer": digit, "hints": hints, "solution": completion},
             determined=True,
         )
+
+
+class ShareTask(Task):
+    """A task with a set share of undetermined problems (those whose answer only the privileged input determines):
+    each draw first decides, with probability `share`, which part the problem comes from, then draws from `base`
+    until it gives a problem of that part. The problems of each part keep `base`'s distribution within the part.
+
+    The lab's information-share factor (`dopd lab --undetermined-share`, `--study share`) sets the share of the
+    methods' training, validation and test prompts this way; the pair stays the one pretrained on `base`.
+    """
+
+    MAX_DRAWS = 10_000  # draws for one problem of the wanted part before the part is declared absent
+
+    def __init__(self, base: Task, share: float):
+        if not 0.0 <= share <= 1.0:
+            raise ValueError(f"--undetermined-share {share:g} must lie between 0 and 1 (a share of the problems)")
+        self.base, self.share = base, float(share)
+        self.name, self.answer_pattern = base.name, base.answer_pattern
+
+    def sample(self, rng: random.Random) -> Example:
+        undetermined = rng.random() < self.share
+        for _ in range(self.MAX_DRAWS):
+            example = self.base.sample(rng)
+            if (example.determined is False) == undetermined:
+                return example
+        part = "undetermined" if undetermined else "determined"
+        raise ValueError(
+            f"task {self.base.name!r} gave no {part} problem in {self.MAX_DRAWS} draws: it cannot be set to an "
+            f"undetermined share of {self.share:g} (a task whose prompts always determine the answer has share 0)"
+        )
+
+    def check(self, example: Example, completion_text: str) -> CheckResult:
+        return self.base.check(example, completion_text)
+
+    def plan_positions(self, tokens: list[str]) -> list[bool] | None:
+        return self.base.plan_positions(tokens)
+
+    def __repr__(self) -> str:
+        return f"ShareTask({self.base!r}, share={self.share:g})"
+
+
+def with_undetermined_share(task: Task, share: float | None) -> Task:
+    """`task` itself for `share` None, else `ShareTask(task, share)`; a share the task cannot give fails here, on
+    one line, before any work (a test draw of both parts)."""
+    if share is None:
+        return task
+    shared = ShareTask(task, share)
+    rng = random.Random(0)
+    for part, wanted in (("undetermined", share > 0), ("determined", share < 1)):
+        if wanted and not any((task.sample(rng).determined is False) == (part == "undetermined") for _ in range(2000)):
+            raise ValueError(
+                f"--undetermined-share {share:g}: task {task.name!r} has no {part} problems in 2,000 draws; "
+                "use a task whose examples set `determined` (order), or leave the share unset"
+            )
+    return shared
 
 
 TASKS: dict[str, type[Task]] = {
