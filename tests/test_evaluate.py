@@ -29,7 +29,6 @@ from dopd.evaluate import (
     read_result,
     summarize,
 )
-from dopd.prompts import render_prompt
 
 # ------------------------------------------------------------------------------------------------ metrics
 
@@ -125,39 +124,7 @@ def test_exact_checker_reads_the_final_answer():
 
 # ---------------------------------------------------------------------------------- the command end to end
 
-FACTS = [("what is 3 plus 4 ?", 7), ("what is 4 plus 5 ?", 9), ("what is 2 plus 4 ?", 6), ("what is 5 plus 7 ?", 12)]
-
-
-@pytest.fixture(scope="module")
-def answering_model(tmp_path_factory):
-    """A tiny Qwen3 trained here until it answers each of FACTS with "answer : N" (greedy)."""
-    directory = tmp_path_factory.mktemp("answering")
-    tokenizer = tiny.build_tokenizer()
-    model = tiny.build_model(len(tokenizer), hidden=32, layers=2, seed=0)
-    rows = []
-    for question, answer in FACTS:
-        prompt = tokenizer(render_prompt(tokenizer, question), add_special_tokens=False)["input_ids"]
-        completion = tokenizer(f"answer : {answer}", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        rows.append((prompt, completion))
-    width = max(len(p) + len(c) for p, c in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    labels, mask = torch.full_like(ids, -100), torch.zeros_like(ids)
-    for i, (prompt, completion) in enumerate(rows):
-        ids[i, : len(prompt) + len(completion)] = torch.tensor(prompt + completion)
-        labels[i, len(prompt) : len(prompt) + len(completion)] = torch.tensor(completion)
-        mask[i, : len(prompt) + len(completion)] = 1
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-2)
-    for _ in range(400):
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if loss.item() < 0.005:
-            break
-    assert loss.item() < 0.005, "the tiny model did not learn its answers"
-    model.save_pretrained(str(directory / "model"))
-    tokenizer.save_pretrained(str(directory / "model"))
-    return str(directory / "model")
+FACTS = tiny.FACTS  # the answering_model fixture (conftest.py) answers these
 
 
 def write_jsonl(path, rows):
