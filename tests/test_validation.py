@@ -138,3 +138,30 @@ def test_a_held_out_set_without_answers_stops_before_any_model_loads(pair, tmp_p
     with pytest.raises(ConfigError, match="eval.answer_column = 'answer' is not a column of"):
         Trainer(config)
     assert not os.path.exists(tmp_path / "run")
+
+
+def test_with_vllm_rollouts_the_run_engine_samples_with_the_validation_settings(pair, tmp_path, monkeypatch):
+    fake = tiny.install_fake_vllm(monkeypatch)
+    # FakeLLM answers request i of a call with "2 3 <eos>" (i even) or "4 5 6 7" (i odd); the exact checker reads
+    # the whole line: 3 of these 4 references match.
+    rows = tiny.write_rows(
+        tmp_path / "held.jsonl",
+        [{"prompt": q, "answer": a} for (q, _), a in zip(tiny.FACTS, ["2 3", "4 5 6 7", "4 5 6 7", "4 5 6 7"])],
+    )
+    config = tiny.make_config(
+        pair,
+        tmp_path / "run",
+        "rollout.backend=vllm",
+        "train.steps=1",
+        "eval.every=1",
+        f"eval.path={rows}",
+        "eval.checker=exact",
+        "eval.max_new_tokens=5",
+    )
+    train(config)
+    lines = read_jsonl(str(tmp_path / "run" / "metrics.jsonl"))
+    assert [(line["step"], line["eval/validation_accuracy"]) for line in lines] == [(0, 0.75), (1, 0.75)]
+    calls = fake.instances[-1].calls
+    settings = [(len(prompts), params["temperature"], params["max_tokens"]) for prompts, params in calls]
+    # validation (4 prompts, greedy, 5 tokens), the training step (4 x 2 at the run's temperature), validation again
+    assert settings == [(4, 0.0, 5), (8, 1.0, 6), (4, 0.0, 5)]
