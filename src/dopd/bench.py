@@ -4,7 +4,8 @@ gap-recovery table, `(method - student) / (teacher - student)` per benchmark and
 
 The harness is an optional extra (`pip install -e ".[bench]"`, pinned) imported only when a run starts. It was
 chosen over evalscope by measurement (docs/evaluation.md): it adds about 215 MB and leaves the project's packages as
-they are, where evalscope adds about 335 MB and pins `datasets` below what TRL needs. `BENCHMARKS` names the
+they are, where evalscope adds about 335 MB and holds `datasets` at or below 4.8.4 (through modelscope), which
+replaced the project's datasets 5.2 with 4.1.1, below the 4.7 TRL needs. `BENCHMARKS` names the
 paper's benchmarks the harness has, with their task and metric; `ELSEWHERE` those it lacks, with what to run
 instead. Everything is checked before a model loads: names, the harness, the checkpoint's tokenizer, task names,
 the reports to compare with.
