@@ -165,3 +165,28 @@ def test_with_vllm_rollouts_the_run_engine_samples_with_the_validation_settings(
     settings = [(len(prompts), params["temperature"], params["max_tokens"]) for prompts, params in calls]
     # validation (4 prompts, greedy, 5 tokens), the training step (4 x 2 at the run's temperature), validation again
     assert settings == [(4, 0.0, 5), (8, 1.0, 6), (4, 0.0, 5)]
+
+
+@pytest.mark.slow
+def test_two_processes_share_the_prompts_and_agree(pair, answering_model, tmp_path):
+    """Two gloo processes take 3 and 2 of 5 held-out prompts (the second padded to 3); the gathered accuracy is
+    the hand count, and the same as one process's."""
+    import subprocess
+    import sys
+
+    # The four FACTS (one wrong reference, 5) and the first again: 4 of 5 right.
+    answers = ["7", "9", "5", "12", "7"]
+    questions = [q for q, _ in tiny.FACTS] + [tiny.FACTS[0][0]]
+    rows = tiny.write_rows(tmp_path / "held.jsonl", [{"prompt": q, "answer": a} for q, a in zip(questions, answers)])
+    script = os.path.join(os.path.dirname(__file__), "two_process_validation.py")
+    measured = []
+    for processes in (1, 2):
+        out = tmp_path / f"p{processes}"
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+        command += [script, answering_model, pair["teacher"], pair["data"], rows, str(out)]
+        run = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert run.stdout.count(f"processes: {processes}") == processes
+        lines = read_jsonl(str(out / "metrics.jsonl"))
+        measured.append([(line["step"], line["eval/validation_accuracy"]) for line in lines])
+    assert measured[0][0] == (0, 0.8) and measured[1] == measured[0]
