@@ -385,6 +385,11 @@ def _check_eval(config: Config) -> None:
         return
     if not e.path:
         raise ConfigError("eval.every is set but eval.path is not: give the held-out data set (a file or a hub name)")
+    if is_image_text(config):
+        raise ConfigError(
+            "eval.every: validation reads text prompts and an image-text run has images; set eval.every=0 and score "
+            "the checkpoints with `dopd bench --benchmarks mmmu` (docs/evaluation.md)"
+        )
     for key, value in (("eval.samples", e.samples), ("eval.max_new_tokens", e.max_new_tokens)):
         _positive(value, key)
     _positive(e.batch_size, "eval.batch_size")
