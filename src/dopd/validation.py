@@ -68,7 +68,7 @@ def improves(accuracy: float, best: float | None) -> bool:
 def share(count: int, rank: int, processes: int) -> list[int]:
     """Prompt indices of one process: every `processes`-th from `rank`, padded with the process's first prompt to
     the same length on every process (a sharded model's generate is collective: every process decodes as many
-    batches); `None`-free, the padding is dropped by `Validation` before scoring."""
+    batches); `Validation.measure` drops the padding before scoring."""
     mine = list(range(rank, count, processes))
     length = -(-count // processes)
     return mine + [mine[0] if mine else 0] * (length - len(mine))
