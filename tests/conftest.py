@@ -1,4 +1,5 @@
-"""Shared test setup: one torch thread, and the tiny teacher/student pair with its prompts (built once)."""
+"""Shared test setup: one torch thread, the tiny teacher/student pair with its prompts and a tiny model that
+answers known questions (each built once)."""
 
 import pytest
 import tiny
@@ -23,3 +24,9 @@ def pair(tmp_path_factory):
     padded = tiny.write_pair(str(directory / "padded"), teacher_vocab_pad=8)[1]
     data = tiny.write_prompts(str(directory / "prompts.jsonl"), count=24)
     return {"student": student, "teacher": teacher, "padded_teacher": padded, "data": data, "dir": directory}
+
+
+@pytest.fixture(scope="session")
+def answering_model(tmp_path_factory):
+    """A tiny Qwen3 that answers each of `tiny.FACTS` with "answer : N" (greedy), saved by path."""
+    return tiny.write_answering_model(str(tmp_path_factory.mktemp("answering") / "model"))

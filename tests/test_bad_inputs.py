@@ -7,6 +7,7 @@ After the command the working directory must be as empty as before, and the inpu
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -57,6 +58,7 @@ def inputs(tmp_path_factory, pair):
         "math": jsonl("math.jsonl", [{"prompt": "1+1?", "answer": "2", "solution": "1+1 = 2. #### 2"}] * 3),
         "existing_out": jsonl("existing.jsonl", [{"x": 1}]),
         "no_runs": str(root / "no-runs"),
+        "no_answer": jsonl("no-answer.jsonl", [{"prompt": r["prompt"]} for r in rows]),
     }
     open(files["bad_yaml"], "w").write("model: {student: x\ndata: [unclosed\n")
     open(files["list_yaml"], "w").write("- model\n- data\n")
@@ -172,6 +174,14 @@ CASES = {
         eval_args(f, "--answer-column", "solutionz"),
         "--answer-column = 'solutionz' is not a column",
     ),
+    "eval_backend": lambda f: (eval_args(f, "--backend", "tgi"), "--backend 'tgi' is unknown"),
+    "eval_tensor_parallel_hf": lambda f: (eval_args(f, "--tensor-parallel-size", "2"), "--tensor-parallel-size"),
+    "train_eval_no_answers": lambda f: (
+        train_args(f, "eval.every=1", f"eval.path={f['no_answer']}"),
+        "eval.answer_column = 'answer' is not a column",
+    ),
+    "train_eval_no_path": lambda f: (train_args(f, "eval.every=2"), "eval.path"),
+    "train_keep_best_alone": lambda f: (train_args(f, "checkpoint.keep_best=true"), "checkpoint.keep_best"),
     "eval_samples": lambda f: (eval_args(f, "--samples", "0"), "--samples"),
     "eval_pass_k": lambda f: (eval_args(f, "--pass-k", "a,b"), "--pass-k"),
     "eval_checker": lambda f: (eval_args(f, "--checker", "nosuch"), "--checker"),
@@ -194,6 +204,9 @@ CASES = {
     "report_missing": lambda f: (["report", "no-such-run"], "no-such-run"),
     "report_no_runs": lambda f: (["report", f["no_runs"]], "no run directory"),
 }
+
+if importlib.util.find_spec("vllm") is None:  # a machine with vLLM runs the backend instead
+    CASES["eval_vllm_missing"] = lambda f: (eval_args(f, "--backend", "vllm"), "--backend vllm needs vLLM")
 
 
 def _snapshot(path) -> list[str]:
@@ -251,6 +264,7 @@ def test_there_are_at_least_forty_cases_over_every_command():
                     "no_user",
                     "empty_hints",
                     "text",
+                    "no_answer",
                 )
             }
         )[0][0]

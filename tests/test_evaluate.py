@@ -29,7 +29,6 @@ from dopd.evaluate import (
     read_result,
     summarize,
 )
-from dopd.prompts import render_prompt
 
 # ------------------------------------------------------------------------------------------------ metrics
 
@@ -125,39 +124,7 @@ def test_exact_checker_reads_the_final_answer():
 
 # ---------------------------------------------------------------------------------- the command end to end
 
-FACTS = [("what is 3 plus 4 ?", 7), ("what is 4 plus 5 ?", 9), ("what is 2 plus 4 ?", 6), ("what is 5 plus 7 ?", 12)]
-
-
-@pytest.fixture(scope="module")
-def answering_model(tmp_path_factory):
-    """A tiny Qwen3 trained here until it answers each of FACTS with "answer : N" (greedy)."""
-    directory = tmp_path_factory.mktemp("answering")
-    tokenizer = tiny.build_tokenizer()
-    model = tiny.build_model(len(tokenizer), hidden=32, layers=2, seed=0)
-    rows = []
-    for question, answer in FACTS:
-        prompt = tokenizer(render_prompt(tokenizer, question), add_special_tokens=False)["input_ids"]
-        completion = tokenizer(f"answer : {answer}", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        rows.append((prompt, completion))
-    width = max(len(p) + len(c) for p, c in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    labels, mask = torch.full_like(ids, -100), torch.zeros_like(ids)
-    for i, (prompt, completion) in enumerate(rows):
-        ids[i, : len(prompt) + len(completion)] = torch.tensor(prompt + completion)
-        labels[i, len(prompt) : len(prompt) + len(completion)] = torch.tensor(completion)
-        mask[i, : len(prompt) + len(completion)] = 1
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-2)
-    for _ in range(400):
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if loss.item() < 0.005:
-            break
-    assert loss.item() < 0.005, "the tiny model did not learn its answers"
-    model.save_pretrained(str(directory / "model"))
-    tokenizer.save_pretrained(str(directory / "model"))
-    return str(directory / "model")
+FACTS = tiny.FACTS  # the answering_model fixture (conftest.py) answers these
 
 
 def write_jsonl(path, rows):
@@ -379,3 +346,36 @@ def test_progress_counts_generated_tokens_not_the_prompt():
     progress.put(torch.zeros(2, 5, dtype=torch.long))  # the next batch's prompt
     progress.put(torch.zeros(2, dtype=torch.long))
     assert bar.n == 4 * 3 + 2
+
+
+def test_the_vllm_backend_over_a_fake_engine(answering_model, tmp_path, monkeypatch):
+    """`--backend vllm` through `rollout/vllm_llm.py` over the tests' fake `vllm.LLM`: its engine settings, one
+    seeded request per sample, and the same report as the hf backend (hand count below)."""
+    import importlib.machinery
+    import types
+
+    module = types.ModuleType("vllm")
+    module.__spec__ = importlib.machinery.ModuleSpec("vllm", None)
+    module.LLM, module.SamplingParams = tiny.FakeLLM, lambda **kwargs: dict(kwargs)
+    monkeypatch.setitem(sys.modules, "vllm", module)
+    tiny.FakeLLM.instances = []
+    # FakeLLM answers request i with "2 3 <eos>" (i even) or "4 5 6 7" (i odd, at the token limit).
+    data = write_jsonl(
+        tmp_path / "d.jsonl", [{"prompt": q, "answer": a} for (q, _), a in zip(FACTS[:2], ["2 3", "4 5 6 7"])]
+    )
+    out = tmp_path / "vllm.json"
+    argv = ["eval", "--model", answering_model, "--data", data, "--out", str(out), "--backend", "vllm"]
+    argv += ["--tensor-parallel-size", "2", "--samples", "2", "--temperature", "0.6", "--top-k", "5"]
+    assert main([*argv, "--checker", "exact", "--max-new-tokens", "4", "--no-progress"]) == 0
+    report = json.loads(out.read_text())
+    # the exact checker reads the whole line: prompt 0's first sample and prompt 1's second match their references
+    assert [row["completions"] for row in report["rows"]] == [["2 3", "4 5 6 7"], ["2 3", "4 5 6 7"]]
+    assert [row["correct"] for row in report["rows"]] == [[True, False], [False, True]]
+    assert report["accuracy"] == 0.5 and report["pass_at_k"] == {"1": 0.5, "2": 1.0}
+    assert report["completions_at_token_limit"] == 2 and report["sampling"]["backend"] == "vllm"
+    llm = tiny.FakeLLM.instances[-1]
+    assert llm.kwargs["model"] == answering_model and llm.kwargs["tensor_parallel_size"] == 2
+    ((requests, params),) = llm.calls
+    assert len(requests) == 4 and requests[0] == requests[1] != requests[2]
+    assert {(p["n"], p["temperature"], p["top_k"], p["max_tokens"]) for p in params} == {(1, 0.6, 5, 4)}
+    assert len({p["seed"] for p in params}) == 4 and params[0]["stop_token_ids"] == [1]

@@ -10,6 +10,7 @@ import shlex
 
 import pytest
 
+from dopd.bench import BENCHMARKS, PAPER_LLM_SUITE
 from dopd.cli import build_parser
 from dopd.config import load_config
 from dopd.hints import FORMS
@@ -159,6 +160,22 @@ def test_main_recipe_is_the_papers_pair():
     assert (config.model.student, config.model.teacher) == ("Qwen/Qwen3-1.7B", "Qwen/Qwen3-8B")
 
 
+def test_main_recipe_names_the_papers_benchmark_suite_with_harness_tasks():
+    text = " ".join(header(MAIN_RECIPE))
+    for name in ("C-Eval", "LiveBench", "MATH500", "AIME25", "ZebraLogic", "AutoLogi", "BFCLv3", "LiveCodeBench v5"):
+        assert name in text
+    for name in PAPER_LLM_SUITE:  # each benchmark by its harness task, or by where it runs instead
+        task = BENCHMARKS[name].task if name in BENCHMARKS else None
+        assert task is None or task in text
+    for task in ("zebralogicbench", "bfcl_v3", "live_code_bench", "release_v5"):  # evalscope's names
+        assert task in text
+    benched = {
+        build_parser().parse_args(dopd_arguments(c)).model for c in commands(MAIN_RECIPE) if c[:2] == ["dopd", "bench"]
+    }
+    config = load_config(os.path.join(ROOT, MAIN_RECIPE))
+    assert benched == {config.model.teacher, config.model.student, config.logging.output_dir + "/final"}
+
+
 def _size(hub_name: str) -> float:
     return float(hub_name.removeprefix("Qwen/Qwen3-").removesuffix("B"))
 
@@ -193,7 +210,7 @@ def test_recipe_opens_with_commands_the_command_line_accepts(path, monkeypatch):
     monkeypatch.chdir(ROOT)
     parser = build_parser()
     config = load_config(path)
-    parsed = {"hints": [], "train": [], "eval": []}
+    parsed = {"hints": [], "train": [], "eval": [], "bench": []}
     for command in commands(path):
         arguments = dopd_arguments(command)
         if arguments is None:
@@ -208,6 +225,9 @@ def test_recipe_opens_with_commands_the_command_line_accepts(path, monkeypatch):
     for args in parsed["train"]:
         assert args.config == path  # the launch command names this very file
         load_config(args.config, args.overrides)
+    for args in parsed["bench"]:  # the paper's benchmarks the harness has, in non-thinking mode
+        assert set(args.benchmarks.split(",")) <= set(BENCHMARKS)
+        assert args.model_args is None or json.loads(args.model_args) == {"enable_thinking": False}
     for args in parsed["eval"]:
         if args.chat_template_kwargs:
             assert json.loads(args.chat_template_kwargs) == {"enable_thinking": False}

@@ -89,6 +89,46 @@ def write_prompts(path: str, count: int = 32, seed: int = 0, chat: bool = False)
     return path
 
 
+# ------------------------------------------------------------------------------------------ a model that answers
+
+FACTS = [("what is 3 plus 4 ?", 7), ("what is 4 plus 5 ?", 9), ("what is 2 plus 4 ?", 6), ("what is 5 plus 7 ?", 12)]
+
+
+def write_answering_model(path: str) -> str:
+    """A tiny Qwen3 trained here until it answers each of FACTS with "answer : N" (greedy), saved at `path` with
+    its tokenizer (the `answering_model` fixture)."""
+    import torch
+
+    from dopd.prompts import render_prompt
+
+    tokenizer = build_tokenizer()
+    model = build_model(len(tokenizer), hidden=32, layers=2, seed=0)
+    rows = []
+    for question, answer in FACTS:
+        prompt = tokenizer(render_prompt(tokenizer, question), add_special_tokens=False)["input_ids"]
+        completion = tokenizer(f"answer : {answer}", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        rows.append((prompt, completion))
+    width = max(len(p) + len(c) for p, c in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    labels, mask = torch.full_like(ids, -100), torch.zeros_like(ids)
+    for i, (prompt, completion) in enumerate(rows):
+        ids[i, : len(prompt) + len(completion)] = torch.tensor(prompt + completion)
+        labels[i, len(prompt) : len(prompt) + len(completion)] = torch.tensor(completion)
+        mask[i, : len(prompt) + len(completion)] = 1
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-2)
+    for _ in range(400):
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if loss.item() < 0.005:
+            break
+    assert loss.item() < 0.005, "the tiny model did not learn its answers"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 # ------------------------------------------------------------------------------------------ a fake vLLM
 
 

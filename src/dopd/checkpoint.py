@@ -167,6 +167,26 @@ def load_state(directory: str, state: CheckpointState) -> int:
     return int(saved["step"])
 
 
+def save_best(state: CheckpointState, best: dict) -> str:
+    """The model of the best validation accuracy (`checkpoint.keep_best`) under `best/`, with `best.json` (its
+    step and accuracy), written atomically over the previous best. Every process calls it."""
+    import json
+
+    accelerator = state.accelerator
+    directory = os.path.join(state.run_dir, "best")
+    model_state = accelerator.get_state_dict(state.student)
+    if accelerator.is_main_process:
+        staging = directory + ".tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        save_model(state, model_state, staging)
+        with open(os.path.join(staging, "best.json"), "w", encoding="utf-8") as handle:
+            json.dump(best, handle)
+        shutil.rmtree(directory, ignore_errors=True)
+        os.replace(staging, directory)
+    accelerator.wait_for_everyone()
+    return directory
+
+
 def save_final(state: CheckpointState) -> str:
     """The trained student and its tokenizer in `save_pretrained` form under `final/`, written atomically."""
     accelerator = state.accelerator

@@ -1,7 +1,7 @@
-"""The `dopd` command (train, lab, lab pretrain, report, hints, eval): thin wrappers that parse arguments, call one
-function and say where results went. The options of `lab`, `hints` and `eval` are made from their settings'
-dataclasses (`options.SettingsOptions`), as `train --help` lists the keys of its config's: a setting, its default
-and its help are written once, beside each other."""
+"""The `dopd` command (train, lab, lab pretrain, report, hints, eval, bench): thin wrappers that parse arguments,
+call one function and say where results went. The options of `lab`, `hints`, `eval` and `bench` are made from
+their settings' dataclasses (`options.SettingsOptions`), as `train --help` lists the keys of its config's: a
+setting, its default and its help are written once, beside each other."""
 
 from __future__ import annotations
 
@@ -167,6 +167,25 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    import os
+    import time
+
+    from .bench import BenchSpec, bench, markdown
+
+    values = args.settings.values(args)
+    values["out"] = values.get("out") or os.path.join("runs", time.strftime("bench-%Y%m%d-%H%M%S.json"))
+    spec = BenchSpec(**values)
+    try:
+        report = bench(spec)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    print(markdown(report))
+    print(f"report: {spec.out} and {spec.out[: -len('.json')]}.md")
+    print(f"wall time: {report['wall_seconds']} s")
+    return 0
+
+
 # ---------------------------------------------------------------------------------- options from the settings
 
 
@@ -213,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.set_defaults(handler=_report)
     _add_hints_parser(commands)
     _add_eval_parser(commands)
+    _add_bench_parser(commands)
     return parser
 
 
@@ -305,6 +325,22 @@ def _add_eval_parser(commands) -> None:
     settings = SettingsOptions(EvalSpec, flags=EVAL_OPTIONS)
     settings.add_to(evaluation)
     evaluation.set_defaults(handler=_eval, settings=settings)
+
+
+def _add_bench_parser(commands) -> None:
+    from .bench import BenchSpec
+
+    bench = commands.add_parser(
+        "bench",
+        help="score a checkpoint on standard benchmarks with lm-evaluation-harness (pip install -e '.[bench]')",
+        description="Run lm-evaluation-harness on a checkpoint: the paper's benchmarks by name (--benchmarks) or "
+        "harness tasks (--tasks, custom ones from --include-path). Writes a JSON report and a markdown table; "
+        "--teacher-result and --student-result (earlier reports) add the gap recovery (model - student) / "
+        "(teacher - student) per benchmark and on average. docs/evaluation.md lists the benchmarks and their tasks.",
+    )
+    settings = SettingsOptions(BenchSpec)
+    settings.add_to(bench)
+    bench.set_defaults(handler=_bench, settings=settings)
 
 
 class _StderrLines(logging.Handler):

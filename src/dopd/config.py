@@ -153,6 +153,27 @@ class CheckpointConfig:
     save_every: int = 50  # steps between checkpoints (0: only the final model)
     keep_last: int = 2  # checkpoints kept on disk (older ones are deleted)
     resume: bool = False  # continue from the last checkpoint in output_dir
+    keep_best: bool = False  # also keep the model of the best validation accuracy in best/ (needs eval.every)
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0  # steps between validations, also run before the first step and after the last (0: off)
+    before_train: bool = True  # validate the student before the first step (step 0)
+    path: str = ""  # held-out data set: a file, a save_to_disk directory or a hub name (required when every > 0)
+    name: str | None = None  # hub data set configuration name
+    split: str = "test"  # split to read
+    prompt_column: str = "prompt"  # the question: a string or a list of chat messages
+    answer_column: str = "answer"  # the reference answer the checker reads (required)
+    max_prompts: int | None = None  # use only the first N rows (null: all)
+    samples: int = 1  # completions per prompt (pass@k for k up to samples)
+    temperature: float = 0.0  # sampling temperature; 0 means greedy
+    top_p: float = 1.0  # nucleus sampling
+    top_k: int = 0  # sample from the top-k tokens only (0: off)
+    max_new_tokens: int = 1024  # longest completion
+    batch_size: int = 16  # prompts per generate call (hf backend)
+    checker: str = "math"  # math | exact | lab:TASK, as `dopd eval --checker`
+    seed: int = 0  # sampling seed of every validation
 
 
 @dataclass
@@ -165,6 +186,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 class ConfigError(ValueError):
@@ -348,6 +370,40 @@ def validate(config: Config) -> None:
     if ck.resume and lg.overwrite:
         raise ConfigError("checkpoint.resume and logging.overwrite are both true; choose one")
     _positive(ck.keep_last, "checkpoint.keep_last")
+    _check_eval(config)
+
+
+def _check_eval(config: Config) -> None:
+    """The validation settings alone; the data set's columns are checked when the trainer reads it, before any
+    model loads (`validation.Validation.prepare`)."""
+    e = config.eval
+    if e.every < 0:
+        raise ConfigError(f"eval.every = {e.every} must be >= 0 (0: no validation)")
+    if config.checkpoint.keep_best and not e.every:
+        raise ConfigError("checkpoint.keep_best needs validation: set eval.every and eval.path")
+    if not e.every:
+        return
+    if not e.path:
+        raise ConfigError("eval.every is set but eval.path is not: give the held-out data set (a file or a hub name)")
+    if is_image_text(config):
+        raise ConfigError(
+            "eval.every: validation reads text prompts and an image-text run has images; set eval.every=0 and score "
+            "the checkpoints with `dopd bench --benchmarks mmmu` (docs/evaluation.md)"
+        )
+    for key, value in (("eval.samples", e.samples), ("eval.max_new_tokens", e.max_new_tokens)):
+        _positive(value, key)
+    _positive(e.batch_size, "eval.batch_size")
+    if e.max_prompts is not None:
+        _positive(e.max_prompts, "eval.max_prompts")
+    if e.temperature < 0 or not 0 < e.top_p <= 1 or e.top_k < 0:
+        raise ConfigError("eval.temperature must be >= 0, eval.top_p in (0, 1] and eval.top_k >= 0")
+    if e.temperature == 0 and e.samples > 1:
+        raise ConfigError(
+            f"eval.samples = {e.samples} with eval.temperature = 0 gives identical greedy answers; set "
+            "eval.temperature (e.g. 0.6) or eval.samples=1"
+        )
+    if e.checker not in ("math", "exact") and not (e.checker.startswith("lab:") and len(e.checker) > 4):
+        raise ConfigError(f"eval.checker = {e.checker!r} is unknown; use math, exact or lab:TASK (e.g. lab:arith)")
 
 
 def _check_teacher_server(config: Config, objective: Objective) -> None:

@@ -144,7 +144,8 @@ class EvalSampling(RolloutConfig):
     num_generations: int = 1  # completions per prompt
     max_new_tokens: int = 1024  # longest completion
     temperature: float = 0.0  # sampling temperature; 0 means greedy
-    batch_size: int = 16  # prompts per generate call
+    batch_size: int = 16  # prompts per generate call (hf)
+    backend: str = "hf"  # hf (transformers generate; the default, and the one a CPU runs) | vllm (a GPU, dopd[vllm])
 
 
 @dataclass
@@ -164,6 +165,9 @@ class EvalSpec:
     chat_template_kwargs: dict = field(default_factory=dict)
     tokenizer: str | None = None  # tokenizer path or hub name (default: the model's)
     dtype: str = "auto"  # auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16 | float16
+    tensor_parallel_size: int = 1  # --backend vllm: GPUs the model is split over
+    gpu_memory_utilization: float = 0.9  # --backend vllm: share of each GPU vLLM may take
+    max_model_len: int | None = None  # --backend vllm: longest prompt + completion (null: the model's own)
     device: str | None = None  # e.g. cpu, cuda:0 (default: cuda if available)
     trust_remote_code: bool = False  # passed to from_pretrained
     teacher_result: str | None = None  # the teacher's accuracy in [0, 1] or its report .json
@@ -187,6 +191,7 @@ EVAL_OPTIONS = {
     "sampling.top_k": "--top-k",
     "sampling.max_new_tokens": "--max-new-tokens",
     "sampling.batch_size": "--batch-size",
+    "sampling.backend": "--backend",
 }
 # The options errors about the data set name (`data.load_rows`, `data.check_columns`).
 EVAL_KEYS = {path.removeprefix("data."): option for path, option in EVAL_OPTIONS.items() if path.startswith("data.")}
@@ -216,6 +221,16 @@ def check_spec(spec: EvalSpec) -> None:
             raise ConfigError(f"--pass-k {k} must be between 1 and --samples = {samples}")
     if spec.data.max_samples is not None and spec.data.max_samples <= 0:
         raise ConfigError(f"--max-rows = {spec.data.max_samples} must be positive")
+    if sampling.backend not in ("hf", "vllm"):
+        raise ConfigError(f"--backend {sampling.backend!r} is unknown; use hf (transformers) or vllm")
+    if spec.tensor_parallel_size <= 0 or not 0 < spec.gpu_memory_utilization <= 1:
+        raise ConfigError("--tensor-parallel-size must be positive and --gpu-memory-utilization in (0, 1]")
+    if sampling.backend == "hf" and spec.tensor_parallel_size != 1:
+        raise ConfigError("--tensor-parallel-size applies to --backend vllm; add --backend vllm or leave it at 1")
+    if sampling.backend == "vllm":
+        from .rollout.vllm_llm import require_vllm_llm
+
+        require_vllm_llm()
     if spec.dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise ConfigError(f"--dtype {spec.dtype!r} is unknown; use auto, float32, bfloat16 or float16")
     if not spec.out:
@@ -265,32 +280,48 @@ def _load_model(spec: EvalSpec):
     return load_pretrained(spec.model, "--model", dtype, bool(spec.trust_remote_code)).to(device).eval()
 
 
-def sample_completions(model, tokenizer, prompt_ids: list[list[int]], spec: EvalSpec) -> tuple[list[list[str]], int]:
-    """`--samples` completions per prompt (decoded, special tokens removed) and how many hit the token limit."""
+def sample_completions(
+    engine, tokenizer, prompt_ids: list[list[int]], sampling: RolloutConfig, seed: int, progress: bool = False
+) -> tuple[list[list[str]], int]:
+    """`sampling.num_generations` completions per prompt from a rollout engine (`rollout/hf.py`, `rollout/vllm.py`
+    or `rollout/vllm_llm.py`), decoded without special tokens, and how many hit the token limit. `dopd eval` and
+    the trainer's validation (`validation.py`) both sample here."""
     import torch
     from tqdm.auto import tqdm
 
-    from .rollout.hf import HFRollout
-
-    sampling, size = spec.sampling, spec.sampling.batch_size
-    engine = HFRollout(lambda: model, tokenizer, sampling)
-    torch.manual_seed(spec.seed)
+    size = sampling.batch_size if sampling.backend == "hf" else max(len(prompt_ids), 1)  # vLLM batches itself
+    torch.manual_seed(seed)
     completions: list[list[str]] = [[] for _ in prompt_ids]
     unfinished = 0
     batches = -(-len(prompt_ids) // size)
     # Progress in generated tokens with their rate, the batch of prompts in the postfix: a batch of a large model
     # takes minutes on a CPU, and a bar counting prompts would sit at 0 meanwhile.
-    with tqdm(disable=not spec.progress, desc="eval", unit="tok", dynamic_ncols=True) as bar:
-        progress = _TokenProgress(bar)
+    with tqdm(disable=not progress, desc="eval", unit="tok", dynamic_ncols=True) as bar:
+        streamer = {"streamer": _TokenProgress(bar)} if sampling.backend == "hf" else {}
         for number, start in enumerate(range(0, len(prompt_ids), size), 1):
             bar.set_postfix_str(f"batch {number}/{batches}, prompts {start}/{len(prompt_ids)}")
             batch = prompt_ids[start : start + size]
-            rollouts = engine.generate(batch, sampling.num_generations, streamer=progress)
+            rollouts = engine.generate(batch, sampling.num_generations, **streamer)
             for index, ids, done in zip(rollouts.prompt_index, rollouts.completion_ids, rollouts.finished):
                 completions[start + index].append(tokenizer.decode(ids, skip_special_tokens=True))
                 unfinished += not done
+                if not streamer:
+                    bar.update(len(ids))
         bar.set_postfix_str(f"batch {batches}/{batches}, prompts {len(prompt_ids)}/{len(prompt_ids)}")
     return completions, unfinished
+
+
+def make_eval_engine(spec: EvalSpec, tokenizer):
+    """The engine `dopd eval` samples with: transformers generate on the loaded model (`--backend hf`), or a vLLM
+    engine over the checkpoint on disk (`--backend vllm`, `rollout/vllm_llm.py`)."""
+    if spec.sampling.backend == "vllm":
+        from .rollout.vllm_llm import VLLMEngine
+
+        return VLLMEngine.create(spec, tokenizer)
+    from .rollout.hf import HFRollout
+
+    model = _load_model(spec)
+    return HFRollout(lambda: model, tokenizer, spec.sampling)
 
 
 class _TokenProgress:
@@ -341,8 +372,8 @@ def evaluate(spec: EvalSpec) -> dict[str, Any]:
     except ValueError as error:
         raise ConfigError(str(error)) from None
     prompt_ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    model = _load_model(spec)
-    completions, unfinished = sample_completions(model, tokenizer, prompt_ids, spec)
+    engine = make_eval_engine(spec, tokenizer)
+    completions, unfinished = sample_completions(engine, tokenizer, prompt_ids, spec.sampling, spec.seed, spec.progress)
     correct = [[checker.score(i, text) for text in row] for i, row in enumerate(completions)]
     data, sampling = spec.data, spec.sampling
     ks = sorted(set(spec.pass_k)) if spec.pass_k else default_ks(sampling.num_generations)
@@ -361,6 +392,7 @@ def evaluate(spec: EvalSpec) -> dict[str, Any]:
         "checker": checker.name,
         "sampling": {
             "samples": sampling.num_generations,
+            "backend": sampling.backend,
             "temperature": sampling.temperature,
             "top_p": sampling.top_p,
             "top_k": sampling.top_k,

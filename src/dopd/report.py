@@ -254,6 +254,7 @@ def write_plots(runs: list[Run], out: str, collapses: dict[str, Collapse], fract
                 ("answer accuracy", [("eval/answer_accuracy", "-o")]),
                 ("full match", [("eval/full_match", "-o")]),
                 ("validation accuracy", [("eval/validation_accuracy", "-o")]),
+                ("validation pass@k", [(f"eval/validation_pass@{k}", "-o") for k in (2, 4, 8, 16)]),
             ],
             collapses,
         ),

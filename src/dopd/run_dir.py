@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from .config import Config, ConfigError, to_dict
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "samples.jsonl")
-SKIPPED_DIRS = {"checkpoints", "final", "search"}  # never runs to report (a lab's search runs stay out)
+SKIPPED_DIRS = {"checkpoints", "final", "best", "search"}  # never runs to report (a lab's search runs stay out)
 # Keys that may differ between a run and its continuation.
 RESUMABLE = {"checkpoint.resume", "logging.overwrite", "logging.progress_bar", "logging.report_to", "train.steps"}
 

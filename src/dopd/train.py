@@ -53,6 +53,7 @@ from .served_teacher import check_server as check_served_teacher
 from .served_teacher import connect as connect_served_teacher
 from .terms import Cuts, LossScope, step_cuts
 from .types import Completions, Head, MicroBatch, Rollouts
+from .validation import Validation
 
 logger = logging.getLogger("dopd")
 
@@ -121,6 +122,7 @@ class Trainer:
         teacher_tokenizer = check_teacher_fidelity(config, self.tokenizer)  # None: the student's renders both
         self.prompts = load_prompt_set(config, self.objective, self.tokenizer, self.processor, teacher_tokenizer)
         check_served_teacher(config, self.objective, self.tokenizer)  # before any model loads
+        self.validation = Validation.prepare(config, self.tokenizer)  # the eval section's held-out set, or None
         resume_dir = ckpt.latest(self.run_dir) if c.checkpoint.resume else None
         student = load_student(config, resume_dir, self.processor is not None)
         local_teacher = self.objective.needs_teacher_model and not c.model.teacher_server.url
@@ -424,9 +426,10 @@ class Trainer:
         for step in range(self.start_step, config.train.steps):
             result = self.step(step)
             last = step + 1 == config.train.steps
-            if evaluate is not None and (last or (evaluate_every and (step + 1) % evaluate_every == 0)):
+            measured = evaluate is not None and (last or (evaluate_every and (step + 1) % evaluate_every == 0))
+            if measured:
                 result.update(evaluate(step + 1, self))
-            if (step + 1) % config.logging.log_every == 0 or last:
+            if (step + 1) % config.logging.log_every == 0 or last or measured:
                 self.log(result)
             bar.update(1)
             bar.set_postfix(loss=f"{result['loss']:.3g}", step=step + 1)
@@ -441,5 +444,6 @@ class Trainer:
 
 
 def train(config: Config) -> TrainResult:
-    """Train a student as `config` says; returns where the run and the final model are."""
-    return Trainer(config).run()
+    """Train (and validate) a student as `config` says; returns where the run and the final model are."""
+    trainer = Trainer(config)
+    return trainer.run(trainer.validation, config.eval.every)

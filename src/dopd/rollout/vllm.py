@@ -16,6 +16,8 @@ when this backend is built.
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Protocol
 
 from ..config import Config, ConfigError
@@ -96,6 +98,25 @@ class VLLMRollout:
         rows = head_rows(model)
         settings = engine_settings(config, eos_ids, vocab_size, rows)
         return cls(VLLMGeneration(model, accelerator, tokenizer, **settings), eos_ids, fsdp2_units(model))
+
+    @contextmanager
+    def sampling(self, settings) -> Iterator[VLLMRollout]:
+        """This engine sampling with other decoding settings meanwhile (`settings`: a `RolloutConfig`; the
+        trainer's validation): TRL's engine reads them at every `generate` call."""
+        values = {
+            "temperature": settings.temperature,
+            "top_p": settings.top_p,
+            "top_k": settings.top_k,
+            "max_completion_length": settings.max_new_tokens,
+        }
+        saved = {name: getattr(self.engine, name) for name in values}
+        for name, value in values.items():
+            setattr(self.engine, name, value)
+        try:
+            yield self
+        finally:
+            for name, value in saved.items():
+                setattr(self.engine, name, value)
 
     def sync_weights(self) -> None:
         # TRL gathers each FSDP2 parameter with `full_tensor()`, which only a sharded one has: a unit left gathered
