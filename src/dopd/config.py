@@ -290,6 +290,11 @@ def validate(config: Config) -> None:
     _check_images(config)
     _check_lora(m.lora)
     _check_rollout_backend(config)
+    if objective.has_reward and r.num_generations < 2:
+        raise ConfigError(
+            f"objective.reward needs rollout.num_generations >= 2 (it is {r.num_generations}): the advantage is each "
+            "reward against the other rollouts of its prompt, and one rollout's is always 0"
+        )
     if objective.rollout_model == "teacher" and r.backend != "hf":
         raise ConfigError(
             f"objective.method = {config.objective.method!r} samples from the teacher, which rollout.backend = "

@@ -151,6 +151,7 @@ class PromptSet:
     privileged: list[str | None]
     answers: list[str | None]
     images: Any = None  # multimodal.ImageRows of the rows kept (data.image_column), else None
+    rows: Any = None  # the dataset's rows kept (a reward function reads its row), else None
 
     def __len__(self) -> int:
         return len(self.student_ids)
@@ -225,6 +226,7 @@ def build_prompt_set(
         privileged=[privileged[i] for i in keep],
         answers=[answers[i] for i in keep],
         images=None if images is None else images.subset(keep),
+        rows=dataset.select(keep) if hasattr(dataset, "select") else None,
     )
 
 

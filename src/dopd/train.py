@@ -1,8 +1,11 @@
-"""The on-policy distillation loop on accelerate (docs/method.md, "Setting": one training step).
+"""The on-policy distillation loop on accelerate; over 450 lines: one class that reads downward (see the end).
+
+One training step is docs/method.md, "Setting".
 
 Each optimizer step:
   1. rollouts: the student samples `num_generations` completions of each of its prompts, without privileged input
-     (for `sft`, the teacher samples them);
+     (for `sft`, the teacher samples them); with `objective.reward`, each completion's reward and its advantage
+     over its prompt's rollouts (rewards.py);
   2. scoring: per micro-batch, the privileged student (no gradient, with the weights of `objective.self_weights`)
      and the teacher (frozen) score the completions on their own prompts; every score is checked to be finite;
   3. the cuts (routing thresholds, EOPD's entropy cut) over the whole step's tokens, gathered over all processes
@@ -13,7 +16,7 @@ Each optimizer step:
 What a run needs is built in `__init__` (loading.py, data.py, engines.py); what it writes goes to the run
 directory (run_dir.py, checkpoint.py).
 
-Over 400 lines as the formatter lays them out (one argument a line in the longer calls): the loop is one class
+Over 450 lines as the formatter lays them out (one argument a line in the longer calls): the loop is one class
 that reads downward, building a run, one step's four stages, then the run; every stage's work is in the modules
 it calls.
 """
@@ -45,6 +48,7 @@ from .objectives import build_objective
 from .pair_checks import check_teacher_fidelity
 from .plain import compute_objective
 from .probe import Probe
+from .rewards import Verifier, step_rewards
 from .rollout import end_of_sequence_ids, make_engine
 from .routing import make_gather
 from .scoring import frozen_pass, micro_batches, pass_inputs, trainable_pass
@@ -121,6 +125,7 @@ class Trainer:
         teacher_tokenizer = check_teacher_fidelity(config, self.tokenizer)  # None: the student's renders both
         self.prompts = load_prompt_set(config, self.objective, self.tokenizer, self.processor, teacher_tokenizer)
         check_served_teacher(config, self.objective, self.tokenizer)  # before any model loads
+        self.verifier = Verifier(c.objective.reward, self.prompts) if self.objective.has_reward else None
         resume_dir = ckpt.latest(self.run_dir) if c.checkpoint.resume else None
         student = load_student(config, resume_dir, self.processor is not None)
         local_teacher = self.objective.needs_teacher_model and not c.model.teacher_server.url
@@ -215,9 +220,10 @@ class Trainer:
         t = self.config.train
         return micro_batches(prompts, rollouts, prompt_sets, t.micro_batch_size, t.max_tokens_per_micro_batch)
 
-    def score(self, prompts: list[int], rollouts: Rollouts, step: int = 0) -> list[MicroBatch]:
+    def score(self, prompts: list[int], rollouts: Rollouts, step: int = 0, rewards=(None, None)) -> list[MicroBatch]:
         """The no-gradient passes of every micro-batch: privileged student and teacher, their scores checked to be
-        finite (`step`, counted from 0, names where they were not)."""
+        finite (`step`, counted from 0, names where they were not); `rewards`: the step's rewards and advantages
+        [N] (None without objective.reward), split by micro-batch."""
         pad = self.tokenizer.pad_token_id
         # No top-K here (top_k=None): routing reads only the sampled token, and the loss computes a target's top-K
         # for just the tokens whose Top-K term applies (LH: teacher; LL, HS: self), from the heads kept here.
@@ -259,7 +265,9 @@ class Trainer:
             for name, scores in (("self", self_scores), ("teacher", teacher_scores)):
                 if scores is not None:  # a NaN score would route every token to one regime, silently
                     check_finite(name, step, scores.token_logprobs, completions.mask)
-            batches.append(MicroBatch(prompt_rows, completions, self_head, teacher_head, self_scores, teacher_scores))
+            batch = MicroBatch(prompt_rows, completions, self_head, teacher_head, self_scores, teacher_scores)
+            batch.rewards, batch.advantages = (None if r is None else r[sequences] for r in rewards)
+            batches.append(batch)
         return batches
 
     def pass_inputs(
@@ -330,6 +338,7 @@ class Trainer:
                 scope=scope,
                 self_logits_BTV=None if batch.self_head is None else batch.self_head.logits(),
                 teacher_logits_BTV=None if batch.teacher_head is None else batch.teacher_head.logits(),
+                advantages_B=batch.advantages,
             )
         return chunked_objective(
             self.objective,
@@ -342,6 +351,7 @@ class Trainer:
             teacher_head=batch.teacher_head,
             self_scores=batch.self_scores,
             teacher_scores=batch.teacher_scores,
+            advantages_B=batch.advantages,
         )
 
     def step(self, step: int) -> dict[str, float]:
@@ -349,8 +359,11 @@ class Trainer:
         start = timer()
         prompts = self.local_prompts()
         rollouts = self.rollouts(prompts, step)
+        *rewards, reward_metrics = step_rewards(
+            self.verifier, prompts, rollouts, self.tokenizer, step, self.accelerator
+        )
         rolled = timer()
-        batches = self.score(prompts, rollouts, step)
+        batches = self.score(prompts, rollouts, step, rewards)
         cuts = self.batch_cuts(batches)
         scored = timer()
         metrics = StepMetrics()
@@ -366,7 +379,7 @@ class Trainer:
             self.self_weights.after_step(step + 1)
         self.engine.sync_weights()
         done = timer()
-        result = metrics.reduce(self.accelerator)
+        result = metrics.reduce(self.accelerator) | reward_metrics
         result.update(
             completion_metrics(self.accelerator, rollouts, self.tokenizer, self.config.logging.answer_pattern)
         )
