@@ -43,6 +43,9 @@ AppliesTo = Literal["LH", "LL", "HT", "HS", "all", "high_entropy"]
 TARGET_LABELS = {"self": "privileged student", "teacher": "teacher"}  # how messages name a target's pass
 # The reward's term reads the "reward" target: each token's score is its sequence's advantage (rewards.py).
 REWARD_TARGET = "reward"
+# Where DOPD's thresholds are taken: the step's batch (each teacher's tokens apart with model.teachers), each
+# micro-batch (each holds one teacher's rows), or the step's batch with every teacher's tokens pooled.
+THRESHOLD_SCOPES = ("batch", "micro_batch", "pooled")
 
 
 @dataclass(frozen=True)
@@ -92,7 +95,7 @@ class ObjectiveConfig:
     self_ema_decay: float = 0.99  # self_weights=ema: copy = decay * copy + (1 - decay) * live after each step
     self_sync_every: int = 10  # self_weights=lagged: the copy takes the live weights every N optimizer steps
     trim: float = 0.05  # fraction of largest values dropped from each threshold mean
-    threshold_scope: str = "batch"  # batch (whole rollout batch, all processes) | micro_batch
+    threshold_scope: str = "batch"  # batch (whole rollout batch, all processes; per teacher) | micro_batch | pooled
     normalization: str = "none"  # none | zscore | minmax, of q_S and q_T before the probability threshold
     drop_fraction: float = 0.0  # Figure 4: fraction of tokens dropped from the loss
     drop_mode: str | None = None  # random | lowest_gap | highest_gap
@@ -133,7 +136,7 @@ class Objective:
         _one_of(config.method, METHODS, "objective.method")
         _one_of(config.topk_support, losses.TOPK_SUPPORTS, "objective.topk_support")
         _one_of(config.topk_tail, losses.TOPK_TAILS, "objective.topk_tail")
-        _one_of(config.threshold_scope, ("batch", "micro_batch"), "objective.threshold_scope")
+        _one_of(config.threshold_scope, THRESHOLD_SCOPES, "objective.threshold_scope")
         _one_of(config.normalization, routing.NORMALIZATIONS, "objective.normalization")
         for name in config.regimes:
             _one_of(name, REGIMES, "objective.regimes entry")

@@ -82,6 +82,7 @@ def _sample_html(record: dict) -> str:
             ("prompt", "prompt"),
             ("privileged", "privileged_context"),
             ("answer", "answer"),
+            ("teacher", "teacher"),  # model.teachers: the row's teacher
             ("reward", "reward"),  # objective.reward: the completion's reward and its advantage
             ("advantage", "advantage"),
         )

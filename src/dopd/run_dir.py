@@ -144,6 +144,8 @@ def sample_records(step: int, batch, output, prompts, tokenizer, count: int) -> 
             "token_ids": ids,
             "loss": output.token_loss[row, :n].tolist(),
         }
+        if batch.teacher is not None:  # model.teachers: the teacher of this row
+            record["teacher"] = batch.teacher
         if batch.rewards is not None:
             record["reward"], record["advantage"] = float(batch.rewards[row]), float(batch.advantages[row])
         if output.regime is not None:

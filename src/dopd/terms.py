@@ -87,10 +87,14 @@ def compute_cuts(
 
 def step_cuts(objective: Objective, batches: list, gather: Gather | None) -> Cuts:
     """The cuts of a whole step from its scored micro-batches (`types.MicroBatch`): the valid tokens' scores of
-    every micro-batch, then of every process through `gather`."""
+    every micro-batch, then of every process through `gather` (none here: this process's share is empty)."""
 
     def flat(name: str) -> TargetScores | None:
         parts = [getattr(b, f"{name}_scores") for b in batches]
+        if not parts:  # no micro-batch here (one teacher's rows on another process): no tokens, for the gather
+            needed = objective.needs_self if name == "self" else objective.needs_teacher
+            empty = torch.zeros(0)
+            return TargetScores(empty, empty) if needed else None
         if parts[0] is None:
             return None
         masks = [b.completions.mask.bool().to(p.token_logprobs.device) for b, p in zip(batches, parts)]

@@ -137,3 +137,4 @@ class MicroBatch:
     teacher_scores: TargetScores | None
     rewards: Tensor | None = None  # each sequence's reward [b] (objective.reward; None without one)
     advantages: Tensor | None = None  # each sequence's advantage over its prompt's rollouts [b] (rewards.py)
+    teacher: str | None = None  # the teacher of its rows (model.teachers; None: the one model.teacher)
