@@ -6,6 +6,7 @@ resume bit-identical with two teachers and a reward; two served teachers; every 
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import pytest
@@ -122,6 +123,25 @@ def test_each_micro_batch_is_scored_by_its_rows_teacher_only(pair, two, tmp_path
     assert "teacher/a/gap/threshold" in result and "teacher/b/gap/threshold" in result
 
 
+def test_sft_samples_each_row_from_its_own_teacher(pair, two, tmp_path):
+    trainer = Trainer(
+        two_teacher_config(pair, two, tmp_path / "run", "objective.method=sft", "train.prompts_per_step=8")
+    )
+    sampled = {"a": [], "b": []}
+    for name, engine in trainer.teacher_engines.items():
+        original = engine.generate
+        engine.generate = lambda ids, n, images=None, name=name, original=original: (
+            sampled[name].extend(map(tuple, ids)) or original(ids, n, images)
+        )
+    prompts = trainer.local_prompts()
+    rollouts = trainer.rollouts(prompts, 0)
+    for name in ("a", "b"):  # each teacher sampled exactly its rows' prompts
+        own = [tuple(trainer.prompts.student_ids[p]) for p in prompts if trainer.prompts.teachers[p] == name]
+        assert sampled[name] == own
+    assert sorted(rollouts.prompt_index) == sorted(i for i in range(len(prompts)) for _ in range(2))
+    assert math.isfinite(trainer.step(1)["loss"])  # and it trains
+
+
 def test_a_path_named_by_two_teachers_loads_once(pair, two, tmp_path):
     config = make_config(
         pair,
@@ -197,7 +217,6 @@ def test_two_served_teachers(pair, two, tmp_path):
     "extra, message",
     [
         (["model.teacher=/x"], "model.teacher and model.teachers are both set"),
-        (["objective.method=sft"], "samples from the teacher, which model.teachers does not do"),
         (["model.teachers.c={path: x}"], "model.teachers.c must be a path or hub name, or a mapping with model"),
         (["model.teachers.c={model: x, colour: red}"], r"model.teachers.c has unknown key\(s\) \['colour'\]"),
         (["model.teacher_server.url=http://127.0.0.1:9", "model.teacher_server.model=t"], "name each teacher's"),
@@ -236,3 +255,16 @@ def test_the_mixture_recipe_has_one_teacher_per_domain_and_passes_the_dry_run(ca
     assert (o.method, o.top_k, o.beta_w, o.beta_l, o.ht_weight, o.trim, o.threshold_scope) == (
         "dopd", 128, 0.3, 0.6, 1.0, 0.05, "batch"
     )  # fmt: skip
+
+
+def test_every_teacher_is_checked_before_any_weights_load(pair, two, tmp_path):
+    import tiny
+
+    other = str(tmp_path / "other")
+    tokenizer = tiny.build_tokenizer(extra_words=["zebra"])
+    tiny.build_model(len(tokenizer), 32).save_pretrained(other)
+    tokenizer.save_pretrained(other)
+    with pytest.raises(ConfigError, match=f"the teacher {other} has another tokenizer than the student"):
+        Trainer(two_teacher_config(pair, two, tmp_path / "run", f"model.teachers.b={other}"))
+    with pytest.raises(ConfigError, match="model.teachers.b = /no/such/teacher does not exist"):
+        Trainer(two_teacher_config(pair, two, tmp_path / "run2", "model.teachers.b=/no/such/teacher"))

@@ -487,11 +487,6 @@ def _check_teachers(config: Config, objective: Objective) -> None:
     bad = [name for name in m.teachers if not isinstance(name, str) or not name.strip() or "/" in name]
     if bad:
         raise ConfigError(f"model.teachers has the name {bad[0]!r}; a teacher's name is a non-empty word without '/'")
-    if objective.rollout_model == "teacher":
-        raise ConfigError(
-            f"method {config.objective.method!r} samples from the teacher, which model.teachers does not do (one "
-            "sampler per run); train one teacher's rows at a time with model.teacher"
-        )
     if m.teacher_server.model:
         raise ConfigError(
             "model.teacher_server.model is set with model.teachers; name each teacher's served model as its "

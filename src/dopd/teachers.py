@@ -60,6 +60,28 @@ def step_cuts_by_teacher(objective, batches: list, gather, names: list[str | Non
     return {name: step_cuts(objective, [b for b in batches if b.teacher == name], gather) for name in names}
 
 
+def generate_by_teacher(engines: dict, names: list[str], prompts: list[int], ids: list, count: int, images=None):
+    """Completions sampled by each row's own teacher (a method whose teacher samples, `sft`): each teacher's engine
+    (`engines[name]`) on its rows' prompts, merged into one `types.Rollouts` over `ids` (`prompts[i]`: row of
+    `ids[i]`), teachers in the order of `model.teachers`."""
+    from .types import Rollouts
+
+    positions: dict[str, list[int]] = {name: [] for name in engines}
+    for position, row in enumerate(prompts):
+        positions[names[row]].append(position)
+    merged = Rollouts([], [], [])
+    for name, own in positions.items():
+        if not own:
+            continue
+        part = engines[name].generate(
+            [ids[p] for p in own], count, None if images is None else [images[p] for p in own]
+        )
+        merged.prompt_index += [own[i] for i in part.prompt_index]
+        merged.completion_ids += part.completion_ids
+        merged.finished += part.finished
+    return merged
+
+
 @dataclass
 class Teacher:
     """One teacher of a run: its view of the config, the tokenizer its prompts are rendered with (None: the

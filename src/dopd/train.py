@@ -55,7 +55,7 @@ from .scoring import frozen_pass, micro_batches, pass_inputs, trainable_pass
 from .self_weights import SelfWeights
 from .served_teacher import check_server as check_served_teacher
 from .served_teacher import connect as connect_served_teacher
-from .teachers import TeacherSet, split_by_teacher, step_cuts_by_teacher
+from .teachers import TeacherSet, generate_by_teacher, split_by_teacher, step_cuts_by_teacher
 from .terms import Cuts, LossScope
 from .types import Completions, Head, MicroBatch, Rollouts
 
@@ -160,6 +160,10 @@ class Trainer:
         student_model = lambda: self.inner  # the engine reads the live student module
         models = (student_model, self.teacher, self.tokenizer, self.vocab_size, self.processor)
         self.engine = make_engine(config, self.objective, self.accelerator, *models)
+        self.teacher_engines = None  # several teachers that sample (sft): each row's own samples its completions
+        if self.teachers.several and self.objective.rollout_model == "teacher":
+            make = lambda module: make_engine(config, self.objective, self.accelerator, models[0], module, *models[2:])
+            self.teacher_engines = {t.name: make(t.module) for t in self.teachers}
         # The ids whose probability is a metric (the loss leaves out any beyond the vocabulary both heads score).
         self.eos_ids = tuple(sorted(end_of_sequence_ids(self.tokenizer, self.inner)))
         self.gather = make_gather(self.accelerator)
@@ -216,6 +220,9 @@ class Trainer:
         pictures = self.prompts.images  # the student sees the plain image, without the privileged boxes
         images = [pictures.image(p) for p in prompts] if pictures is not None else None
         try:
+            if self.teacher_engines is not None:
+                names, count = self.prompts.teachers, self.config.rollout.num_generations
+                return generate_by_teacher(self.teacher_engines, names, prompts, ids, count, images)
             return self.engine.generate(ids, self.config.rollout.num_generations, images)
         except RuntimeError as error:
             if "probability tensor contains" in str(error):  # torch.multinomial on a distribution with NaN or inf
