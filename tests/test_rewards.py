@@ -163,6 +163,11 @@ def test_trainer_logs_rewards_and_weight_zero_changes_nothing(pair, tmp_path):
         assert record["reward"] == float(len(words))
         assert "advantage" in record
     assert all("reward/mean" in m and m["reward/mean"] > 0 for m in metrics)
+    from dopd.report import build_report
+
+    report = build_report([str(tmp_path / "half")], str(tmp_path / "report"), token_steps=1)
+    page = open(report.html_path).read()
+    assert "reward" in report.plots and f"<b>reward</b> {samples[-1]['reward']}" in page  # shown per completion
 
 
 def test_exact_reward_scores_the_answer(pair, tmp_path):
