@@ -179,3 +179,18 @@ def test_quick_lab_end_to_end_and_the_same_numbers_twice(tmp_path):
 
     _, again = _lab(tmp_path / "second", *QUICK, "--workers", "1")  # one process this time: the same numbers
     assert _without_timing(again) == _without_timing(results)
+
+
+def test_a_lab_method_can_take_the_tasks_reward(tmp_path):
+    from dopd.lab.config import LabConfig
+    from dopd.lab.methods import parse_method
+    from dopd.lab.runner import Job, run_config
+
+    spec = parse_method("dopd[reward=lab,reward_weight=0.5]")
+    job = Job(
+        spec, 3e-4, 0, "hints", str(tmp_path / "run"), str(tmp_path / "pair"), "rows.jsonl", 32, LabConfig.quick()
+    )
+    objective = run_config(job).objective
+    assert (objective.method, objective.reward, objective.reward_weight) == ("dopd", "lab:order", 0.5)
+    with pytest.raises(ValueError, match="objective.reward = 'labs' is unknown"):
+        parse_method("opd[reward=labs]")

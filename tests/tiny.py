@@ -322,3 +322,22 @@ def first_rollouts(trainer, generations: int = 2):
     """The prompts of a trainer's next step and `generations` completions of each, sampled by its engine."""
     prompts = trainer.local_prompts()
     return prompts, trainer.engine.generate([trainer.prompts.student_ids[p] for p in prompts], generations)
+
+
+# ------------------------------------------------------------------------------------------ reward functions
+
+
+def word_count_reward(prompt, completion, row) -> float:
+    """A `module:function` reward for tiny runs (`objective.reward=tiny:word_count_reward`): the completion's
+    number of words, which varies between a prompt's rollouts."""
+    return float(len(completion.split()))
+
+
+def text_reward(prompt, completion, row):
+    """A reward function that returns something other than a number (a bad-input test)."""
+    return "yes"
+
+
+def nan_reward(prompt, completion, row) -> float:
+    """A reward function that returns NaN (a bad-input test)."""
+    return float("nan")

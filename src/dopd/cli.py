@@ -19,6 +19,16 @@ def _train(args: argparse.Namespace) -> int:
     from .train import train
 
     config = load_config(args.config, args.overrides)
+    if args.dry_run:  # the settings checked (every check that needs no model or data), nothing loaded
+        from .config import teacher_views
+        from .objectives import build_objective
+
+        print(f"config ok: {build_objective(config.objective)!r}")
+        for name, view in teacher_views(config).items():
+            server = view.model.teacher_server.url
+            where = f" (served by {server})" if server else ""
+            print(f"teacher {name or 'model.teacher'}: {view.model.teacher}{where}")
+        return 0
     result = train(config)
     print(f"run directory: {result.run_dir}")
     print(f"final model:   {result.final_dir}")
@@ -210,6 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--config", help="YAML file with the settings")
     train.add_argument("overrides", nargs="*", help="dotted key=value settings, applied after the file")
+    train.add_argument(
+        "--dry-run", action="store_true", help="check the settings and print the objective and teachers, load nothing"
+    )
     train.set_defaults(handler=_train)
 
     _add_lab_parser(commands)

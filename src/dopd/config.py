@@ -13,7 +13,7 @@ import dataclasses
 import inspect
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from omegaconf import OmegaConf
@@ -52,6 +52,7 @@ class TeacherServerConfig:
 class ModelConfig:
     student: str = ""  # student model: a local path or a hub name (required)
     teacher: str | None = None  # teacher model: a local path or a hub name (required unless the method has no teacher)
+    teachers: dict[str, Any] = field(default_factory=dict)  # several teachers: name -> path, or {model, template, ...}
     tokenizer: str | None = None  # tokenizer path or hub name (default: the student's)
     dtype: str = "float32"  # float32 | bfloat16 | float16: the teacher's weights (the student keeps fp32 weights)
     trust_remote_code: bool = False  # passed to from_pretrained
@@ -78,6 +79,7 @@ class DataConfig:
     self_template: str = DEFAULT_PRIVILEGED_TEMPLATE  # the same for the privileged student pass
     use_chat_template: bool | None = None  # render prompts with the tokenizer's chat template (default: if it has one)
     teacher_chat_template: bool = False  # render the teacher's prompts with its own chat template when the two differ
+    teacher_column: str = "teacher"  # with model.teachers: the column that names each row's teacher
     max_prompt_length: int = 1024  # longest prompt in tokens, privileged prompts included
     drop_long_prompts: bool = False  # drop prompts over max_prompt_length instead of stopping with an error
     max_samples: int | None = None  # use only the first N rows
@@ -251,10 +253,14 @@ def _read_yaml(path) -> Any:
 def resolve(config: Config) -> Config:
     """Fill the settings whose default depends on other settings, in place (they are saved with the run):
     `train.mixed_precision` read by YAML as false is `no`; a served teacher gives its top-K only, so
-    `objective.teacher_full` unset becomes `topk_bucket`. Returns the config."""
+    `objective.teacher_full` unset becomes `topk_bucket` (with model.teachers, when any teacher is served).
+    Returns the config."""
     if config.train.mixed_precision in ("False", "false"):  # YAML reads a bare `no` as false
         config.train.mixed_precision = "no"
-    if config.model.teacher_server.url and config.objective.teacher_full is None:
+    served = config.model.teacher_server.url or any(
+        isinstance(entry, dict) and entry.get("server_url") for entry in config.model.teachers.values()
+    )
+    if served and config.objective.teacher_full is None:  # any served teacher: one objective for all
         config.objective.teacher_full = "topk_bucket"
     return config
 
@@ -295,7 +301,9 @@ def validate(config: Config) -> None:
     )
     if not m.student:
         raise ConfigError("model.student is required: a local path or a hub name of the student model")
-    if m.teacher_server.url:
+    if m.teachers:
+        _check_teachers(config, objective)
+    elif m.teacher_server.url:
         _check_teacher_server(config, objective)
     elif objective.needs_teacher_model and not m.teacher:
         raise ConfigError(f"model.teacher is required by method {config.objective.method!r}: a path or a hub name")
@@ -312,6 +320,11 @@ def validate(config: Config) -> None:
     _check_images(config)
     _check_lora(m.lora)
     _check_rollout_backend(config)
+    if objective.has_reward and r.num_generations < 2:
+        raise ConfigError(
+            f"objective.reward needs rollout.num_generations >= 2 (it is {r.num_generations}): the advantage is each "
+            "reward against the other rollouts of its prompt, and one rollout's is always 0"
+        )
     if objective.rollout_model == "teacher" and r.backend != "hf":
         raise ConfigError(
             f"objective.method = {config.objective.method!r} samples from the teacher, which rollout.backend = "
@@ -461,6 +474,85 @@ def _check_teacher_server(config: Config, objective: Objective) -> None:
     _positive(ts.retries, "model.teacher_server.retries")
     _positive(ts.max_sequences_per_request, "model.teacher_server.max_sequences_per_request")
     _positive(ts.max_concurrency, "model.teacher_server.max_concurrency")
+
+
+# The keys of one entry of model.teachers given as a mapping (a string is its `model`).
+TEACHER_KEYS = {
+    "model": "the teacher: a local path or a hub name (with a server: the served model's name)",
+    "template": "how its prompt inserts the privileged context (default: data.teacher_template)",
+    "chat_template": "render its prompts with its own chat template (default: data.teacher_chat_template)",
+    "server_url": "a vLLM server that serves it (default: model.teacher_server.url; null there: a local teacher)",
+}
+
+
+def teacher_entry(name: str, entry: Any) -> dict[str, Any]:
+    """One entry of model.teachers as a mapping of `TEACHER_KEYS` (a string is its `model`); one line otherwise."""
+    if isinstance(entry, str):
+        entry = {"model": entry}
+    if not isinstance(entry, dict):
+        entry = dict(entry) if hasattr(entry, "items") else entry
+    where = f"model.teachers.{name}"
+    if not isinstance(entry, dict) or not isinstance(entry.get("model"), str) or not entry["model"]:
+        raise ConfigError(
+            f"{where} must be a path or hub name, or a mapping with model: PATH (and optionally template, "
+            "chat_template, server_url)"
+        )
+    unknown = sorted(set(entry) - set(TEACHER_KEYS))
+    if unknown:
+        raise ConfigError(f"{where} has unknown key(s) {unknown}; known: {', '.join(TEACHER_KEYS)}")
+    if entry.get("template") is not None:
+        try:
+            check_template(entry["template"], f"{where}.template")
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+    return entry
+
+
+SINGLE_TEACHER = None  # the name of the one teacher of model.teacher (teachers.py)
+
+
+def teacher_views(config: Config) -> dict[str | None, Config]:
+    """Each teacher's view of the config, by name (`{SINGLE_TEACHER: config}` without `model.teachers`)."""
+    m, d = config.model, config.data
+    if not m.teachers:
+        return {SINGLE_TEACHER: config}
+    views = {}
+    for name, raw in m.teachers.items():
+        entry = teacher_entry(name, raw)
+        server = replace(m.teacher_server, url=entry.get("server_url") or m.teacher_server.url, model=None)
+        model = replace(m, teacher=entry["model"], teachers={}, teacher_server=server)
+        chat = entry.get("chat_template")
+        data = replace(
+            d,
+            teacher_template=entry.get("template") or d.teacher_template,
+            teacher_chat_template=d.teacher_chat_template if chat is None else bool(chat),
+        )
+        views[name] = replace(config, model=model, data=data)
+    return views
+
+
+def _check_teachers(config: Config, objective: Objective) -> None:
+    """model.teachers: names, entries, and what a teacher per row cannot do; each served teacher's view is checked
+    as the single served teacher is (`teachers.teacher_views`)."""
+    m = config.model
+    if m.teacher:
+        raise ConfigError(
+            "model.teacher and model.teachers are both set; give one teacher with model.teacher or several with "
+            "model.teachers (name -> path), not both"
+        )
+    bad = [name for name in m.teachers if not isinstance(name, str) or not name.strip() or "/" in name]
+    if bad:
+        raise ConfigError(f"model.teachers has the name {bad[0]!r}; a teacher's name is a non-empty word without '/'")
+    if m.teacher_server.model:
+        raise ConfigError(
+            "model.teacher_server.model is set with model.teachers; name each teacher's served model as its "
+            "model.teachers.NAME (or .model)"
+        )
+    for view in teacher_views(config).values():
+        if view.model.teacher_server.url:
+            _check_teacher_server(view, objective)
+        if not objective.needs_teacher_model:
+            break
 
 
 def _check_lora(lora: LoraConfig) -> None:

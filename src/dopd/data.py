@@ -151,6 +151,8 @@ class PromptSet:
     privileged: list[str | None]
     answers: list[str | None]
     images: Any = None  # multimodal.ImageRows of the rows kept (data.image_column), else None
+    rows: Any = None  # the dataset's rows kept (a reward function reads its row), else None
+    teachers: list[str] | None = None  # each row's teacher (model.teachers, data.teacher_column), else None
 
     def __len__(self) -> int:
         return len(self.student_ids)
@@ -164,11 +166,14 @@ def build_prompt_set(
     self_privileged: bool,
     processor=None,
     teacher_tokenizer=None,
+    row_teachers: tuple[list[str], dict[str, tuple[str, Any]]] | None = None,
 ) -> PromptSet:
     """Render and tokenize every row; prompts over `max_prompt_length` stop the run (or are dropped). With
     `data.image_column`, `processor` renders each prompt with an image part and expands its placeholder tokens.
     `teacher_tokenizer`: renders and tokenizes the teacher's prompts with its own chat template
-    (`data.teacher_chat_template`; the vocabulary is the student's)."""
+    (`data.teacher_chat_template`; the vocabulary is the student's). `row_teachers`: with several teachers, each
+    row's teacher name and each teacher's (privileged template, prompt tokenizer or None): a row's teacher prompt
+    is rendered as its own teacher's."""
     prompts = list(dataset[config.prompt_column])
     images = None
     if config.image_column:
@@ -191,14 +196,31 @@ def build_prompt_set(
         ]
 
     teacher_renderer = teacher_tokenizer if teacher_tokenizer is not None and images is None else renderer
+    teacher_context = privileged if teacher_privileged else None
     texts = [
         render(None, config.self_template),
         render(privileged if self_privileged else None, config.self_template),
-        render(privileged if teacher_privileged else None, config.teacher_template, teacher_renderer),
+        render(teacher_context, config.teacher_template, teacher_renderer) if row_teachers is None else None,
     ]
+    groups = {None: (list(range(len(prompts))), teacher_renderer)}
+    if row_teachers is not None:  # each row rendered as its own teacher's prompt, each teacher's rows at once
+        names, own = row_teachers
+        groups = {name: ([i for i, n in enumerate(names) if n == name], None) for name in own}
+        texts[2] = [""] * len(prompts)
+        for name, (template, own_tokenizer) in own.items():
+            by = own_tokenizer if own_tokenizer is not None and images is None else renderer
+            rows = groups[name][0]
+            for i in rows:
+                ctx = None if teacher_context is None else teacher_context[i]
+                texts[2][i] = render_prompt(by, prompts[i], ctx, template, config.use_chat_template)
+            groups[name] = (rows, by)
     if images is None:
         student_ids, self_ids = (tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts[:2])
-        teacher_ids = teacher_renderer(texts[2], add_special_tokens=False)["input_ids"]
+        teacher_ids = [None] * len(prompts)
+        for rows, by in groups.values():
+            encoded = by([texts[2][i] for i in rows], add_special_tokens=False)["input_ids"] if rows else []
+            for i, ids in zip(rows, encoded):
+                teacher_ids[i] = ids
     else:  # the same image in all three passes: the same number of placeholder tokens
         rows = [
             encode_with_image(processor, list(three), images.checked(i, config.box_column))
@@ -225,6 +247,8 @@ def build_prompt_set(
         privileged=[privileged[i] for i in keep],
         answers=[answers[i] for i in keep],
         images=None if images is None else images.subset(keep),
+        rows=dataset.select(keep) if hasattr(dataset, "select") else None,
+        teachers=None if row_teachers is None else [row_teachers[0][i] for i in keep],
     )
 
 
@@ -259,6 +283,18 @@ def load_prompt_set(config, objective, tokenizer, processor=None, teacher_tokeni
     dataset = load_rows(config.data)
     needs_privileged = bool(objective.teacher_privileged) or (objective.needs_self and config.objective.self_privileged)
     check_columns(dataset, config.data, needs_privileged)
+    row_teachers = None
+    if config.model.teachers:  # several teachers: the column naming each row's, checked before any model loads
+        from .config import teacher_views
+        from .teachers import check_row_teachers
+
+        column = config.data.teacher_column
+        fix = "; it names each row's teacher, one of model.teachers"
+        names = require_column(dataset, column, "data.teacher_column", config.data.path, fix)
+        check_row_teachers(names, config.model.teachers, column)
+        views = teacher_views(config)
+        own = {name: (views[name].data.teacher_template, (teacher_tokenizer or {}).get(name)) for name in views}
+        row_teachers, teacher_tokenizer = (list(names), own), None
     return build_prompt_set(
         dataset,
         config.data,
@@ -267,4 +303,5 @@ def load_prompt_set(config, objective, tokenizer, processor=None, teacher_tokeni
         config.objective.self_privileged,
         processor,
         teacher_tokenizer,
+        row_teachers,
     )

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from .config import Config, ConfigError, is_image_text
+from .config import Config, ConfigError, is_image_text, teacher_views
 from .engines import head_rows
 
 logger = logging.getLogger("dopd")
@@ -185,6 +185,9 @@ def check_sources(config: Config) -> None:
     check_source(m.student, "model.student")
     if m.teacher and not m.teacher_server.url:
         check_source(m.teacher, "model.teacher")
+    for name, view in teacher_views(config).items() if m.teachers else ():
+        if not view.model.teacher_server.url:
+            check_source(view.model.teacher, f"model.teachers.{name}")
     if m.tokenizer:
         check_source(m.tokenizer, "model.tokenizer")
     check_source(config.data.path, "data.path", "dataset")

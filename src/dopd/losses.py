@@ -283,6 +283,16 @@ def sampled_token_divergence(name: str, student_logprob: Tensor, target_logprob:
     return surrogate + integrand - integrand.detach()
 
 
+def policy_gradient(student_logprob: Tensor, advantage: Tensor) -> Tensor:
+    """The reward's term on the sampled token: `−sg(A)·exp(log s − sg(log s))`, whose value is `−A` and whose
+    gradient is `−A ∇log s(y)` (REINFORCE with the advantage `A`). Beside OPD's sampled reverse KL, whose gradient
+    is `(log s − log t) ∇log s`, the sum is OPD with `A` added to its per-token advantage `log t − log s`.
+    Gradient flows through `student_logprob` only. Shapes: [...] -> [...]."""
+    (student_logprob,) = _upcast(student_logprob)  # the advantage takes the student's precision
+    advantage = advantage.detach().to(student_logprob.dtype)
+    return -advantage * torch.exp(student_logprob - student_logprob.detach())
+
+
 def negative_log_likelihood(student_logprob: Tensor) -> Tensor:
     """`−log s(y)` of tokens sampled from another model (supervised fine-tuning on its samples). Shapes: [...]."""
     (student_logprob,) = _upcast(student_logprob)

@@ -19,19 +19,23 @@ class StepMetrics:
         self.sums: dict[str, float] = {}
         self.weights: dict[str, float] = {}
 
-    def add(self, metrics: dict[str, torch.Tensor]) -> None:
+    def add(self, metrics: dict[str, torch.Tensor], group: str | None = None) -> None:
+        """One loss call's metrics; with a `group` (`teacher/NAME`), also under `group/key` (metrics by teacher)."""
         tokens = float(metrics["tokens"])
         for key, value in metrics.items():
-            value = float(value)
-            if key in ("loss", "tokens"):
-                weight = 1.0
-            elif key.startswith("loss/"):
-                weight = float(metrics[f"frac/{key[5:]}"]) * tokens
-            else:
-                weight = tokens
-            if weight > 0 and math.isfinite(value):
-                self.sums[key] = self.sums.get(key, 0.0) + value * weight
-                self.weights[key] = self.weights.get(key, 0.0) + weight
+            for name in (key,) if group is None else (key, f"{group}/{key}"):
+                self._add(name, key, float(value), metrics, tokens)
+
+    def _add(self, name: str, key: str, value: float, metrics: dict[str, torch.Tensor], tokens: float) -> None:
+        if key in ("loss", "tokens"):
+            weight = 1.0
+        elif key.startswith("loss/"):
+            weight = float(metrics[f"frac/{key[5:]}"]) * tokens
+        else:
+            weight = tokens
+        if weight > 0 and math.isfinite(value):
+            self.sums[name] = self.sums.get(name, 0.0) + value * weight
+            self.weights[name] = self.weights.get(name, 0.0) + weight
 
     def reduce(self, accelerator) -> dict[str, float]:
         keys = sorted(self.sums)
@@ -46,16 +50,23 @@ class StepMetrics:
             sums = {k: float(packed[i, 0]) for i, k in enumerate(keys)}
             weights = {k: float(packed[i, 1]) for i, k in enumerate(keys)}
             # Data-parallel gradients are averaged over processes, so the step's loss is the mean of theirs.
-            sums["loss"] = sums.get("loss", 0.0) / accelerator.num_processes
+            for key in keys:
+                if _base(key) == "loss":
+                    sums[key] = sums[key] / accelerator.num_processes
         else:
             sums, weights = self.sums, self.weights
         out = {}
         for key in keys:
-            if key in ("loss", "tokens"):
+            if _base(key) in ("loss", "tokens"):
                 out[key] = sums[key]
             elif weights[key] > 0:
                 out[key] = sums[key] / weights[key]
         return out
+
+
+def _base(key: str) -> str:
+    """A metric's key without its group: `teacher/NAME/loss` -> `loss`."""
+    return key.split("/", 2)[2] if key.startswith("teacher/") and key.count("/") >= 2 else key
 
 
 def reduce_number(accelerator, value: float, reduction: str) -> float:

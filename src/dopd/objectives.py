@@ -41,6 +41,11 @@ ALL_TOKENS = "all"
 HIGH_TEACHER_ENTROPY = "high_entropy"  # EOPD: where the teacher's entropy is at or above a quantile of the scope's
 AppliesTo = Literal["LH", "LL", "HT", "HS", "all", "high_entropy"]
 TARGET_LABELS = {"self": "privileged student", "teacher": "teacher"}  # how messages name a target's pass
+# The reward's term reads the "reward" target: each token's score is its sequence's advantage (rewards.py).
+REWARD_TARGET = "reward"
+# Where DOPD's thresholds are taken: the step's batch (each teacher's tokens apart with model.teachers), each
+# micro-batch (each holds one teacher's rows), or the step's batch with every teacher's tokens pooled.
+THRESHOLD_SCOPES = ("batch", "micro_batch", "pooled")
 
 
 @dataclass(frozen=True)
@@ -48,8 +53,8 @@ class Term:
     """One weighted divergence between the deployed student and a target, and the tokens it applies to. A token's
     loss is the sum of the terms that apply to it (`terms.route` says which do)."""
 
-    target: str  # teacher | self | none (reads no scorer: sft)
-    divergence: str  # one of losses.DIVERGENCES, or nll (sft: the sampled token's negative log-likelihood)
+    target: str  # teacher | self | reward (the sequence's advantage) | none (reads no scorer: sft)
+    divergence: str  # one of losses.DIVERGENCES, nll (sft: the sampled token's NLL), or policy_gradient (reward)
     granularity: str  # sampled (the sampled token) | topk (a Top-K support) | full (the whole vocabulary)
     weight: float
     applies_to: AppliesTo  # a DOPD regime (LH, LL, HT, HS), ALL_TOKENS or HIGH_TEACHER_ENTROPY
@@ -90,7 +95,7 @@ class ObjectiveConfig:
     self_ema_decay: float = 0.99  # self_weights=ema: copy = decay * copy + (1 - decay) * live after each step
     self_sync_every: int = 10  # self_weights=lagged: the copy takes the live weights every N optimizer steps
     trim: float = 0.05  # fraction of largest values dropped from each threshold mean
-    threshold_scope: str = "batch"  # batch (whole rollout batch, all processes) | micro_batch
+    threshold_scope: str = "batch"  # batch (whole rollout batch, all processes; per teacher) | micro_batch | pooled
     normalization: str = "none"  # none | zscore | minmax, of q_S and q_T before the probability threshold
     drop_fraction: float = 0.0  # Figure 4: fraction of tokens dropped from the loss
     drop_mode: str | None = None  # random | lowest_gap | highest_gap
@@ -98,6 +103,24 @@ class ObjectiveConfig:
     eopd_forward_weight: float = 1.0  # EOPD: weight of the forward KL term
     temperature: float = 1.0  # logits are divided by it in every pass
     teacher_full: str | None = None  # full | topk_bucket: teacher's full-vocab terms on its top-K + tail (null: served)
+    reward: str | None = None  # a verifier: math | exact | lab:TASK | module:function (null: no reward term)
+    reward_weight: float = 1.0  # weight of the reward's policy-gradient term (objective.reward set)
+
+
+def check_reward_name(name) -> None:
+    """`objective.reward` names a verifier: math, exact, lab (the lab task's checker), lab:TASK, module:function."""
+    if not isinstance(name, str) or not (
+        name in ("math", "exact", "lab") or (name.startswith("lab:") and len(name) > 4) or _is_function_path(name)
+    ):
+        raise ValueError(
+            f"objective.reward = {name!r} is unknown; use math, exact, lab:TASK or module:function "
+            "(a function of prompt, completion and row returning a number)"
+        )
+
+
+def _is_function_path(name: str) -> bool:
+    module, sep, function = name.partition(":")
+    return bool(sep) and all(part.isidentifier() for part in module.split(".") + [function])
 
 
 def _one_of(value, known, field_name: str) -> None:
@@ -113,7 +136,7 @@ class Objective:
         _one_of(config.method, METHODS, "objective.method")
         _one_of(config.topk_support, losses.TOPK_SUPPORTS, "objective.topk_support")
         _one_of(config.topk_tail, losses.TOPK_TAILS, "objective.topk_tail")
-        _one_of(config.threshold_scope, ("batch", "micro_batch"), "objective.threshold_scope")
+        _one_of(config.threshold_scope, THRESHOLD_SCOPES, "objective.threshold_scope")
         _one_of(config.normalization, routing.NORMALIZATIONS, "objective.normalization")
         for name in config.regimes:
             _one_of(name, REGIMES, "objective.regimes entry")
@@ -152,6 +175,10 @@ class Objective:
             raise ValueError(f"objective.temperature = {config.temperature} must be positive")
         if not 0.0 <= config.jsd_beta <= 1.0:
             raise ValueError(f"objective.jsd_beta = {config.jsd_beta} must be in [0, 1]")
+        if config.reward is not None:
+            check_reward_name(config.reward)
+        if config.reward_weight < 0:
+            raise ValueError(f"objective.reward_weight = {config.reward_weight} must be >= 0")
         if not 0.0 < config.eopd_entropy_quantile < 1.0:
             raise ValueError(f"objective.eopd_entropy_quantile = {config.eopd_entropy_quantile} must be in (0, 1)")
         if config.method == "dopd" and config.beta_w >= config.beta_l:
@@ -192,6 +219,7 @@ class Objective:
         if not self.needs_teacher and self.rollout_model != "teacher":
             self.teacher_privileged = None
         self.needs_teacher_model = self.needs_teacher or self.rollout_model == "teacher"
+        self.has_reward = config.reward is not None  # the loss reads each sequence's advantage (rewards.py)
 
     def _resolve_terms(self) -> list[Term]:
         c = self.config
@@ -242,6 +270,8 @@ class Objective:
                 else term
                 for term in terms
             ]
+        if c.reward is not None:  # after the overrides: they concern the distillation terms only
+            terms.append(Term(REWARD_TARGET, "policy_gradient", "sampled", c.reward_weight, ALL_TOKENS))
         return terms
 
     def top_k_for(self, target: str) -> int | None:

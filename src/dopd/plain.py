@@ -21,6 +21,7 @@ from .terms import (
     route,
     summarize,
     weighted_token_loss,
+    with_reward,
 )
 from .types import TargetScores
 
@@ -33,6 +34,7 @@ def compute_objective(
     *,
     self_logits_BTV: Tensor | None = None,
     teacher_logits_BTV: Tensor | None = None,
+    advantages_B: Tensor | None = None,
     scope: LossScope = SINGLE_CALL,
 ) -> ObjectiveOutput:
     """The plain form: the objective from full logits of the three passes on the same completion tokens.
@@ -42,7 +44,8 @@ def compute_objective(
     own): the cuts (routing thresholds, EOPD's entropy cut) when the trainer routes a larger scope than this call
     (otherwise they are computed here, over processes with its `gather`), the number of sequences the loss is
     averaged over (default B; the trainer passes the step's count so that gradient accumulation gives the mean over
-    the whole batch), the token-dropping generator and the end-of-sequence ids.
+    the whole batch), the token-dropping generator and the end-of-sequence ids. `advantages_B` [B]: each
+    sequence's reward advantage, needed when `objective.reward` is set (`rewards.group_advantages`).
     """
     others = {"self": self_logits_BTV, "teacher": teacher_logits_BTV}
     for name, needed in (("self", objective.needs_self), ("teacher", objective.needs_teacher)):
@@ -60,6 +63,8 @@ def compute_objective(
         if logits is not None:
             full[name] = torch.log_softmax(logits.detach().to(dtype) / temperature, dim=-1)
             scores[name] = TargetScores.from_logprobs(full[name], completion_ids_BT, objective.top_k_for(name))
+    entropies = {name: s.entropy for name, s in scores.items()}
+    scores = with_reward(objective, scores, advantages_B, mask_BT)
     routed = route(objective, mask_BT, scores.get("self"), scores.get("teacher"), scope)
     valid = mask_BT.bool()
     flat_full = {name: lp[valid] for name, lp in full.items()}
@@ -77,8 +82,7 @@ def compute_objective(
     token_loss_BT = torch.zeros(mask_BT.shape, dtype=token_loss.dtype, device=token_loss.device)
     token_loss_BT = token_loss_BT.masked_scatter(valid, token_loss)
     student_token_lp = student_lp.detach().gather(-1, completion_ids_BT.unsqueeze(-1)).squeeze(-1)
-    entropies = {"student": losses.entropy(student_lp.detach())}
-    entropies.update({name: s.entropy for name, s in scores.items()})
+    entropies = {"student": losses.entropy(student_lp.detach()), **entropies}
     metrics = summarize(
         objective,
         loss,

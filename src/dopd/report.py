@@ -230,6 +230,9 @@ def write_plots(runs: list[Run], out: str, collapses: dict[str, Collapse], fract
                 ("threshold of q_S + q_T", [("prob_sum/threshold", "-o")]),
             ],
         ),
+        "reward": _line_plot(
+            runs, out, "reward", "verifiable reward (objective.reward)", [("reward: mean", [("reward/mean", "-o")])]
+        ),
         "gap_histogram": _gap_histogram(runs, out),
         "entropy": _entropy_plot(runs, out, collapses, fraction),
         "completion_length": _line_plot(

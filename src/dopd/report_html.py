@@ -78,7 +78,14 @@ def _sample_html(record: dict) -> str:
     count_text = " ".join(f"{r} {n}" for r, n in counts.items() if n) or "no regimes"
     meta = "".join(
         f"<div><b>{name}</b> {html.escape(str(record.get(key)))}</div>"
-        for name, key in (("prompt", "prompt"), ("privileged", "privileged_context"), ("answer", "answer"))
+        for name, key in (
+            ("prompt", "prompt"),
+            ("privileged", "privileged_context"),
+            ("answer", "answer"),
+            ("teacher", "teacher"),  # model.teachers: the row's teacher
+            ("reward", "reward"),  # objective.reward: the completion's reward and its advantage
+            ("advantage", "advantage"),
+        )
         if record.get(key) is not None
     )
     return (

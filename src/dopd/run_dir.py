@@ -144,6 +144,10 @@ def sample_records(step: int, batch, output, prompts, tokenizer, count: int) -> 
             "token_ids": ids,
             "loss": output.token_loss[row, :n].tolist(),
         }
+        if batch.teacher is not None:  # model.teachers: the teacher of this row
+            record["teacher"] = batch.teacher
+        if batch.rewards is not None:
+            record["reward"], record["advantage"] = float(batch.rewards[row]), float(batch.advantages[row])
         if output.regime is not None:
             record["regime"] = [REGIMES[r] if r >= 0 else None for r in output.regime[row, :n].tolist()]
         if output.gap is not None:

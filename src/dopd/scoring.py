@@ -35,18 +35,22 @@ def pack_by_tokens(lengths: list[int], budget: int) -> list[list[int]]:
     return batches
 
 
-def micro_batches(prompts: list[int], rollouts, prompt_sets: list[list[list[int]]], size: int, budget: int):
+def micro_batches(
+    prompts: list[int], rollouts, prompt_sets: list[list[list[int]]], size: int, budget: int, indices=None
+):
     """Rollout indices of each micro-batch of a step: `size` in order, or, with a token `budget`, packed by the
     padded tokens of the longest of the passes' prompts (`prompt_sets`, each indexed by data set row) plus the
-    completion. `prompts[rollouts.prompt_index[i]]` is rollout i's row."""
-    count = len(rollouts)
+    completion. `prompts[rollouts.prompt_index[i]]` is rollout i's row. `indices`: the rollouts to cut (default:
+    all; one teacher's with several teachers)."""
+    indices = list(range(len(rollouts))) if indices is None else list(indices)
+    count = len(indices)
     if not budget:
-        return [list(range(start, min(start + size, count))) for start in range(0, count, size)]
+        return [indices[start : start + size] for start in range(0, count, size)]
     lengths = [
         max(len(ids[prompts[rollouts.prompt_index[i]]]) for ids in prompt_sets) + len(rollouts.completion_ids[i])
-        for i in range(count)
+        for i in indices
     ]
-    return pack_by_tokens(lengths, budget)
+    return [[indices[j] for j in packed] for packed in pack_by_tokens(lengths, budget)]
 
 
 def pass_inputs(prompts: list[list[int]], completions: Completions, pad_id: int) -> PassInputs:

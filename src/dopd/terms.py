@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from . import losses, routing
-from .objectives import ALL_TOKENS, HIGH_TEACHER_ENTROPY, Objective, Term
+from .objectives import ALL_TOKENS, HIGH_TEACHER_ENTROPY, REWARD_TARGET, Objective, Term
 from .routing import REGIMES, Gather, Thresholds
 from .types import TargetScores
 
@@ -87,10 +87,14 @@ def compute_cuts(
 
 def step_cuts(objective: Objective, batches: list, gather: Gather | None) -> Cuts:
     """The cuts of a whole step from its scored micro-batches (`types.MicroBatch`): the valid tokens' scores of
-    every micro-batch, then of every process through `gather`."""
+    every micro-batch, then of every process through `gather` (none here: this process's share is empty)."""
 
     def flat(name: str) -> TargetScores | None:
         parts = [getattr(b, f"{name}_scores") for b in batches]
+        if not parts:  # no micro-batch here (one teacher's rows on another process): no tokens, for the gather
+            needed = objective.needs_self if name == "self" else objective.needs_teacher
+            empty = torch.zeros(0)
+            return TargetScores(empty, empty) if needed else None
         if parts[0] is None:
             return None
         masks = [b.completions.mask.bool().to(p.token_logprobs.device) for b, p in zip(batches, parts)]
@@ -105,6 +109,21 @@ def step_cuts(objective: Objective, batches: list, gather: Gather | None) -> Cut
         return Cuts()
     mask = torch.ones_like(reference.token_logprobs, dtype=torch.bool)
     return compute_cuts(objective, self_flat, teacher_flat, mask, gather)
+
+
+def with_reward(objective: Objective, scores: dict[str, TargetScores], advantages_B: Tensor | None, mask_BT: Tensor):
+    """`scores` with the reward's entry when the objective has a reward term: each token's "log-prob" is its
+    sequence's advantage [B] (`rewards.group_advantages`), which the policy-gradient term reads."""
+    if not objective.has_reward:
+        return scores
+    if advantages_B is None or tuple(advantages_B.shape) != (mask_BT.shape[0],):
+        got = None if advantages_B is None else tuple(advantages_B.shape)
+        raise ValueError(
+            f"objective.reward is set: the loss needs one advantage per sequence, shape ({mask_BT.shape[0]},), "
+            f"not {got}; pass advantages_B (rewards.group_advantages)"
+        )
+    advantage = advantages_B.detach().to(device=mask_BT.device, dtype=torch.float64)[:, None].expand(mask_BT.shape)
+    return {**scores, REWARD_TARGET: TargetScores(advantage, torch.zeros_like(advantage))}
 
 
 # ---------------------------------------------------------------------------------------- token weights
@@ -200,6 +219,8 @@ def sampled_values(objective: Objective, term: Term, student_token_logprobs_R: T
     """A sampled-token term from the student's log-probs of the R sampled tokens [R]. Returns [R]."""
     if term.divergence == "nll":  # supervised: the tokens were sampled by the teacher, no target is read
         return losses.negative_log_likelihood(student_token_logprobs_R)
+    if term.divergence == "policy_gradient":  # the reward: the target's "log-probs" are the sequence's advantage
+        return losses.policy_gradient(student_token_logprobs_R, target.token_logprobs)
     return losses.sampled_token_divergence(
         term.divergence, student_token_logprobs_R, target.token_logprobs, objective.config.jsd_beta
     )

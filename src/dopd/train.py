@@ -1,8 +1,11 @@
-"""The on-policy distillation loop on accelerate (docs/method.md, "Setting": one training step).
+"""The on-policy distillation loop on accelerate; over 450 lines: one class that reads downward (see the end).
+
+One training step is docs/method.md, "Setting".
 
 Each optimizer step:
   1. rollouts: the student samples `num_generations` completions of each of its prompts, without privileged input
-     (for `sft`, the teacher samples them);
+     (for `sft`, the teacher samples them); with `objective.reward`, each completion's reward and its advantage
+     over its prompt's rollouts (rewards.py);
   2. scoring: per micro-batch, the privileged student (no gradient, with the weights of `objective.self_weights`)
      and the teacher (frozen) score the completions on their own prompts; every score is checked to be finite;
   3. the cuts (routing thresholds, EOPD's entropy cut) over the whole step's tokens, gathered over all processes
@@ -13,7 +16,7 @@ Each optimizer step:
 What a run needs is built in `__init__` (loading.py, data.py, engines.py); what it writes goes to the run
 directory (run_dir.py, checkpoint.py).
 
-Over 400 lines as the formatter lays them out (one argument a line in the longer calls): the loop is one class
+Over 450 lines as the formatter lays them out (one argument a line in the longer calls): the loop is one class
 that reads downward, building a run, one step's four stages, then the run; every stage's work is in the modules
 it calls.
 """
@@ -26,7 +29,7 @@ import random
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -45,13 +48,15 @@ from .objectives import build_objective
 from .pair_checks import check_teacher_fidelity
 from .plain import compute_objective
 from .probe import Probe
+from .rewards import Verifier, step_rewards
 from .rollout import end_of_sequence_ids, make_engine
 from .routing import make_gather
 from .scoring import frozen_pass, micro_batches, pass_inputs, trainable_pass
 from .self_weights import SelfWeights
 from .served_teacher import check_server as check_served_teacher
 from .served_teacher import connect as connect_served_teacher
-from .terms import Cuts, LossScope, step_cuts
+from .teachers import TeacherSet, generate_by_teacher, split_by_teacher, step_cuts_by_teacher
+from .terms import Cuts, LossScope
 from .types import Completions, Head, MicroBatch, Rollouts
 from .validation import Validation
 
@@ -119,16 +124,19 @@ class Trainer:
         # Each process samples its own completions: its own random stream (process 0 keeps the plain seed).
         seed_everything(c.train.seed + 1_000_003 * self.accelerator.process_index)
         self.tokenizer, self.processor = load_processing(config)  # processor: an image-text model's, else None
-        teacher_tokenizer = check_teacher_fidelity(config, self.tokenizer)  # None: the student's renders both
+        self.teachers = TeacherSet(config)  # one per name of model.teachers, or the one model.teacher
+        teacher_tokenizers = self.teachers.check_fidelity(check_teacher_fidelity, self.tokenizer)  # None: student's
+        teacher_tokenizer = teacher_tokenizers if self.teachers.several else teacher_tokenizers[None]
         self.prompts = load_prompt_set(config, self.objective, self.tokenizer, self.processor, teacher_tokenizer)
-        check_served_teacher(config, self.objective, self.tokenizer)  # before any model loads
         self.validation = Validation.prepare(config, self.tokenizer)  # the eval section's held-out set, or None
+        for teacher in self.teachers:  # before any model loads
+            check_served_teacher(teacher.config, self.objective, self.tokenizer)
+        self.verifier = Verifier(c.objective.reward, self.prompts) if self.objective.has_reward else None
         resume_dir = ckpt.latest(self.run_dir) if c.checkpoint.resume else None
         student = load_student(config, resume_dir, self.processor is not None)
-        local_teacher = self.objective.needs_teacher_model and not c.model.teacher_server.url
-        teacher = self.probe.load_teacher(c.model.teacher, config) if local_teacher else None
-        self.vocab_size = common_vocab_size(student, teacher, self.tokenizer)
-        self.served_teacher = connect_served_teacher(config, self.objective, self.vocab_size, self.is_main)
+        teachers = self.teachers.load(self.probe.load_teacher, self.objective.needs_teacher_model)
+        self.vocab_size = min(common_vocab_size(student, t, self.tokenizer) for t in teachers or [None])
+        self.teachers.connect(lambda view: connect_served_teacher(view, self.objective, self.vocab_size, self.is_main))
         try:
             self.objective.check_top_k(self.vocab_size)
         except ValueError as error:
@@ -139,10 +147,11 @@ class Trainer:
         # process, running the schedule num_processes times faster.
         configure_deepspeed(config, self.accelerator)
         self.student, self.optimizer = self.accelerator.prepare(student, optimizer)
-        self.teacher = prepare_teacher(teacher, self.accelerator) if teacher is not None else None
         # Whole copies of frozen heads where the engine shards them (ZeRO-3; the student's is frozen under LoRA).
         vocab = self.vocab_size
-        self.teacher_head_weights = frozen_head(self.teacher, vocab, self.accelerator) if teacher is not None else None
+        self.teachers.prepare(
+            lambda t: prepare_teacher(t, self.accelerator), lambda t: frozen_head(t, vocab, self.accelerator)
+        )
         self.student_head_weights = frozen_head(self.inner, vocab, self.accelerator) if c.model.lora.enabled else None
         self.order = PromptOrder(len(self.prompts), c.train.seed, c.data.shuffle)
         self.self_weights = SelfWeights.for_run(self.objective, self.inner, log=self.is_main)
@@ -153,12 +162,29 @@ class Trainer:
         student_model = lambda: self.inner  # the engine reads the live student module
         models = (student_model, self.teacher, self.tokenizer, self.vocab_size, self.processor)
         self.engine = make_engine(config, self.objective, self.accelerator, *models)
+        self.teacher_engines = None  # several teachers that sample (sft): each row's own samples its completions
+        if self.teachers.several and self.objective.rollout_model == "teacher":
+            make = lambda module: make_engine(config, self.objective, self.accelerator, models[0], module, *models[2:])
+            self.teacher_engines = {t.name: make(t.module) for t in self.teachers}
         # The ids whose probability is a metric (the loss leaves out any beyond the vocabulary both heads score).
         self.eos_ids = tuple(sorted(end_of_sequence_ids(self.tokenizer, self.inner)))
         self.gather = make_gather(self.accelerator)
         if self.is_main and not resume_dir:
             run_dir.init_run_dir(config, restart)
         self.accelerator.wait_for_everyone()
+
+    @property
+    def teacher(self):
+        """The frozen local teacher of a one-teacher run (None: served, or several: `self.teachers`)."""
+        return None if self.teachers.several else self.teachers[None].module
+
+    @property
+    def teacher_head_weights(self):
+        return None if self.teachers.several else self.teachers[None].head_weights
+
+    @property
+    def served_teacher(self):
+        return None if self.teachers.several else self.teachers[None].served
 
     @property
     def inner(self):
@@ -196,6 +222,9 @@ class Trainer:
         pictures = self.prompts.images  # the student sees the plain image, without the privileged boxes
         images = [pictures.image(p) for p in prompts] if pictures is not None else None
         try:
+            if self.teacher_engines is not None:
+                names, count = self.prompts.teachers, self.config.rollout.num_generations
+                return generate_by_teacher(self.teacher_engines, names, prompts, ids, count, images)
             return self.engine.generate(ids, self.config.rollout.num_generations, images)
         except RuntimeError as error:
             if "probability tensor contains" in str(error):  # torch.multinomial on a distribution with NaN or inf
@@ -207,26 +236,31 @@ class Trainer:
                 ) from None
             raise
 
-    def micro_batches(self, prompts: list[int], rollouts: Rollouts) -> list[list[int]]:
-        """Rollout indices of each micro-batch (`scoring.micro_batches`; the loss is the same either way)."""
+    def micro_batches(self, prompts: list[int], rollouts: Rollouts) -> list[tuple[list[int], str | None]]:
+        """Rollout indices of each micro-batch and the teacher of its rows (`scoring.micro_batches`, one teacher's
+        rollouts at a time: `teachers.split_by_teacher`; the loss is the same either way)."""
         prompt_sets = [self.prompts.student_ids]
         if self.objective.needs_self:
             prompt_sets.append(self.prompts.self_ids)
         if self.objective.needs_teacher:
             prompt_sets.append(self.prompts.teacher_ids)
         t = self.config.train
-        return micro_batches(prompts, rollouts, prompt_sets, t.micro_batch_size, t.max_tokens_per_micro_batch)
+        size, budget = t.micro_batch_size, t.max_tokens_per_micro_batch
+        make = lambda indices: micro_batches(prompts, rollouts, prompt_sets, size, budget, indices)
+        return split_by_teacher(self.prompts.teachers, prompts, rollouts, make)
 
-    def score(self, prompts: list[int], rollouts: Rollouts, step: int = 0) -> list[MicroBatch]:
+    def score(self, prompts: list[int], rollouts: Rollouts, step: int = 0, rewards=(None, None)) -> list[MicroBatch]:
         """The no-gradient passes of every micro-batch: privileged student and teacher, their scores checked to be
-        finite (`step`, counted from 0, names where they were not)."""
+        finite (`step`, counted from 0, names where they were not); `rewards`: the step's rewards and advantages
+        [N] (None without objective.reward), split by micro-batch."""
         pad = self.tokenizer.pad_token_id
         # No top-K here (top_k=None): routing reads only the sampled token, and the loss computes a target's top-K
         # for just the tokens whose Top-K term applies (LH: teacher; LL, HS: self), from the heads kept here.
         temperature, chunk_size = self.config.objective.temperature, self.config.train.chunk_size
         inner = self.inner  # unwrapping walks the engine's wrappers: once per step, not per micro-batch
         batches = []
-        for sequences in self.micro_batches(prompts, rollouts):
+        for sequences, teacher_name in self.micro_batches(prompts, rollouts):
+            teacher = self.teachers[teacher_name]  # the one teacher of this micro-batch's rows
             prompt_rows = [prompts[rollouts.prompt_index[i]] for i in sequences]
             completions = Completions.from_lists([rollouts.completion_ids[i] for i in sequences], pad)
             self_head = teacher_head = self_scores = teacher_scores = None
@@ -240,8 +274,8 @@ class Trainer:
                     self_scores = score_target(
                         self_head, completions.ids, completions.mask, None, temperature, chunk_size
                     )
-            if self.objective.needs_teacher and self.served_teacher is not None:
-                teacher_scores = self.served_teacher.score(  # the teacher's prompts, privileged as the method says
+            if self.objective.needs_teacher and teacher.served is not None:
+                teacher_scores = teacher.served.score(  # the teacher's prompts, privileged as the method says
                     [self.prompts.teacher_ids[p] for p in prompt_rows],
                     completions.ids,
                     completions.mask,
@@ -253,7 +287,7 @@ class Trainer:
                     self.prompts.teacher_ids, prompt_rows, completions, bool(self.objective.teacher_privileged)
                 )
                 with self.probe.section("teacher_pass"):
-                    teacher_head = frozen_pass(self.teacher, inputs, self.vocab_size, self.teacher_head_weights)
+                    teacher_head = frozen_pass(teacher.module, inputs, self.vocab_size, teacher.head_weights)
                 with self.probe.section("teacher_score_target"):
                     teacher_scores = score_target(
                         teacher_head, completions.ids, completions.mask, None, temperature, chunk_size
@@ -261,7 +295,10 @@ class Trainer:
             for name, scores in (("self", self_scores), ("teacher", teacher_scores)):
                 if scores is not None:  # a NaN score would route every token to one regime, silently
                     check_finite(name, step, scores.token_logprobs, completions.mask)
-            batches.append(MicroBatch(prompt_rows, completions, self_head, teacher_head, self_scores, teacher_scores))
+            batch = MicroBatch(prompt_rows, completions, self_head, teacher_head, self_scores, teacher_scores)
+            batch.teacher = teacher_name
+            batch.rewards, batch.advantages = (None if r is None else r[sequences] for r in rewards)
+            batches.append(batch)
         return batches
 
     def pass_inputs(
@@ -282,22 +319,23 @@ class Trainer:
             inputs.vision = vision_inputs(self.processor, pictures, inputs.input_ids, [len(p) for p in prompts])
         return inputs
 
-    def batch_cuts(self, batches: list[MicroBatch]) -> Cuts | None:
-        """The cuts (routing thresholds, EOPD's entropy cut) over the whole step and all processes (None for the
-        micro-batch scope: each loss call cuts its own tokens)."""
-        if self.config.objective.threshold_scope != "batch":
+    def batch_cuts(self, batches: list[MicroBatch]) -> Cuts | dict[str, Cuts] | None:
+        """The cuts (routing thresholds, EOPD's entropy cut) over the whole step and all processes; with several
+        teachers, by teacher name (each teacher's tokens apart, or pooled: `teachers.step_cuts_by_teacher`). None
+        for the micro-batch scope, where each loss call cuts its own tokens."""
+        if self.config.objective.threshold_scope == "micro_batch":
             return None
-        return step_cuts(self.objective, batches, self.gather)
+        cuts = step_cuts_by_teacher(self.objective, batches, self.gather, self.teachers.names)
+        return cuts if self.teachers.several else cuts[None]
 
-    def update(self, batches: list[MicroBatch], cuts: Cuts | None, step: int, metrics: StepMetrics):
+    def update(self, batches: list[MicroBatch], cuts: Cuts | dict | None, step: int, metrics: StepMetrics):
         """Student passes with gradient, the objective and backward, micro-batch by micro-batch, in the step's
         `LossScope`: its cuts, the mean over all its sequences, its dropping generator and end-of-sequence ids."""
         rank = self.accelerator.process_index
         generator = torch.Generator().manual_seed((self.config.train.seed * 1_000_003 + step) * 1009 + rank)
         scope = LossScope(
-            cuts=cuts,
             num_sequences=sum(len(b.prompt_rows) for b in batches),
-            gather=self.gather if self.config.objective.threshold_scope == "batch" else None,
+            gather=self.gather if self.config.objective.threshold_scope != "micro_batch" else None,
             generator=generator,
             eos_ids=self.eos_ids,
         )
@@ -315,10 +353,11 @@ class Trainer:
                     batch.self_head = batch.self_head.with_weights_of(student)
                 with self.probe.section("loss"):
                     ids = batch.completions.ids.to(student.hidden.device)
-                    output = self.objective_output(student, ids, mask, batch, scope)
+                    own = replace(scope, cuts=cuts[batch.teacher] if isinstance(cuts, dict) else cuts)  # its teacher's
+                    output = self.objective_output(student, ids, mask, batch, own)
                 check_finite("loss", step, output.loss.detach())
                 self.accelerator.backward(output.loss)
-            metrics.add(output.metrics)
+            metrics.add(output.metrics, None if batch.teacher is None else f"teacher/{batch.teacher}")
             outputs.append(output)
         return outputs
 
@@ -332,6 +371,7 @@ class Trainer:
                 scope=scope,
                 self_logits_BTV=None if batch.self_head is None else batch.self_head.logits(),
                 teacher_logits_BTV=None if batch.teacher_head is None else batch.teacher_head.logits(),
+                advantages_B=batch.advantages,
             )
         return chunked_objective(
             self.objective,
@@ -344,6 +384,7 @@ class Trainer:
             teacher_head=batch.teacher_head,
             self_scores=batch.self_scores,
             teacher_scores=batch.teacher_scores,
+            advantages_B=batch.advantages,
         )
 
     def step(self, step: int) -> dict[str, float]:
@@ -351,8 +392,11 @@ class Trainer:
         start = timer()
         prompts = self.local_prompts()
         rollouts = self.rollouts(prompts, step)
+        *rewards, reward_metrics = step_rewards(
+            self.verifier, prompts, rollouts, self.tokenizer, step, self.accelerator
+        )
         rolled = timer()
-        batches = self.score(prompts, rollouts, step)
+        batches = self.score(prompts, rollouts, step, rewards)
         cuts = self.batch_cuts(batches)
         scored = timer()
         metrics = StepMetrics()
@@ -368,7 +412,7 @@ class Trainer:
             self.self_weights.after_step(step + 1)
         self.engine.sync_weights()
         done = timer()
-        result = metrics.reduce(self.accelerator)
+        result = metrics.reduce(self.accelerator) | reward_metrics
         result.update(
             completion_metrics(self.accelerator, rollouts, self.tokenizer, self.config.logging.answer_pattern)
         )
@@ -387,9 +431,16 @@ class Trainer:
             result["grad_norm"] = float(grad_norm)
         result.update(self.collapse.update(result))
         if self.config.logging.sample_every and (step + 1) % self.config.logging.sample_every == 0 and self.is_main:
-            records = run_dir.sample_records(
-                step + 1, batches[0], outputs[0], self.prompts, self.tokenizer, self.config.logging.num_samples
-            )
+            firsts = {}  # each teacher's first micro-batch: the token view of every teacher
+            for batch, output in zip(batches, outputs):
+                firsts.setdefault(batch.teacher, (batch, output))
+            records = [
+                record
+                for batch, output in firsts.values()
+                for record in run_dir.sample_records(
+                    step + 1, batch, output, self.prompts, self.tokenizer, self.config.logging.num_samples
+                )
+            ]
             run_dir.append_jsonl(os.path.join(self.run_dir, "samples.jsonl"), records)
         return result
 

@@ -135,3 +135,6 @@ class MicroBatch:
     teacher_head: Head | None
     self_scores: TargetScores | None
     teacher_scores: TargetScores | None
+    rewards: Tensor | None = None  # each sequence's reward [b] (objective.reward; None without one)
+    advantages: Tensor | None = None  # each sequence's advantage over its prompt's rollouts [b] (rewards.py)
+    teacher: str | None = None  # the teacher of its rows (model.teachers; None: the one model.teacher)

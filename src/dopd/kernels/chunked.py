@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from ..objectives import TARGET_LABELS, Objective
-from ..terms import SINGLE_CALL, LossScope, ObjectiveOutput, check_alignment, route, summarize
+from ..terms import SINGLE_CALL, LossScope, ObjectiveOutput, check_alignment, route, summarize, with_reward
 from ..types import Head, TargetScores
 from .loss_run import _LossRun, _needs_full
 from .scores import _workspace_for, default_chunk_size, score_target
@@ -77,6 +77,7 @@ def chunked_objective(
     teacher_head: Head | None = None,
     self_scores: TargetScores | None = None,
     teacher_scores: TargetScores | None = None,
+    advantages_B: Tensor | None = None,
     scope: LossScope = SINGLE_CALL,
     chunk_size: int | None = None,
 ) -> ObjectiveOutput:
@@ -85,6 +86,7 @@ def chunked_objective(
     `self_head` / `teacher_head` hold the no-gradient passes' hidden states and heads (hidden sizes may differ
     from the student's). Their `TargetScores` may be given (the trainer computes them once per micro-batch to
     route the whole batch); the heads are still needed for terms that read a full target distribution.
+    `advantages_B` [B]: each sequence's reward advantage, needed when `objective.reward` is set.
     """
     heads = {"self": self_head, "teacher": teacher_head}
     given = {"self": self_scores, "teacher": teacher_scores}
@@ -109,6 +111,8 @@ def chunked_objective(
     for name, score in scores.items():  # scores without a head (a served teacher) hold only the top-K
         if heads[name] is None and score.full_logprobs is None:
             _check_scores_only(objective, name, TARGET_LABELS[name], score)
+    entropies = {name: s.entropy for name, s in scores.items()}
+    scores = with_reward(objective, scores, advantages_B, mask_BT)
     routed = route(objective, mask_BT, scores.get("self"), scores.get("teacher"), scope)
     # The tokens whose terms read a target's full distribution come first, grouped by target, so that the
     # recomputed target logits come in full blocks (a few scattered HT tokens per chunk make slow matmuls); the
@@ -134,8 +138,7 @@ def chunked_objective(
         return flat.index_copy_(0, index_N, values_N).view(mask_BT.shape)
 
     token_loss_BT = unflatten(run.token_loss_N)
-    entropies = {"student": unflatten(run.entropy_N)}
-    entropies.update({name: s.entropy for name, s in scores.items()})
+    entropies = {"student": unflatten(run.entropy_N), **entropies}
     metrics = summarize(
         objective,
         loss,

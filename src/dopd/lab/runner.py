@@ -110,6 +110,9 @@ def run_config(job: Job):
 
     c, pair = job.config, Path(job.pair_path)
     task = lab_task(c)
+    overrides = dict(job.spec.overrides)
+    if overrides.get("reward") == "lab":  # dopd[reward=lab]: the lab task's own checker
+        overrides["reward"] = f"lab:{c.task}"
     return load_config(
         model={"student": str(pair / "student"), "teacher": str(pair / "teacher")},
         data={
@@ -119,7 +122,7 @@ def run_config(job: Job):
             "max_prompt_length": 512,
         },
         rollout={"num_generations": c.num_generations, "max_new_tokens": job.max_new_tokens, "temperature": 1.0},
-        objective={"method": job.spec.method, "top_k": c.top_k, **dict(job.spec.overrides)},
+        objective={"method": job.spec.method, "top_k": c.top_k, **overrides},
         optim={"lr": job.lr, "schedule": "cosine", "warmup_steps": c.warmup_steps},
         train={
             "steps": c.steps,
