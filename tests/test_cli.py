@@ -78,7 +78,7 @@ def test_lab_hints_and_eval_help_list_every_setting_with_its_default():
     ]
     checked = 0
     for command, fields, extra in (
-        (["lab"], settings(LabConfig), {"--quick", "--full"}),
+        (["lab"], settings(LabConfig), {"--quick", "--full", "--study"}),
         (["lab", "pretrain"], settings(PretrainConfig), set()),
         (["hints"], settings(HintsSpec), set()),
         (["eval"], eval_settings, set()),
