@@ -180,6 +180,33 @@ def test_lookup_follows_the_table_and_hints_hold_no_variable_met():
         assert len(set(re.findall(r"\d", ex.prompt))) >= 2
 
 
+def test_chain_hints_are_the_route_without_the_digit():
+    task = get_task("chain")
+    for ex in task.examples(300, seed=3):
+        hops = ex.completion.split(";")[:-1]
+        assert ex.privileged["hints"] == ";".join(hops[:-1] + [hops[-1][:-1] + "#"])
+        assert ex.answer not in ex.privileged["hints"] and ex.completion.endswith("A:" + ex.answer)
+        assert 2 <= len(hops) <= 6
+        assert len(set(re.findall(r"\d", ex.prompt))) >= 4  # three distractor chains, each ending in a digit
+
+
+def test_chain_plan_positions_are_the_variables_looked_up():
+    tokens = list("d=c;c=7;A:7")
+    assert get_task("chain").plan_positions(tokens) == [
+        False,
+        False,
+        True,
+        False,
+        False,
+        False,
+        False,
+        False,
+        False,
+        False,
+        False,
+    ]  # only the `c` after `d=`: the route; the digit and the answer are not plan
+
+
 def test_checker_on_hand_made_completions():
     task = ArithmeticTask()
     ex = Example(
@@ -223,7 +250,7 @@ def test_get_task_by_name_spec_and_error():
     assert isinstance(get_task("arith"), ArithmeticTask)
     assert isinstance(get_task("lookup"), LookupTask)
     assert isinstance(get_task(f"{__name__}:_ConstantTask"), _ConstantTask)
-    with pytest.raises(ValueError, match="arith, lookup"):
+    with pytest.raises(ValueError, match="arith, chain, lookup"):
         get_task("arithmetic")
     with pytest.raises(ValueError, match="could not be imported"):
         get_task("no_such_module_xyz:Task")
@@ -295,7 +322,7 @@ def test_examples_of_a_split_hold_only_its_prompts_and_refuse_a_task_too_small()
         OnePrompt().examples(3, seed=0, split=missing)
 
 
-@pytest.mark.parametrize("name", ["order", "arith", "lookup"])
+@pytest.mark.parametrize("name", ["order", "arith", "lookup", "chain"])
 def test_lab_validation_and_test_prompts_are_never_trained_on(name):
     """The lab's evaluation prompts occur neither in the pair's pretraining stream nor in any method's training
     rows, nor in each other (the tasks' prompt spaces are small: a set drawn with another seed overlaps)."""

@@ -22,7 +22,7 @@ TRAIN_SEED, VALIDATION_SEED, TEST_SEED = 101, 202, 303
 
 @dataclass
 class LabConfig:
-    task: str = "order"  # lab task: order, arith or lookup, or module:Class
+    task: str = "order"  # lab task: order, arith, lookup or chain, or module:Class
     #: share of the methods' training, validation and test problems whose answer only the privileged input
     #: determines, 0 to 1 (default: the task's own mix; the pair stays the task's own)
     undetermined_share: float | None = None
@@ -84,7 +84,7 @@ class LabConfig:
 class PretrainConfig:
     """`dopd lab pretrain` (and `scripts/pretrain_lab.py`): pretrain a lab pair and measure its properties."""
 
-    task: str = "order"  # lab task: order, arith or lookup, or module:Class
+    task: str = "order"  # lab task: order, arith, lookup or chain, or module:Class
     out: str | None = None  # output directory (default: the cache directory of the pair's config)
     #: change the pair's pretraining (a LabPairConfig field, KEY=VALUE; repeatable), e.g. --pair teacher_steps=2000
     pair: list[str] = field(default_factory=list)

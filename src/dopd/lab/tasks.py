@@ -22,7 +22,7 @@ import hashlib
 import importlib
 import random
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 PRIVILEGED_KINDS = ("none", "answer", "hints", "solution")
 # The privileged block sits on its own line right after the question, tagged so the model knows it is not
@@ -337,6 +337,31 @@ class LookupTask(Task):
         )
 
 
+class ChainTask(LookupTask):
+    """`lookup` with more chains to search and hints that give the route: `Q:...;d?` -> `d=c;c=b;b=a;a=7;A:7`
+    with the hints `d=c;c=b;b=a;a=#` (every variable met, not the digit).
+
+    The lab's second task of a structure other than arithmetic: the capability is retrieval over a shuffled table
+    (each hop one content lookup among three distractor chains), the plan is the route, and the last lookup is
+    left to the model even with the hints.
+    """
+
+    name = "chain"
+
+    def __init__(self, min_hops: int = 2, max_hops: int = 6, n_distractors: int = 3):
+        super().__init__(min_hops, max_hops, n_distractors)
+
+    def sample(self, rng: random.Random) -> Example:
+        example = super().sample(rng)
+        steps = example.completion.split(";")[:-1]  # the hops, without "A:digit"
+        route = ";".join(steps[:-1] + [steps[-1].split("=")[0] + "=#"])
+        return replace(example, privileged={**example.privileged, "hints": route})
+
+    def plan_positions(self, tokens: list[str]) -> list[bool] | None:
+        """The variables looked up on the way (the letter after each `=`): the route that the hints give."""
+        return [token.isalpha() and previous == "=" for previous, token in zip(["", *tokens], tokens)]
+
+
 class ShareTask(Task):
     """A task with a set share of undetermined problems (those whose answer only the privileged input determines):
     each draw first decides, with probability `share`, which part the problem comes from, then draws from `base`
@@ -396,6 +421,7 @@ TASKS: dict[str, type[Task]] = {
     ArithmeticTask.name: ArithmeticTask,
     OrderTask.name: OrderTask,
     LookupTask.name: LookupTask,
+    ChainTask.name: ChainTask,
 }
 
 
