@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 
@@ -65,6 +66,8 @@ def test_references_come_first_and_once():
         ({"task": "nosuch"}, "lab task 'nosuch' is unknown"),
         ({"pair": ["teacher_stepz=3"]}, "--pair"),
         ({"workers": 0}, "--workers = 0 must be at least 1"),
+        ({"teacher_per_task": True}, "--teacher-per-task needs a mixture task"),
+        ({"task": "order+order"}, "two or more different tasks"),
     ],
 )
 def test_lab_options_are_checked_before_any_work(tmp_path, change, message):
@@ -194,3 +197,21 @@ def test_a_lab_method_can_take_the_tasks_reward(tmp_path):
     assert (objective.method, objective.reward, objective.reward_weight) == ("dopd", "lab:order", 0.5)
     with pytest.raises(ValueError, match="objective.reward = 'labs' is unknown"):
         parse_method("opd[reward=labs]")
+
+
+def test_a_mixture_with_a_teacher_per_task_names_each_rows_teacher(tmp_path):
+    from dopd.lab.config import LabConfig
+    from dopd.lab.methods import parse_method
+    from dopd.lab.runner import Job, run_config, training_rows
+    from dopd.lab.tasks import get_task
+
+    config = LabConfig.quick(task="order+arith", teacher_per_task=True)
+    teachers = (("order", str(tmp_path / "order" / "teacher")), ("arith", str(tmp_path / "arith" / "teacher")))
+    job = Job(parse_method("dopd"), 3e-4, 0, "hints", str(tmp_path / "run"), str(tmp_path / "order"), "r", 32, config)
+    one = run_config(job).model
+    assert one.teacher == str(tmp_path / "order" / "teacher") and not one.teachers
+    several = run_config(replace(job, teachers=teachers))
+    assert several.model.teachers == dict(teachers) and not several.model.teacher
+    assert several.data.teacher_column == "task"
+    rows = training_rows(get_task(config.task), config, "hints")
+    assert {row["task"] for row in rows} == {"order", "arith"}

@@ -161,4 +161,9 @@ def test_a_study_at_quick_size_end_to_end(tmp_path):
 
 def test_every_study_names_known_methods(tmp_path):
     for study in STUDIES.values():
-        study_configs(study, LabConfig(out=str(tmp_path / study.name)))  # parses every variant, checks settings
+        task = "order+arith" if study.name == "teachers" else "order"  # the teachers study needs a mixture
+        study_configs(study, LabConfig(task=task, out=str(tmp_path / study.name)))  # parses variants, checks settings
+    with pytest.raises(ValueError, match="--teacher-per-task needs a mixture task"):
+        study_configs(STUDIES["teachers"], LabConfig(out=str(tmp_path / "one")))  # one line, before any work
+    one, own = study_configs(STUDIES["teachers"], LabConfig(task="order+arith", out=str(tmp_path / "t"))).values()
+    assert (one.teacher_per_task, own.teacher_per_task) == (False, True) and one.out != own.out

@@ -2,6 +2,7 @@
 
 import random
 import re
+from dataclasses import replace
 
 import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
@@ -205,6 +206,21 @@ def test_chain_plan_positions_are_the_variables_looked_up():
         False,
         False,
     ]  # only the `c` after `d=`: the route; the digit and the answer are not plan
+
+
+def test_a_mixture_draws_each_task_keeps_its_source_and_checks_with_it():
+    mixture = get_task("order+arith")
+    examples = mixture.examples(400, seed=0)
+    counts = {name: sum(ex.source == name for ex in examples) for name in ("order", "arith")}
+    assert sum(counts.values()) == 400 and min(counts.values()) > 150  # equal shares, about 200 each
+    rng = random.Random(0)
+    rng.randrange(2)  # the mixture's draw of the task comes first, then the task's own draws
+    assert examples[0] == replace(get_task(examples[0].source).sample(rng), source=examples[0].source)
+    order = next(ex for ex in examples if ex.source == "order" and ex.determined is False)
+    assert mixture.check(order, order.completion).answer_correct
+    assert not mixture.check(order, "A:" + order.answer + "0").answer_correct
+    assert {row["task"] for row in mixture.rows(50, seed=1, kind="hints")} == {"order", "arith"}
+    assert "task" not in get_task("order").rows(2, seed=1)[0]
 
 
 def test_checker_on_hand_made_completions():

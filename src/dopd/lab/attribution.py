@@ -15,6 +15,7 @@ size. The global random state is put back afterwards: the run continues as if no
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -42,7 +43,8 @@ def attribute(trainer: Trainer, task: Task, examples: list[Example], n: int) -> 
         prompts = list(range(min(n, len(examples))))
         rollouts = trainer.rollouts(prompts, step=0)
         batches = trainer.score(prompts, rollouts)
-        scope = LossScope(cuts=trainer.batch_cuts(batches), num_sequences=sum(len(b.prompt_rows) for b in batches))
+        cuts = trainer.batch_cuts(batches)  # with several teachers, by teacher: each batch reads its own
+        scope = LossScope(num_sequences=sum(len(b.prompt_rows) for b in batches))
         sums: dict[tuple[str, str, str], list[float]] = {}
         total_tokens = 0
         for batch in batches:
@@ -56,7 +58,7 @@ def attribute(trainer: Trainer, task: Task, examples: list[Example], n: int) -> 
                 logits,
                 ids,
                 mask,
-                scope=scope,
+                scope=replace(scope, cuts=cuts[batch.teacher] if isinstance(cuts, dict) else cuts),
                 self_logits_BTV=None if batch.self_head is None else batch.self_head.logits().float(),
                 teacher_logits_BTV=None if batch.teacher_head is None else batch.teacher_head.logits().float(),
             )

@@ -22,7 +22,12 @@ TRAIN_SEED, VALIDATION_SEED, TEST_SEED = 101, 202, 303
 
 @dataclass
 class LabConfig:
-    task: str = "order"  # lab task: order, arith, lookup or chain, or module:Class
+    #: lab task: order, arith, lookup or chain, module:Class, or a mixture in equal shares such as order+arith
+    #: (its first task's pair gives the student and the teacher)
+    task: str = "order"
+    #: with a mixture task: score each row with its own task's pair teacher (model.teachers), not the first task's
+    #: teacher for all
+    teacher_per_task: bool = False
     #: share of the methods' training, validation and test problems whose answer only the privileged input
     #: determines, 0 to 1 (default: the task's own mix; the pair stays the task's own)
     undetermined_share: float | None = None

@@ -66,7 +66,7 @@ def evaluate(
 ) -> dict[str, Any]:
     """{"answer_accuracy", "full_match" (fractions), "n", "samples" (the first few prompt/completion pairs), and
     "parts": answer accuracy on the examples whose prompt determines the answer and on the others, with their
-    counts, when the examples carry the `determined` flag}."""
+    counts, when the examples carry the `determined` flag, and on each source task of a mixture (`task:NAME`)}."""
     task = get_task(task)
     if not examples:
         raise ValueError("evaluate() needs at least one example")
@@ -88,6 +88,10 @@ def evaluate(
     }
     if any(ex.determined is not None for ex in examples):
         report["parts"] = accuracy_by_part(examples, [r.answer_correct for r in results])
+    if any(ex.source is not None for ex in examples):  # a mixture: accuracy on each source task too
+        for source in dict.fromkeys(ex.source for ex in examples):
+            mine = [r.answer_correct for ex, r in zip(examples, results) if ex.source == source]
+            report.setdefault("parts", {})[f"task:{source}"] = sum(mine) / len(mine)
     return report
 
 

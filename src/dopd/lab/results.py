@@ -59,7 +59,8 @@ def method_stats(runs: list[dict], teacher: dict, student: dict) -> dict:
         "completion_length_last": _mean([r["curves"]["completion_length"][-1][1] for r in runs]),
         "collapse_steps": [r["collapse_step"] for r in runs],
     }
-    for part in ("determined", "undetermined"):
+    sources = [key for key in runs[0]["test"] if key.startswith("task:")]  # a mixture's tasks
+    for part in ("determined", "undetermined", *sources):
         values = [r["test"].get(part) for r in runs]
         if all(v is not None for v in values):
             stats[f"{part}_mean"], stats[f"{part}_se"] = _mean(values), standard_error(values)
@@ -163,6 +164,8 @@ def build_results(config: LabConfig, specs, pair, baseline: dict, records_by_kin
         },
         "teacher": baseline["teacher"],
         "student": baseline["student"],
+        # --teacher-per-task: each source task's teacher, on the same test prompts
+        "teachers": {role.split(":", 1)[1]: v for role, v in baseline.items() if role.startswith("teacher:")},
         "test_prompts": config.n_test,
         "binomial_se_bound": math.sqrt(0.25 / config.n_test),
         "kinds": {
@@ -237,6 +240,19 @@ def kind_markdown(results: dict, kind: str) -> str:
         lines += ["", "**The pair fails a required property and was allowed with --allow-weak-pair.**"]
     lines += ["", f"### Every method at the common rate {k['common_lr']:g} (best on validation over all methods)", ""]
     lines += method_table(k["main"], lambda label: k["common_lr"])
+    sources = [key for key in student if key.startswith("task:")]
+    if sources:  # a mixture: each task's accuracy (the change from the student), and each row's teacher
+        own = results.get("teachers", {})
+        scored = (
+            "each row scored by its own task's teacher ("
+            + ", ".join(f"{name} {t['none'][f'task:{name}']:.3f}" for name, t in own.items())
+            + " on its own task)"
+            if own
+            else "every row scored by the first task's teacher"
+        )
+        lines += ["", f"### Each task of the mixture at the common rate ({scored})", ""]
+        lines += ["| method | " + " | ".join(sources) + " |", "|---|" + "---|" * len(sources)]
+        lines += [f"| {label} | " + " | ".join(_change(m, p) for p in sources) + " |" for label, m in k["main"].items()]
     lines += ["", "### Each method at its own best rate (validation)", ""]
     lines += method_table(k["own_best"], lambda label: k["own_lr"][label])
     for first, others in k["paired_differences"].items():

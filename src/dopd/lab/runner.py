@@ -77,8 +77,17 @@ def check_lab_config(config: LabConfig) -> list[MethodSpec]:
         raise ValueError("--out is required: the lab's output directory")
     if os.path.exists(os.path.join(config.out, "results.json")):
         raise ValueError(f"--out {config.out} already holds a lab's results; choose another directory")
-    pair_config_with(default_pair_config(config.task), config.pair)
+    if config.teacher_per_task and "+" not in config.task:
+        raise ValueError(
+            f"--teacher-per-task needs a mixture task (e.g. --task order+arith); --task {config.task} has one teacher"
+        )
+    pair_config_with(default_pair_config(pair_task(config)), config.pair)
     return method_specs(config)
+
+
+def pair_task(config: LabConfig) -> str:
+    """The task whose pair gives the student and the teacher: `--task`, or a mixture's first task."""
+    return config.task.split("+")[0]
 
 
 def lab_task(config: LabConfig) -> Task:
@@ -102,6 +111,7 @@ class Job:
     data_path: str
     max_new_tokens: int
     config: LabConfig
+    teachers: tuple[tuple[str, str], ...] = ()  # --teacher-per-task: each source task's name and teacher path
 
 
 def run_config(job: Job):
@@ -114,9 +124,13 @@ def run_config(job: Job):
     if overrides.get("reward") == "lab":  # dopd[reward=lab]: the lab task's own checker
         overrides["reward"] = f"lab:{c.task}"
     return load_config(
-        model={"student": str(pair / "student"), "teacher": str(pair / "teacher")},
+        model={
+            "student": str(pair / "student"),
+            **({"teachers": dict(job.teachers)} if job.teachers else {"teacher": str(pair / "teacher")}),
+        },
         data={
             "path": job.data_path,
+            "teacher_column": "task",  # a mixture's rows name their source task (read with model.teachers only)
             "teacher_template": LAB_PRIVILEGED_TEMPLATE,
             "self_template": LAB_PRIVILEGED_TEMPLATE,
             "max_prompt_length": 512,
@@ -281,12 +295,20 @@ def run_lab(config: LabConfig, log=print) -> dict:
     torch.set_num_threads(config.threads)
     started = time.time()
     task = lab_task(config)
-    pair_config = pair_config_with(default_pair_config(config.task), config.pair)
+    pair_config = pair_config_with(default_pair_config(pair_task(config)), config.pair)
     pair = load_or_build_pair(pair_config, cache_dir=config.cache_dir, log=log, allow_weak=config.allow_weak_pair)
+    teachers, roles = {}, [("teacher", pair.teacher), ("student", pair.student)]
+    if config.teacher_per_task:  # each source task's own pair (the shipped one, or built and cached)
+        for name in task.tasks:
+            own = pair
+            if name != pair_task(config):
+                own = load_or_build_pair(default_pair_config(name), cache_dir=config.cache_dir, log=log)
+            teachers[name] = str(Path(own.path) / "teacher")
+            roles.append((f"teacher:{name}", own.teacher))
     os.makedirs(config.out, exist_ok=True)
     validation, test = held_out_sets(task, config)
     baseline = {}
-    for role, model in (("teacher", pair.teacher), ("student", pair.student)):
+    for role, model in roles:
         baseline[role] = {"validation": evaluate(model, pair.tokenizer, task, validation)["answer_accuracy"]}
         for kind in ["none", *config.privilege]:
             result = evaluate(model, pair.tokenizer, task, test, kind=kind)
@@ -315,6 +337,7 @@ def run_lab(config: LabConfig, log=print) -> dict:
                 data_path,
                 longest + 4,
                 config,
+                tuple(teachers.items()),
             )
             for spec in specs
             for lr in config.lr_grid
@@ -335,21 +358,21 @@ def run_lab(config: LabConfig, log=print) -> dict:
 
 
 def describe_baseline(baseline: dict, config: LabConfig, pair) -> str:
-    teacher, student = baseline["teacher"], baseline["student"]
     lines = [
         f"lab pair {pair.path} (student: {_student_origin(pair)}); test prompts ({config.n_test}), answer accuracy:"
     ]
-    for role, values in (("teacher", teacher), ("student", student)):
+    for role, values in baseline.items():  # teacher, student, and with --teacher-per-task each task's teacher
         cells = [f"{kind} {values[kind]['answer_accuracy']:.3f}" for kind in ["none", *config.privilege]]
         parts = values["none"]
         split = ""
         if parts.get("undetermined") is not None:
-            split = f"  (without: determined {parts['determined']:.3f}, undetermined {parts['undetermined']:.3f})"
+            split = f"  (without: determined {parts['determined']:.3f}, undetermined {parts['undetermined']:.3f}"
+            split += "".join(f", {key} {value:.3f}" for key, value in parts.items() if key.startswith("task:")) + ")"
         lines.append(f"  {role:<8} " + ", ".join(cells) + split)
     holds = properties_hold(pair.properties.get("checks", {}))
     lines.append(
         f"  pair properties (pretraining check, {pair.properties.get('n_eval', '?')} prompts): "
-        f"{'hold' if holds else 'FAIL: ' + describe_weakness(pair.properties, config.task)}"
+        f"{'hold' if holds else 'FAIL: ' + describe_weakness(pair.properties, pair_task(config))}"
     )
     return "\n".join(lines)
 

@@ -93,6 +93,14 @@ STUDIES: dict[str, Study] = {
             tuple(Level(kind, kind=kind) for kind in ("hints", "solution", "answer")),
         ),
         Study(
+            "teachers",
+            "one teacher for every row of a mixture against each task's own (a mixture task: --task order+arith)",
+            tuple(
+                Level(name, settings=(("teacher_per_task", own),))
+                for name, own in (("one teacher", False), ("a teacher per task", True))
+            ),
+        ),
+        Study(
             "horizon",
             "how long the methods train: 40 against 160 steps at the same rate",
             (Level("40 steps", settings=(("steps", 40),)), Level("160 steps", settings=(("steps", 160),))),

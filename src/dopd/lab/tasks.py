@@ -54,6 +54,7 @@ class Example:
     # Whether the prompt alone determines the answer (None: the task does not say). Where it does not, only the
     # privileged input carries what is missing: the part of the problems where the privilege illusion lives.
     determined: bool | None = None
+    source: str | None = None  # in a mixture task, the task the example was drawn from (its rows' `task` column)
 
 
 @dataclass(frozen=True)
@@ -114,8 +115,8 @@ class Task(abc.ABC):
         )
 
     def rows(self, n: int, seed: int, kind: str = "none", split: str | None = None) -> list[dict[str, str]]:
-        """Dataset rows {"prompt", "privileged_context" ("" for kind "none"), "answer", "completion"}, drawn as
-        `examples` draws them."""
+        """Dataset rows {"prompt", "privileged_context" ("" for kind "none"), "answer", "completion"} (and "task", the
+        source task, in a mixture), drawn as `examples` draws them."""
         check_kind(kind)
         return [
             {
@@ -123,6 +124,7 @@ class Task(abc.ABC):
                 "privileged_context": privileged_context(ex, kind) or "",
                 "answer": ex.answer,
                 "completion": ex.completion,
+                **({"task": ex.source} if ex.source is not None else {}),
             }
             for ex in self.examples(n, seed, split)
         ]
@@ -417,6 +419,34 @@ def with_undetermined_share(task: Task, share: float | None) -> Task:
     return shared
 
 
+class MixtureTask(Task):
+    """Several tasks in equal shares (`--task order+arith`): each draw picks a task, then draws from it, and the
+    example keeps the task's name as its `source` (its row's `task` column: with `--teacher-per-task`, the name of
+    the row's teacher). Checks and the answer format are each source task's own.
+    """
+
+    def __init__(self, tasks: list[Task]):
+        names = [task.name for task in tasks]
+        if len(tasks) < 2 or len(set(names)) != len(names):
+            got = "+".join(names)
+            raise ValueError(f"a mixture task needs two or more different tasks, e.g. order+arith; got {got}")
+        self.tasks = {task.name: task for task in tasks}
+        self.name = "+".join(names)
+        self.answer_pattern = tasks[0].answer_pattern
+
+    def sample(self, rng: random.Random) -> Example:
+        task = list(self.tasks.values())[rng.randrange(len(self.tasks))]
+        return replace(task.sample(rng), source=task.name)
+
+    def check(self, example: Example, completion_text: str) -> CheckResult:
+        """The source task's check; an example without a source (a reward's row) is checked as `Task` checks."""
+        source = self.tasks.get(example.source)
+        return source.check(example, completion_text) if source else super().check(example, completion_text)
+
+    def __repr__(self) -> str:
+        return f"MixtureTask({list(self.tasks.values())!r})"
+
+
 TASKS: dict[str, type[Task]] = {
     ArithmeticTask.name: ArithmeticTask,
     OrderTask.name: OrderTask,
@@ -426,9 +456,12 @@ TASKS: dict[str, type[Task]] = {
 
 
 def get_task(name_or_spec: str | Task) -> Task:
-    """A registered task by name (`arith`, `lookup`), or a user's Task subclass given as "module:Class"."""
+    """A registered task by name (`arith`, `lookup`), a user's Task subclass given as "module:Class", or a mixture
+    of either joined by `+` (`order+arith`)."""
     if isinstance(name_or_spec, Task):
         return name_or_spec
+    if "+" in name_or_spec:
+        return MixtureTask([get_task(part) for part in name_or_spec.split("+")])
     if name_or_spec in TASKS:
         return TASKS[name_or_spec]()
     if ":" in name_or_spec:
