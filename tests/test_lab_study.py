@@ -148,6 +148,9 @@ def test_a_study_at_quick_size_end_to_end(tmp_path):
             assert abs(n_undetermined / 60 - float(level["level"])) < 0.25
     markdown = (out / "study.md").read_text()
     assert markdown.count("| `dopd` |") == 3 and "## Attribution at the last step" in markdown
+    first, second = (level["accuracy"]["dopd"]["per_seed"] for level in study["levels"][:2])
+    row = next(line for line in markdown.splitlines() if line.startswith("| dopd |"))  # minus itself at share 0
+    assert row.startswith(f"| dopd | {100 * (second['0'] - first['0']):+.1f} ± 0.0 * |")
     assert (out / "study.png").stat().st_size > 1000
 
     refused = subprocess.run(
@@ -167,3 +170,20 @@ def test_every_study_names_known_methods(tmp_path):
         study_configs(STUDIES["teachers"], LabConfig(out=str(tmp_path / "one")))  # one line, before any work
     one, own = study_configs(STUDIES["teachers"], LabConfig(task="order+arith", out=str(tmp_path / "t"))).values()
     assert (one.teacher_per_task, own.teacher_per_task) == (False, True) and one.out != own.out
+
+
+def test_each_method_across_levels_is_paired_by_seed():
+    from dopd.lab.study import across_levels
+
+    def level(lab, accuracies):
+        return {"lab": lab, "kind": "hints", "variant": "dopd", "accuracy": {m: {"per_seed": a} for m, a in accuracies.items()}}
+
+    base = {"sft": {0: 0.5, 1: 0.6}, "opd-priv": {0: 0.5, 1: 0.5}, "opd": {0: 0.4, 1: 0.4}, "dopd": {0: 0.3, 1: 0.5}}
+    later = {"sft": {0: 0.6, 1: 0.6}, "opd-priv": {0: 0.5, 1: 0.7}, "opd": {0: 0.4, 1: 0.4}, "dopd": {1: 0.8, 2: 0.1}}
+    across = across_levels({"levels": [level("a", base), level("b", later)]})
+    (sft,), (priv,), (dopd,) = across["sft"], across["opd-priv"], across["dopd"]
+    assert sft["per_seed"] == pytest.approx([0.1, 0.0]) and sft["mean"] == pytest.approx(0.05)
+    assert sft["se"] == pytest.approx(0.05)  # sd 0.0707 / sqrt(2)
+    assert priv["mean"] == pytest.approx(0.1)
+    assert dopd["per_seed"] == pytest.approx([0.3]) and dopd["se"] == 0.0  # seed 1 only: the seeds both ran
+    assert across_levels({"levels": [level("a", base), level("a", base)]}) == {}  # variants of one lab

@@ -189,6 +189,7 @@ def study_results(study: Study, config: LabConfig, labs: dict[tuple, dict], seco
                     label: {
                         "mean": main[label]["accuracy_mean"],
                         "se": main[label]["accuracy_se"],
+                        "per_seed": dict(zip(main[label]["seeds"], main[label]["accuracy_per_seed"])),
                         "determined_change": main[label].get("determined_change"),
                         "undetermined_change": main[label].get("undetermined_change"),
                     }
@@ -297,6 +298,7 @@ def study_markdown(results: dict) -> str:
                 f"{_difference(d['opd-priv']['own']['answer_accuracy'])} | "
                 f"{_difference(d['opd']['own']['answer_accuracy'])} |"
             )
+    lines += _across_levels(results)
     attributed = [level for level in results["levels"] if any(level["attribution"].values())]
     if attributed:
         from .results import describe_attribution
@@ -315,6 +317,46 @@ def study_markdown(results: dict) -> str:
                     lines.append(f"- {level['level']}, `{label}`: {describe_attribution(margins)}")
     lines += ["", f"Wall time: {results['seconds']} s. Each level's lab: its `results.md` under the study's directory."]
     return "\n".join(lines) + "\n"
+
+
+def across_levels(results: dict) -> dict[str, list[dict | None]]:
+    """Each method at each level minus itself at the first level, paired over the seeds both ran (points as
+    fractions, like `results.paired`): what the factor does to each method. Only where the levels are different
+    lab runs or privileged kinds (a study of variants compares them within one lab)."""
+    from .results import standard_error
+
+    levels = results["levels"]
+    first = levels[0]
+    if all((level["lab"], level["kind"]) == (first["lab"], first["kind"]) for level in levels):
+        return {}
+    out: dict[str, list[dict | None]] = {}
+    for label in ("sft", *BASELINES, first["variant"]):
+        row: list[dict | None] = []
+        for level in levels[1:]:
+            now, then = level["accuracy"][label].get("per_seed"), first["accuracy"][label].get("per_seed")
+            seeds = [seed for seed in (now or {}) if seed in (then or {})]
+            values = [now[seed] - then[seed] for seed in seeds]
+            mean = sum(values) / len(values) if values else math.nan
+            row.append({"mean": mean, "se": standard_error(values), "per_seed": values} if values else None)
+        out[label] = row
+    return out
+
+
+def _across_levels(results: dict) -> list[str]:
+    across = across_levels(results)
+    if not across:
+        return []
+    levels = results["levels"]
+    lines = [
+        "",
+        f"## Each method at each level minus itself at level {levels[0]['level']} (paired over seeds, points)",
+        "",
+        "| method | " + " | ".join(level["level"] for level in levels[1:]) + " |",
+        "|---|" + "---|" * (len(levels) - 1),
+    ]
+    for label, row in across.items():
+        lines.append(f"| {label} | " + " | ".join("—" if d is None else _difference(d) for d in row) + " |")
+    return lines
 
 
 def write_plot(path: str, results: dict) -> None:
