@@ -176,7 +176,8 @@ def test_each_method_across_levels_is_paired_by_seed():
     from dopd.lab.study import across_levels
 
     def level(lab, accuracies):
-        return {"lab": lab, "kind": "hints", "variant": "dopd", "accuracy": {m: {"per_seed": a} for m, a in accuracies.items()}}
+        accuracy = {method: {"per_seed": values} for method, values in accuracies.items()}
+        return {"lab": lab, "kind": "hints", "variant": "dopd", "accuracy": accuracy}
 
     base = {"sft": {0: 0.5, 1: 0.6}, "opd-priv": {0: 0.5, 1: 0.5}, "opd": {0: 0.4, 1: 0.4}, "dopd": {0: 0.3, 1: 0.5}}
     later = {"sft": {0: 0.6, 1: 0.6}, "opd-priv": {0: 0.5, 1: 0.7}, "opd": {0: 0.4, 1: 0.4}, "dopd": {1: 0.8, 2: 0.1}}

@@ -1,4 +1,4 @@
-"""Tasks of the privilege-illusion lab: problems with a worked reference completion and privileged input.
+"""Tasks of the privilege-illusion lab; over 450 lines: every task, its share and mixture forms and `get_task` in one.
 
 Each task samples an `Example`: a prompt, the reference completion (worked steps ending in `A:<answer>`), and three
 forms of privileged input (docs/method.md, "Privileged input"): the final answer, step-wise hints without execution (the
@@ -10,6 +10,9 @@ structure:
   the parsing and leave only the column arithmetic; the solution removes both.
 - `lookup`: multi-hop variable lookup (`Q:c=b,a=7,d=c,b=a,e=3,f=e;d?` -> `d=c;c=b;b=a;a=7;A:7`), with a
   distractor chain. Its hints can only give the shape of the plan (the number of hops), not the variables met.
+  `chain` is its harder form (three distractor chains) whose hints give the route without the final digit.
+
+`ShareTask` sets a task's share of undetermined problems; `MixtureTask` draws from several tasks (`order+arith`).
 
 The privileged context is inserted after the prompt with `LAB_PRIVILEGED_TEMPLATE`, for the teacher, the
 privileged student and the lab's pretraining alike.
