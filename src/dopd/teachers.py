@@ -49,6 +49,11 @@ def split_by_teacher(
     return [(sequences, name) for name, indices in by_teacher.items() for sequences in make(indices)]
 
 
+def cuts_for(cuts, teacher: str | None):
+    """The cuts one micro-batch reads: its teacher's, when `cuts` is by teacher (`Trainer.batch_cuts`)."""
+    return cuts[teacher] if isinstance(cuts, dict) else cuts
+
+
 def step_cuts_by_teacher(objective, batches: list, gather, names: list[str | None]) -> dict[str | None, Cuts]:
     """The step's cuts for each teacher's micro-batches (`terms.step_cuts`): over that teacher's tokens alone
     (`objective.threshold_scope=batch`: a gap distribution belongs to its teacher), or over every teacher's

@@ -55,7 +55,7 @@ from .scoring import frozen_pass, micro_batches, pass_inputs, trainable_pass
 from .self_weights import SelfWeights
 from .served_teacher import check_server as check_served_teacher
 from .served_teacher import connect as connect_served_teacher
-from .teachers import TeacherSet, generate_by_teacher, split_by_teacher, step_cuts_by_teacher
+from .teachers import TeacherSet, cuts_for, generate_by_teacher, split_by_teacher, step_cuts_by_teacher
 from .terms import Cuts, LossScope
 from .types import Completions, Head, MicroBatch, Rollouts
 from .validation import Validation
@@ -353,7 +353,7 @@ class Trainer:
                     batch.self_head = batch.self_head.with_weights_of(student)
                 with self.probe.section("loss"):
                     ids = batch.completions.ids.to(student.hidden.device)
-                    own = replace(scope, cuts=cuts[batch.teacher] if isinstance(cuts, dict) else cuts)  # its teacher's
+                    own = replace(scope, cuts=cuts_for(cuts, batch.teacher))  # its teacher's
                     output = self.objective_output(student, ids, mask, batch, own)
                 check_finite("loss", step, output.loss.detach())
                 self.accelerator.backward(output.loss)

@@ -36,6 +36,7 @@ def attribute(trainer: Trainer, task: Task, examples: list[Example], n: int) -> 
     and the number of tokens measured."""
     from ..plain import compute_objective
     from ..scoring import frozen_pass
+    from ..teachers import cuts_for
     from ..terms import LossScope
 
     states = random.getstate(), np.random.get_state(), torch.get_rng_state()
@@ -58,7 +59,7 @@ def attribute(trainer: Trainer, task: Task, examples: list[Example], n: int) -> 
                 logits,
                 ids,
                 mask,
-                scope=replace(scope, cuts=cuts[batch.teacher] if isinstance(cuts, dict) else cuts),
+                scope=replace(scope, cuts=cuts_for(cuts, batch.teacher)),
                 self_logits_BTV=None if batch.self_head is None else batch.self_head.logits().float(),
                 teacher_logits_BTV=None if batch.teacher_head is None else batch.teacher_head.logits().float(),
             )

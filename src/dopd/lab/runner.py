@@ -77,7 +77,7 @@ def check_lab_config(config: LabConfig) -> list[MethodSpec]:
         raise ValueError("--out is required: the lab's output directory")
     if os.path.exists(os.path.join(config.out, "results.json")):
         raise ValueError(f"--out {config.out} already holds a lab's results; choose another directory")
-    if config.teacher_per_task and "+" not in config.task:
+    if config.teacher_per_task and len(task_parts(config)) < 2:
         raise ValueError(
             f"--teacher-per-task needs a mixture task (e.g. --task order+arith); --task {config.task} has one teacher"
         )
@@ -85,9 +85,14 @@ def check_lab_config(config: LabConfig) -> list[MethodSpec]:
     return method_specs(config)
 
 
+def task_parts(config: LabConfig) -> list[str]:
+    """The tasks of `--task` as given: one, or a mixture's (`order+arith`, read by `tasks.get_task`)."""
+    return config.task.split("+")
+
+
 def pair_task(config: LabConfig) -> str:
     """The task whose pair gives the student and the teacher: `--task`, or a mixture's first task."""
-    return config.task.split("+")[0]
+    return task_parts(config)[0]
 
 
 def lab_task(config: LabConfig) -> Task:
@@ -130,7 +135,7 @@ def run_config(job: Job):
         },
         data={
             "path": job.data_path,
-            "teacher_column": "task",  # a mixture's rows name their source task (read with model.teachers only)
+            **({"teacher_column": "task"} if job.teachers else {}),  # a mixture's rows name their source task
             "teacher_template": LAB_PRIVILEGED_TEMPLATE,
             "self_template": LAB_PRIVILEGED_TEMPLATE,
             "max_prompt_length": 512,
@@ -299,12 +304,13 @@ def run_lab(config: LabConfig, log=print) -> dict:
     pair = load_or_build_pair(pair_config, cache_dir=config.cache_dir, log=log, allow_weak=config.allow_weak_pair)
     teachers, roles = {}, [("teacher", pair.teacher), ("student", pair.student)]
     if config.teacher_per_task:  # each source task's own pair (the shipped one, or built and cached)
-        for name in task.tasks:
+        for part in task_parts(config):
+            name = get_task(part).name  # the rows' `task` column
             own = pair
-            if name != pair_task(config):
-                own = load_or_build_pair(default_pair_config(name), cache_dir=config.cache_dir, log=log)
+            if part != pair_task(config):
+                own = load_or_build_pair(default_pair_config(part), cache_dir=config.cache_dir, log=log)
+                roles.append((f"teacher:{name}", own.teacher))
             teachers[name] = str(Path(own.path) / "teacher")
-            roles.append((f"teacher:{name}", own.teacher))
     os.makedirs(config.out, exist_ok=True)
     validation, test = held_out_sets(task, config)
     baseline = {}
@@ -317,6 +323,9 @@ def run_lab(config: LabConfig, log=print) -> dict:
                 "full_match": result["full_match"],
                 **result.get("parts", {}),
             }
+    if config.teacher_per_task:  # the first task's teacher is the pair's, measured above
+        first = {role: baseline[role] for role in ("teacher", "student")}
+        baseline = {**first, f"teacher:{get_task(pair_task(config)).name}": baseline["teacher"], **baseline}
     log(describe_baseline(baseline, config, pair))
     longest = max(len(pair.tokenizer(e.completion)["input_ids"]) for e in task.examples(200, TRAIN_SEED, "train"))
     records_by_kind, timing = {}, {}

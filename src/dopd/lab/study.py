@@ -336,8 +336,11 @@ def across_levels(results: dict) -> dict[str, list[dict | None]]:
             now, then = level["accuracy"][label].get("per_seed"), first["accuracy"][label].get("per_seed")
             seeds = [seed for seed in (now or {}) if seed in (then or {})]
             values = [now[seed] - then[seed] for seed in seeds]
-            mean = sum(values) / len(values) if values else math.nan
-            row.append({"mean": mean, "se": standard_error(values), "per_seed": values} if values else None)
+            row.append(
+                {"mean": sum(values) / len(values), "se": standard_error(values), "per_seed": values}
+                if values
+                else None
+            )
         out[label] = row
     return out
 
