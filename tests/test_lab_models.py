@@ -193,6 +193,22 @@ def test_pair_settings_from_the_command_line():
         pair_config_with(TINY, ["student_checkpoints=[5]"])
 
 
+def test_a_student_of_its_own_on_another_convention(tmp_path):
+    """`student_task`: the student is pretrained on its own (teacher's size and recipe, stopped at the last
+    checkpoint) on a task of another convention, and chosen among its own checkpoints."""
+    config = pair_config_with(TINY_CHECKPOINTS, ["task=add", "student_task=add-swapped"])
+    assert config.student_task == "add-swapped" and "student_task" in config.to_dict()
+    assert "student_task" not in TINY.to_dict()  # absent when unset: the hashes of earlier pairs stay
+    pair = load_or_build_pair(config, cache_dir=tmp_path, log=None)
+    history = json.loads((pair.path / "history.json").read_text())
+    assert history["student"][-1]["step"] == 3 and history["teacher"][-1]["step"] == 4  # stopped at checkpoint 3
+    assert pair.properties["student_selection"]["chosen_step"] in (1, 3)
+    assert pair.student.num_parameters() == pair.teacher.num_parameters()
+    assert load_or_build_pair(config, cache_dir=tmp_path, log=None).config.student_task == "add-swapped"
+    with pytest.raises(ValueError, match="does not pose task order's problems"):
+        pair_config_with(TINY_CHECKPOINTS, ["student_task=add"])
+
+
 def test_pretrain_command_builds_a_pair_that_records_the_command(tmp_path):
     """`dopd lab pretrain` through its alias scripts/pretrain_lab.py: the pair it writes says how it was made."""
     out = tmp_path / "pair"
@@ -245,7 +261,7 @@ def test_shipped_pair_meets_the_privilege_bar():
     assert pair.properties["checks"]["a_teacher_gap"] and pair.properties["checks"]["b_privilege_helps"]
 
 
-@pytest.mark.parametrize("task", ["arith", "order"])
+@pytest.mark.parametrize("task", ["arith", "order", "add"])
 def test_every_shipped_pair_loads_from_its_own_config(task):
     config = shipped_config(task)
     assert config is not None and config.task == task

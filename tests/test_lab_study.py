@@ -164,12 +164,23 @@ def test_a_study_at_quick_size_end_to_end(tmp_path):
 
 def test_every_study_names_known_methods(tmp_path):
     for study in STUDIES.values():
-        task = "order+arith" if study.name == "teachers" else "order"  # the teachers study needs a mixture
+        # The teachers study needs a mixture, the mismatch study a task with a second convention.
+        task = {"teachers": "order+arith", "mismatch": "add"}.get(study.name, "order")
         study_configs(study, LabConfig(task=task, out=str(tmp_path / study.name)))  # parses variants, checks settings
     with pytest.raises(ValueError, match="--teacher-per-task needs a mixture task"):
         study_configs(STUDIES["teachers"], LabConfig(out=str(tmp_path / "one")))  # one line, before any work
     one, own = study_configs(STUDIES["teachers"], LabConfig(task="order+arith", out=str(tmp_path / "t"))).values()
     assert (one.teacher_per_task, own.teacher_per_task) == (False, True) and one.out != own.out
+
+
+def test_the_mismatch_study_gives_each_level_its_own_student(tmp_path):
+    config = LabConfig(task="add", out=str(tmp_path / "m"), pair=["seed=0"])
+    same, own = study_configs(STUDIES["mismatch"], config).values()
+    assert same.pair == ["seed=0", "student_task=add"] and own.pair == ["seed=0", "student_task=add-swapped"]
+    assert same.out.endswith("same-convention") and own.out.endswith("own-convention")
+    with pytest.raises(ValueError, match="--study mismatch needs a task whose worked solutions have a second"):
+        study_configs(STUDIES["mismatch"], LabConfig(out=str(tmp_path / "o")))  # order has one convention
+    assert not (tmp_path / "m").exists() and not (tmp_path / "o").exists()
 
 
 def test_each_method_across_levels_is_paired_by_seed():

@@ -9,6 +9,8 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from dopd.lab.tasks import (
     LAB_PRIVILEGED_TEMPLATE,
+    AddSwappedTask,
+    AddTask,
     MIXED_ARITH_LEVELS,
     PRIVILEGED_KINDS,
     SPLITS,
@@ -19,6 +21,7 @@ from dopd.lab.tasks import (
     LookupTask,
     OrderTask,
     Task,
+    check_same_problems,
     extract_answer,
     get_task,
     prompt_split,
@@ -72,7 +75,8 @@ def test_examples_are_consistent(name):
     for ex in task.examples(200, seed=0):
         assert set(ex.privileged) == {"answer", "hints", "solution"}
         assert ex.privileged["answer"] == ex.answer
-        assert ex.privileged["solution"] == ex.completion
+        if not getattr(task, "swapped", False):  # add-swapped's solution is the upper-first reference
+            assert ex.privileged["solution"] == ex.completion
         assert ex.completion.endswith(f"A:{ex.answer}")
         assert task.check(ex, ex.completion).answer_correct and task.check(ex, ex.completion).full_match
 
@@ -338,7 +342,7 @@ def test_examples_of_a_split_hold_only_its_prompts_and_refuse_a_task_too_small()
         OnePrompt().examples(3, seed=0, split=missing)
 
 
-@pytest.mark.parametrize("name", ["order", "arith", "lookup", "chain"])
+@pytest.mark.parametrize("name", ["order", "arith", "lookup", "chain", "add"])
 def test_lab_validation_and_test_prompts_are_never_trained_on(name):
     """The lab's evaluation prompts occur neither in the pair's pretraining stream nor in any method's training
     rows, nor in each other (the tasks' prompt spaces are small: a set drawn with another seed overlaps)."""
@@ -355,3 +359,73 @@ def test_lab_validation_and_test_prompts_are_never_trained_on(name):
     rng = random.Random(pair.seed + 1000)  # the teacher's pretraining stream, as `pretrain` draws it
     trained |= {e.prompt for _ in range(300) for e in training_examples(task, rng, pair.batch_size)}
     assert not validation & trained and not test & trained and not validation & test
+
+
+class FixedDraws(random.Random):
+    """A Random whose randint/choice/random/randrange give the values listed, in order (to build a hand case)."""
+
+    def __init__(self, values):
+        super().__init__(0)
+        self.values = list(values)
+
+    def next(self, *_):
+        return self.values.pop(0)
+
+    randint = randrange = choice = random = next
+
+
+def test_add_example_by_hand():
+    # 4729 + 385: lengths 4 and 3, digits drawn one by one, no mask (0.9 >= p_masked).
+    draws = [4, 4, "7", "2", "9", 3, 3, "8", "5", 0.9]
+    example = AddTask().sample(FixedDraws(draws))
+    assert example.prompt == "Q:4729+385="
+    assert example.completion == "9+5=14;2+8+1=11;7+3+1=11;4+0+1=5;A:5114"
+    assert example.privileged == {"answer": "5114", "hints": "9+5;2+8;7+3;4+0", "solution": example.completion}
+    assert example.determined is True
+    # The same draws with a mask: the upper operand's second digit is written `?`; the steps keep the true digit.
+    masked = AddTask().sample(FixedDraws([*draws[:-1], 0.1, 0, 1]))
+    assert masked.prompt == "Q:4?29+385=" and masked.completion == example.completion
+    assert masked.privileged == example.privileged and masked.determined is False
+
+
+def test_add_steps_add_up_and_the_hints_hold_no_sum():
+    task = AddTask()
+    examples = task.examples(500, 3)
+    for example in examples:
+        a, b = example.prompt[2:-1].split("+")
+        steps = example.completion.split(";")[:-1]
+        assert len(steps) == max(len(a), len(b)) == len(example.privileged["hints"].split(";"))
+        carry, digits = 0, []
+        for step, plan in zip(steps, example.privileged["hints"].split(";")):
+            terms, total = step.split("=")
+            assert terms == plan + ("+1" if carry else "")  # the hints are each step's two digits, nothing more
+            assert int(total) == sum(int(t) for t in terms.split("+"))
+            digits.append(int(total) % 10)
+            carry = int(total) // 10
+        assert example.answer == str(int("".join(map(str, reversed(digits)))) + 10 ** len(digits) * carry)
+        if example.determined:
+            assert int(example.answer) == int(a) + int(b)
+        assert example.determined == ("?" not in example.prompt)
+    masked = sum(not e.determined for e in examples) / len(examples)
+    assert 0.25 < masked < 0.35  # p_masked = 0.3
+
+
+def test_add_swapped_poses_the_same_problems_in_the_other_convention():
+    plain, swapped = AddTask().examples(200, 5), AddSwappedTask().examples(200, 5)
+    for a, b in zip(plain, swapped):
+        assert (a.prompt, a.answer, a.privileged, a.determined) == (b.prompt, b.answer, b.privileged, b.determined)
+        for step, other in zip(a.completion.split(";")[:-1], b.completion.split(";")[:-1]):
+            x, y, rest = step[0], step[2], step[3:]
+            assert other == f"{y}+{x}{rest}"  # the lower operand's digit first
+    assert AddSwappedTask().check(swapped[0], swapped[0].completion).answer_correct
+    assert AddTask().check(plain[0], swapped[0].completion).answer_correct  # both conventions are right answers
+    check_same_problems("add", "add-swapped")
+    with pytest.raises(ValueError, match="student_task=order does not pose task add's problems"):
+        check_same_problems("add", "order")
+
+
+def test_add_plan_positions_are_the_digits_each_step_picks():
+    tokens = list("9+5=14;2+8+1=11;A:111")
+    plan = AddTask().plan_positions(tokens)
+    assert [t for t, p in zip(tokens, plan) if p] == ["9", "5", "2", "8"]
+    assert [i for i, p in enumerate(plan) if p] == [0, 2, 7, 9]

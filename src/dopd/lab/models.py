@@ -25,7 +25,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,7 @@ from dopd.lab.properties import (
     properties_hold,
     properties_record,
 )
-from dopd.lab.tasks import SPLIT_RULE, Task, get_task
+from dopd.lab.tasks import SPLIT_RULE, Task, check_same_problems, get_task
 from dopd.lab.tokenizer import build_tokenizer
 from dopd.loading import quiet_transformers
 
@@ -71,6 +71,12 @@ class LabPairConfig:
     kind_mix: tuple[tuple[str, float], ...] = (("none", 0.4), ("answer", 0.1), ("hints", 0.3), ("solution", 0.2))
     seed: int = 0
     student_checkpoints: tuple[int, ...] = (600, 900, 1200, 1500, 1800)
+    # With a task here the student is a model of its own pretrained on it (never a state of the teacher): with
+    # `student_checkpoints`, a model of the teacher's size on the teacher's recipe, chosen among its own checkpoints
+    # by the same rule; without, of `student` size for `student_steps`. A task with `task`'s prompts and privileged
+    # inputs whose worked solutions follow another convention (`add-swapped` for `add`) makes a teacher-student
+    # mismatch pair, where part of the teacher's edge is habit, not skill; `task` itself makes its control.
+    student_task: str | None = None
 
     def __post_init__(self):
         bad = [step for step in self.student_checkpoints if not 0 < step < self.teacher_steps]
@@ -78,6 +84,8 @@ class LabPairConfig:
             raise ValueError(
                 f"student_checkpoints {bad} must lie strictly between 0 and teacher_steps ({self.teacher_steps})"
             )
+        if self.student_task is not None:
+            check_same_problems(self.task, self.student_task)
 
     def recipe(self, role: str) -> Recipe:
         steps = self.teacher_steps if role == "teacher" else self.student_steps
@@ -87,6 +95,8 @@ class LabPairConfig:
         d = asdict(self)
         d["kind_mix"] = [list(item) for item in self.kind_mix]
         d["student_checkpoints"] = list(self.student_checkpoints)
+        if d["student_task"] is None:
+            del d["student_task"]  # so that the pairs built before the field keep their hash
         return d
 
     @classmethod
@@ -175,11 +185,28 @@ def _pretrain_teacher_and_student(config: LabPairConfig, task: Task, tokenizer, 
             f"{config.teacher_steps} steps"
         )
     start = time.time()
+    keep_at = () if config.student_task else config.student_checkpoints
     histories["teacher"], kept = pretrain(
-        teacher, tokenizer, task, config.recipe("teacher"), config.seed + 1000, log, config.student_checkpoints
+        teacher, tokenizer, task, config.recipe("teacher"), config.seed + 1000, log, keep_at
     )
     timings["teacher_seconds"] = round(time.time() - start, 1)
     selection = None
+    if config.student_checkpoints and config.student_task:  # a student of its own, on the teacher's recipe
+        own = make_model(config.teacher, tokenizer, config.seed + 1)
+        if log:
+            log(f"pretraining a student of its own on {config.student_task} (the teacher's size and recipe)")
+        start = time.time()
+        histories["student"], kept = pretrain(
+            own,
+            tokenizer,
+            get_task(config.student_task),
+            config.recipe("teacher"),
+            config.seed + 2000,
+            log,
+            config.student_checkpoints,
+            stop_after=max(config.student_checkpoints),
+        )
+        timings["student_seconds"] = round(time.time() - start, 1)
     if config.student_checkpoints:
         start = time.time()
         examples = task.examples(n_eval, EVAL_SEED, split="validation")
@@ -198,16 +225,20 @@ def _pretrain_teacher_and_student(config: LabPairConfig, task: Task, tokenizer, 
             "accuracy": {"teacher": teacher_accuracy, "student": measured[chosen]},
         }
         if log:
-            log(f"student: the teacher's state after {chosen} steps (candidates {list(kept)})")
+            whose = f"its own pretraining on {config.student_task}" if config.student_task else "the teacher's"
+            log(f"student: the state of {whose} after {chosen} steps (candidates {list(kept)})")
     else:
         student = make_model(config.student, tokenizer, config.seed + 1)
         if log:
             log(
                 f"pretraining student {config.student} ({student.num_parameters():,} parameters) for "
-                f"{config.student_steps} steps"
+                f"{config.student_steps} steps" + (f" on {config.student_task}" if config.student_task else "")
             )
         start = time.time()
-        histories["student"], _ = pretrain(student, tokenizer, task, config.recipe("student"), config.seed + 2000, log)
+        student_task = get_task(config.student_task) if config.student_task else task
+        histories["student"], _ = pretrain(
+            student, tokenizer, student_task, config.recipe("student"), config.seed + 2000, log
+        )
         timings["student_seconds"] = round(time.time() - start, 1)
     return {"teacher": teacher, "student": student, "histories": histories, "timings": timings, "selection": selection}
 
@@ -301,7 +332,7 @@ def pair_config_with(base: LabPairConfig, settings: list[str]) -> LabPairConfig:
     `teacher={layers: 2, hidden: 64}`); an unknown key or a value of the wrong shape raises one clear ValueError."""
     import yaml
 
-    values = base.to_dict()
+    values = {**{f.name: None for f in fields(LabPairConfig)}, **base.to_dict()}  # the fields to_dict leaves out
     for item in settings:
         key, sep, text = item.partition("=")
         if not sep or key not in values:

@@ -115,17 +115,26 @@ def training_examples(task: Task, rng: random.Random, n: int) -> list[Example]:
 
 
 def pretrain(
-    model: Any, tokenizer: Any, task: Task, recipe: Recipe, seed: int, log: Any = None, keep_at: Sequence[int] = ()
+    model: Any,
+    tokenizer: Any,
+    task: Task,
+    recipe: Recipe,
+    seed: int,
+    log: Any = None,
+    keep_at: Sequence[int] = (),
+    stop_after: int | None = None,
 ) -> tuple[list[dict[str, float]], dict[int, dict[str, torch.Tensor]]]:
     """Plain SFT with AdamW. Returns the logged losses and, for each step in `keep_at`, a copy of the weights after
-    that many optimizer steps."""
+    that many optimizer steps. `stop_after` ends the run after that many steps of the recipe's schedule (its
+    learning rates stay those of the whole recipe)."""
     rng = random.Random(seed)
     kinds, weights = zip(*recipe.kind_mix)
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, betas=(0.9, 0.98), weight_decay=recipe.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(recipe))
     model.train()
     history, kept, running, start = [], {}, 0.0, time.time()
-    for step in range(recipe.steps):
+    last = recipe.steps if stop_after is None else min(stop_after, recipe.steps)
+    for step in range(last):
         examples = training_examples(task, rng, recipe.batch_size)
         batch = sft_batch(tokenizer, examples, rng.choices(kinds, weights, k=len(examples)))
         loss = model(**batch).loss
@@ -137,7 +146,7 @@ def pretrain(
         running += loss.item()
         if step + 1 in keep_at:
             kept[step + 1] = copy.deepcopy(model.state_dict())
-        if (step + 1) % 100 == 0 or step + 1 == recipe.steps:
+        if (step + 1) % 100 == 0 or step + 1 == last:
             n = (step % 100) + 1
             history.append({"step": step + 1, "loss": running / n, "seconds": round(time.time() - start, 1)})
             running = 0.0

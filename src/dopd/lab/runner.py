@@ -388,9 +388,12 @@ def describe_baseline(baseline: dict, config: LabConfig, pair) -> str:
 
 def _student_origin(pair) -> str:
     selection = pair.properties.get("student_selection")
+    own_task = pair.config.student_task
     if selection:
+        if own_task:
+            return f"the state of its own pretraining on {own_task} after {selection['chosen_step']} steps"
         return f"the teacher's pretraining state after {selection['chosen_step']} steps"
-    return "a model of its own"
+    return f"a model of its own{f' pretrained on {own_task}' if own_task else ''}"
 
 
 def _safe(label: str) -> str:

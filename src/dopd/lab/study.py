@@ -34,7 +34,14 @@ class Level:
     name: str  # as the tables and the plot show it
     variant: str = "dopd"  # the DOPD variant measured at this level (a --methods entry)
     kind: str = "hints"  # the privileged kind
-    settings: tuple[tuple[str, object], ...] = ()  # LabConfig fields this level changes
+    # LabConfig fields this level changes. A `pair` value is added to the lab's own `--pair` settings, with
+    # OTHER_CONVENTION standing for the task's student task of another convention (`Task.other_convention`).
+    settings: tuple[tuple[str, object], ...] = ()
+    tag: str = ""  # the directory name of the level's lab (default: made from the settings)
+
+
+# Placeholders in a level's `pair` settings: the lab's task, and the task's student task of another convention.
+THE_TASK, OTHER_CONVENTION = "<task>", "<other convention>"
 
 
 @dataclass(frozen=True)
@@ -101,6 +108,17 @@ STUDIES: dict[str, Study] = {
             ),
         ),
         Study(
+            "mismatch",
+            "a student of its own (the teacher's size and recipe, its own seed), pretrained in the teacher's "
+            "convention or in another equally valid one (a task with a second convention: --task add)",
+            (
+                Level("same convention", settings=(("pair", (f"student_task={THE_TASK}",)),), tag="same-convention"),
+                Level(
+                    "own convention", settings=(("pair", (f"student_task={OTHER_CONVENTION}",)),), tag="own-convention"
+                ),
+            ),
+        ),
+        Study(
             "horizon",
             "how long the methods train: 40 against 160 steps at the same rate",
             (Level("40 steps", settings=(("steps", 40),)), Level("160 steps", settings=(("steps", 160),))),
@@ -121,12 +139,34 @@ def study_configs(study: Study, config: LabConfig) -> dict[tuple, LabConfig]:
         levels = [level for level in study.levels if level.settings == settings]
         methods = list(dict.fromkeys([*BASELINES, *(level.variant for level in levels)]))
         kinds = list(dict.fromkeys(level.kind for level in levels))
-        slug = "-".join(f"{key}{value:g}" if isinstance(value, float) else f"{key}{value}" for key, value in settings)
+        slug = levels[0].tag or "-".join(
+            f"{key}{value:g}" if isinstance(value, float) else f"{key}{value}" for key, value in settings
+        )
         lab = replace(config, methods=methods, privilege=kinds, out=os.path.join(config.out, slug or "lab"))
-        lab = replace(lab, **dict(settings))
+        changes = dict(settings)
+        if "pair" in changes:
+            changes["pair"] = [*config.pair, *(_with_convention(item, config.task) for item in changes["pair"])]
+        lab = replace(lab, **changes)
         check_lab_config(lab)
         configs[settings] = lab
     return configs
+
+
+def _with_convention(pair_setting: str, task_name: str) -> str:
+    """`pair_setting` with THE_TASK replaced by the task and OTHER_CONVENTION by its student task of another
+    convention; one line when the setting needs one and the task has none."""
+    pair_setting = pair_setting.replace(THE_TASK, task_name)
+    if OTHER_CONVENTION not in pair_setting:
+        return pair_setting
+    from .tasks import get_task
+
+    other = getattr(get_task(task_name), "other_convention", None)
+    if other is None:
+        raise ValueError(
+            f"--study mismatch needs a task whose worked solutions have a second convention (add); task "
+            f"{task_name!r} has none: give --task add, or a Task subclass that sets other_convention"
+        )
+    return pair_setting.replace(OTHER_CONVENTION, other)
 
 
 def run_study(study: Study | str, config: LabConfig, log=print) -> dict:

@@ -83,6 +83,9 @@ class Task(abc.ABC):
     # What a finished completion ends with when it gives an answer (the collapse diagnostics count completions
     # that stop before it).
     answer_pattern: str = r"A:[^;\s|]+$"
+    # A task with the same problems whose worked solutions follow another, equally valid convention, by name: the
+    # student task of a teacher-student mismatch pair (`LabPairConfig.student_task`, `dopd lab --study mismatch`).
+    other_convention: str | None = None
 
     @abc.abstractmethod
     def sample(self, rng: random.Random) -> Example:
@@ -368,6 +371,97 @@ class ChainTask(LookupTask):
         return [token.isalpha() and previous == "=" for previous, token in zip(["", *tokens], tokens)]
 
 
+class AddTask(Task):
+    """Column addition with carries, worked from the rightmost column: `Q:4729+385=` ->
+    `9+5=14;2+8+1=11;7+3+1=11;4+0+1=5;A:5114`.
+
+    A structure other than the nested expressions of `arith` and `order`: the skill is local and positional (line
+    the digits of each column up, add two digits and a carry, assemble the answer from the columns' last digits in
+    reverse), and nothing has to be parsed. The hints give the plan: the digit pairs of each column in working order
+    (`9+5;2+8;7+3;4+0`), never a sum or a carry. With probability `p_masked` one operand digit is written `?`: the
+    prompt no longer determines the answer and only the privileged input carries the digit (the undetermined part,
+    as the hidden parentheses are in `order`).
+    """
+
+    name = "add"
+    # The order a step writes a column's two digits in: the upper operand's first (`9+5=14`), or the lower's
+    # (`5+9=14`, `AddSwappedTask`). Both are right; the privileged input always follows the upper-first convention.
+    swapped = False
+    other_convention: str | None = "add-swapped"  # the task a mismatch pair's student learns (`--study mismatch`)
+
+    def __init__(self, min_digits: int = 2, max_digits: int = 5, p_masked: float = 0.3):
+        if not 1 <= min_digits <= max_digits or not 0.0 <= p_masked <= 1.0:
+            raise ValueError("need 1 <= min_digits <= max_digits and 0 <= p_masked <= 1")
+        self.min_digits, self.max_digits, self.p_masked = min_digits, max_digits, p_masked
+
+    def _operand(self, rng: random.Random) -> str:
+        length = rng.randint(self.min_digits, self.max_digits)
+        return str(rng.randint(1, 9)) + "".join(rng.choice("0123456789") for _ in range(length - 1))
+
+    def sample(self, rng: random.Random) -> Example:
+        a, b = self._operand(rng), self._operand(rng)
+        written = [a, b]
+        if rng.random() < self.p_masked:
+            which = rng.randrange(2)
+            position = rng.randrange(len(written[which]))
+            written[which] = written[which][:position] + "?" + written[which][position + 1 :]
+        steps, reference, plan, carry = [], [], [], 0  # reference: the upper-first steps, whatever the convention
+        for column in range(max(len(a), len(b))):
+            x = a[-1 - column] if column < len(a) else "0"
+            y = b[-1 - column] if column < len(b) else "0"
+            total = int(x) + int(y) + carry
+            rest = f"{'+1' if carry else ''}={total}"
+            steps.append(f"{y}+{x}{rest}" if self.swapped else f"{x}+{y}{rest}")
+            reference.append(f"{x}+{y}{rest}")
+            plan.append(f"{x}+{y}")
+            carry = total // 10
+        answer = str(int(a) + int(b))
+        completion = ";".join(steps) + f";A:{answer}"
+        solution = ";".join(reference) + f";A:{answer}"  # a data set's reference solution: upper-first
+        return Example(
+            prompt=f"Q:{written[0]}+{written[1]}=",
+            answer=answer,
+            completion=completion,
+            privileged={"answer": answer, "hints": ";".join(plan), "solution": solution},
+            determined="?" not in written[0] + written[1],
+        )
+
+    def plan_positions(self, tokens: list[str]) -> list[bool]:
+        """The two digits each step picks from the operands (its first token and the token after its first `+`):
+        the column alignment that the hints give. Carries, sums, separators and the answer are the rest."""
+        plan, step_start, first_plus = [False] * len(tokens), True, False
+        for i, token in enumerate(tokens):
+            if step_start and token != "A":
+                plan[i], first_plus = True, True
+            elif token == "+" and first_plus and i + 1 < len(tokens):
+                plan[i + 1], first_plus = True, False
+            step_start = token == ";"
+        return plan
+
+
+class AddSwappedTask(AddTask):
+    """`add` written in the other convention: each step gives the lower operand's digit first (`5+9=14` where
+    `add` writes `9+5=14`). Same prompts, answers and privileged input (hints and solution upper-first) as `add`
+    with the same draws: the student of a mismatch pair (`LabPairConfig.student_task`) learns this one.
+    """
+
+    name = "add-swapped"
+    swapped = True
+    other_convention = "add"
+
+
+def check_same_problems(task: str, other: str, n: int = 50) -> None:
+    """One clear ValueError unless `other` draws the same prompts, answers and privileged input as `task` (the
+    completions may differ): the condition for pretraining a pair's student on `other` (`student_task`)."""
+    first, second = get_task(task), get_task(other)
+    for a, b in zip(first.examples(n, 0), second.examples(n, 0)):
+        if (a.prompt, a.answer, a.privileged) != (b.prompt, b.answer, b.privileged):
+            raise ValueError(
+                f"student_task={other} does not pose task {task}'s problems (prompt {a.prompt!r} against "
+                f"{b.prompt!r}): a student task must differ from the task in its worked solutions only"
+            )
+
+
 class ShareTask(Task):
     """A task with a set share of undetermined problems (those whose answer only the privileged input determines):
     each draw first decides, with probability `share`, which part the problem comes from, then draws from `base`
@@ -456,6 +550,8 @@ TASKS: dict[str, type[Task]] = {
     OrderTask.name: OrderTask,
     LookupTask.name: LookupTask,
     ChainTask.name: ChainTask,
+    AddTask.name: AddTask,
+    AddSwappedTask.name: AddSwappedTask,
 }
 
 
