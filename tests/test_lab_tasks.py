@@ -9,12 +9,12 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from dopd.lab.tasks import (
     LAB_PRIVILEGED_TEMPLATE,
-    AddSwappedTask,
-    AddTask,
     MIXED_ARITH_LEVELS,
     PRIVILEGED_KINDS,
     SPLITS,
     TASKS,
+    AddSwappedTask,
+    AddTask,
     ArithLevel,
     ArithmeticTask,
     Example,
