@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 
@@ -174,10 +175,14 @@ def test_every_study_names_known_methods(tmp_path):
 
 
 def test_the_mismatch_study_gives_each_level_its_own_student(tmp_path):
-    config = LabConfig(task="add", out=str(tmp_path / "m"), pair=["seed=0"])
+    config = LabConfig(task="add", out=str(tmp_path / "m"), pair=["seed=0", "teacher={hidden: 32}"])
     same, own = study_configs(STUDIES["mismatch"], config).values()
-    assert same.pair == ["seed=0", "student_task=add"] and own.pair == ["seed=0", "student_task=add-swapped"]
+    size = "student={layers: 3, hidden: 32, heads: 4, kv_heads: 2, intermediate: 192}"  # the pair's teacher's
+    assert same.pair == [*config.pair, size, "student_task=add"]
+    assert own.pair == [*config.pair, size, "student_task=add-swapped"]
     assert same.out.endswith("same-convention") and own.out.endswith("own-convention")
+    big, small = study_configs(STUDIES["capacity"], replace(config, out=str(tmp_path / "c"))).values()
+    assert big.pair == same.pair and small.pair[-1] == "student_task=add" and "hidden: 48" in small.pair[-2]
     with pytest.raises(ValueError, match="--study mismatch needs a task whose worked solutions have a second"):
         study_configs(STUDIES["mismatch"], LabConfig(out=str(tmp_path / "o")))  # order has one convention
     assert not (tmp_path / "m").exists() and not (tmp_path / "o").exists()

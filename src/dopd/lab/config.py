@@ -22,7 +22,8 @@ TRAIN_SEED, VALIDATION_SEED, TEST_SEED = 101, 202, 303
 
 @dataclass
 class LabConfig:
-    #: lab task: order, arith, lookup or chain, module:Class, or a mixture in equal shares such as order+arith
+    #: lab task: order, add, arith, lookup or chain (add-swapped), module:Class, or a mixture in equal shares such
+    #: as order+arith
     #: (its first task's pair gives the student and the teacher)
     task: str = "order"
     #: with a mixture task: score each row with its own task's pair teacher (model.teachers), not the first task's
@@ -89,7 +90,7 @@ class LabConfig:
 class PretrainConfig:
     """`dopd lab pretrain` (and `scripts/pretrain_lab.py`): pretrain a lab pair and measure its properties."""
 
-    task: str = "order"  # lab task: order, arith, lookup or chain, or module:Class
+    task: str = "order"  # lab task: order, add, arith, lookup or chain (add-swapped), or module:Class
     out: str | None = None  # output directory (default: the cache directory of the pair's config)
     #: change the pair's pretraining (a LabPairConfig field, KEY=VALUE; repeatable), e.g. --pair teacher_steps=2000
     pair: list[str] = field(default_factory=list)

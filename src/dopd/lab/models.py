@@ -71,11 +71,11 @@ class LabPairConfig:
     kind_mix: tuple[tuple[str, float], ...] = (("none", 0.4), ("answer", 0.1), ("hints", 0.3), ("solution", 0.2))
     seed: int = 0
     student_checkpoints: tuple[int, ...] = (600, 900, 1200, 1500, 1800)
-    # With a task here the student is a model of its own pretrained on it (never a state of the teacher): with
-    # `student_checkpoints`, a model of the teacher's size on the teacher's recipe, chosen among its own checkpoints
-    # by the same rule; without, of `student` size for `student_steps`. A task with `task`'s prompts and privileged
-    # inputs whose worked solutions follow another convention (`add-swapped` for `add`) makes a teacher-student
-    # mismatch pair, where part of the teacher's edge is habit, not skill; `task` itself makes its control.
+    # With a task here the student is a model of `student` size pretrained on it on its own (never a state of the
+    # teacher): with `student_checkpoints`, on the teacher's recipe and chosen among its own checkpoints by the same
+    # rule; without, for `student_steps`. A task with `task`'s prompts and privileged inputs whose worked solutions
+    # follow another convention (`add-swapped` for `add`) makes a teacher-student mismatch pair, where part of the
+    # teacher's edge is habit, not skill; `task` itself makes its control, and a smaller `student` a capacity pair.
     student_task: str | None = None
 
     def __post_init__(self):
@@ -192,9 +192,12 @@ def _pretrain_teacher_and_student(config: LabPairConfig, task: Task, tokenizer, 
     timings["teacher_seconds"] = round(time.time() - start, 1)
     selection = None
     if config.student_checkpoints and config.student_task:  # a student of its own, on the teacher's recipe
-        own = make_model(config.teacher, tokenizer, config.seed + 1)
+        own = make_model(config.student, tokenizer, config.seed + 1)
         if log:
-            log(f"pretraining a student of its own on {config.student_task} (the teacher's size and recipe)")
+            log(
+                f"pretraining a student {config.student} ({own.num_parameters():,} parameters) of its own on "
+                f"{config.student_task}, on the teacher's recipe"
+            )
         start = time.time()
         histories["student"], kept = pretrain(
             own,
@@ -211,7 +214,8 @@ def _pretrain_teacher_and_student(config: LabPairConfig, task: Task, tokenizer, 
         start = time.time()
         examples = task.examples(n_eval, EVAL_SEED, split="validation")
         teacher_accuracy = measure_accuracy(teacher, tokenizer, task, examples)
-        candidate, measured = make_model(config.teacher, tokenizer, config.seed), {}
+        size = config.student if config.student_task else config.teacher
+        candidate, measured = make_model(size, tokenizer, config.seed), {}
         for step, state in kept.items():
             candidate.load_state_dict(state)
             measured[step] = measure_accuracy(candidate.eval(), tokenizer, task, examples)

@@ -34,14 +34,20 @@ class Level:
     name: str  # as the tables and the plot show it
     variant: str = "dopd"  # the DOPD variant measured at this level (a --methods entry)
     kind: str = "hints"  # the privileged kind
-    # LabConfig fields this level changes. A `pair` value is added to the lab's own `--pair` settings, with
-    # OTHER_CONVENTION standing for the task's student task of another convention (`Task.other_convention`).
+    # LabConfig fields this level changes. A `pair` value is added to the lab's own `--pair` settings, its
+    # placeholders (THE_TASK, OTHER_CONVENTION, TEACHER below) resolved for the lab's task and pair.
     settings: tuple[tuple[str, object], ...] = ()
     tag: str = ""  # the directory name of the level's lab (default: made from the settings)
 
 
-# Placeholders in a level's `pair` settings: the lab's task, and the task's student task of another convention.
-THE_TASK, OTHER_CONVENTION = "<task>", "<other convention>"
+# Placeholders in a level's `pair` settings, resolved for the lab's task and pair (`_resolve`): the task itself,
+# the task's student task of another convention, and the size of the pair's teacher.
+THE_TASK, OTHER_CONVENTION, TEACHER = "<task>", "<other convention>", "<teacher>"
+SAME_TASK, OTHER_TASK = f"student_task={THE_TASK}", f"student_task={OTHER_CONVENTION}"
+TEACHER_SIZE, SMALL_SIZE = (
+    f"student={TEACHER}",
+    "student={layers: 2, hidden: 48, heads: 4, kv_heads: 2, intermediate: 128}",
+)
 
 
 @dataclass(frozen=True)
@@ -112,10 +118,16 @@ STUDIES: dict[str, Study] = {
             "a student of its own (the teacher's size and recipe, its own seed), pretrained in the teacher's "
             "convention or in another equally valid one (a task with a second convention: --task add)",
             (
-                Level("same convention", settings=(("pair", (f"student_task={THE_TASK}",)),), tag="same-convention"),
-                Level(
-                    "own convention", settings=(("pair", (f"student_task={OTHER_CONVENTION}",)),), tag="own-convention"
-                ),
+                Level("same convention", settings=(("pair", (TEACHER_SIZE, SAME_TASK)),), tag="same-convention"),
+                Level("own convention", settings=(("pair", (TEACHER_SIZE, OTHER_TASK)),), tag="own-convention"),
+            ),
+        ),
+        Study(
+            "capacity",
+            "a student of its own (the teacher's recipe, its own seed) of the teacher's size or smaller",
+            (
+                Level("teacher's size", settings=(("pair", (TEACHER_SIZE, SAME_TASK)),), tag="teacher-size"),
+                Level("smaller (2 x 48)", settings=(("pair", (SMALL_SIZE, SAME_TASK)),), tag="smaller"),
             ),
         ),
         Study(
@@ -145,21 +157,29 @@ def study_configs(study: Study, config: LabConfig) -> dict[tuple, LabConfig]:
         lab = replace(config, methods=methods, privilege=kinds, out=os.path.join(config.out, slug or "lab"))
         changes = dict(settings)
         if "pair" in changes:
-            changes["pair"] = [*config.pair, *(_with_convention(item, config.task) for item in changes["pair"])]
+            changes["pair"] = [*config.pair, *(_resolve(item, config) for item in changes["pair"])]
         lab = replace(lab, **changes)
         check_lab_config(lab)
         configs[settings] = lab
     return configs
 
 
-def _with_convention(pair_setting: str, task_name: str) -> str:
-    """`pair_setting` with THE_TASK replaced by the task and OTHER_CONVENTION by its student task of another
-    convention; one line when the setting needs one and the task has none."""
-    pair_setting = pair_setting.replace(THE_TASK, task_name)
-    if OTHER_CONVENTION not in pair_setting:
-        return pair_setting
+def _resolve(pair_setting: str, config: LabConfig) -> str:
+    """`pair_setting` with its placeholders replaced: THE_TASK by the task, TEACHER by the size of the pair's teacher
+    (as the lab's `--pair` settings leave it) and OTHER_CONVENTION by the task's student task of another convention;
+    one line when the setting needs one and the task has none."""
+    from dataclasses import asdict
+
+    from .models import default_pair_config, pair_config_with
     from .tasks import get_task
 
+    task_name = config.task
+    pair_setting = pair_setting.replace(THE_TASK, task_name)
+    if TEACHER in pair_setting:
+        teacher = asdict(pair_config_with(default_pair_config(task_name), config.pair).teacher)
+        pair_setting = pair_setting.replace(TEACHER, "{" + ", ".join(f"{k}: {v}" for k, v in teacher.items()) + "}")
+    if OTHER_CONVENTION not in pair_setting:
+        return pair_setting
     other = getattr(get_task(task_name), "other_convention", None)
     if other is None:
         raise ValueError(

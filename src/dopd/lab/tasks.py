@@ -2,12 +2,15 @@
 
 Each task samples an `Example`: a prompt, the reference completion (worked steps ending in `A:<answer>`), and three
 forms of privileged input (docs/method.md, "Privileged input"): the final answer, step-wise hints without execution (the
-plan: which operations in which order, never a computed value), and the full worked solution. Two families of different
-structure:
+plan: which operations in which order, never a computed value), and the full worked solution. Three families of
+different structure:
 
 - `arith`: nested +/- expressions such as `Q:50-(12+(9+4))=`. The plan (which subexpression first) depends on
   the parenthesis structure, so hints (the operations in evaluation order, previous results written `_`) remove
   the parsing and leave only the column arithmetic; the solution removes both.
+- `add`: column addition with carries (`Q:4729+385=` -> `9+5=14;2+8+1=11;...;A:5114`), a local, positional skill;
+  the hints are each column's two digits, and a digit written `?` is the undetermined part. `add-swapped` poses
+  the same problems in another convention (the lower digit first), for a teacher-student mismatch pair.
 - `lookup`: multi-hop variable lookup (`Q:c=b,a=7,d=c,b=a,e=3,f=e;d?` -> `d=c;c=b;b=a;a=7;A:7`), with a
   distractor chain. Its hints can only give the shape of the plan (the number of hops), not the variables met.
   `chain` is its harder form (three distractor chains) whose hints give the route without the final digit.
