@@ -18,6 +18,7 @@ from dopd.lab.models import (
     LabPairConfig,
     ModelSize,
     WeakPairError,
+    build_pair,
     default_pair_config,
     load_or_build_pair,
     pair_config_with,
@@ -207,6 +208,35 @@ def test_a_student_of_its_own_on_another_convention(tmp_path):
     assert load_or_build_pair(config, cache_dir=tmp_path, log=None).config.student_task == "add-swapped"
     with pytest.raises(ValueError, match="does not pose task order's problems"):
         pair_config_with(TINY_CHECKPOINTS, ["student_task=add"])
+
+
+def test_a_student_of_its_own_takes_the_shipped_teacher(tmp_path, monkeypatch):
+    """With the shipped pair's teacher config, a pair whose student is of its own loads that teacher instead of
+    pretraining it again (byte-identical by construction); only the student is pretrained."""
+    shipped_dir = tmp_path / "pretrained"
+    shipped = dataclasses.replace(TINY_CHECKPOINTS, task="add")
+    build_pair(shipped, shipped_dir / "add", log=None)
+    monkeypatch.setattr(models, "PRETRAINED_DIR", shipped_dir)
+    trained = []
+    real_pretrain = models.pretrain
+
+    def recording(model, tokenizer, task, *args, **kwargs):
+        trained.append(task.name)
+        return real_pretrain(model, tokenizer, task, *args, **kwargs)
+
+    monkeypatch.setattr(models, "pretrain", recording)
+    own = pair_config_with(shipped, ["student_task=add-swapped"])
+    assert models.shipped_teacher_path(own) == shipped_dir / "add"
+    assert models.shipped_teacher_path(dataclasses.replace(own, seed=1)) is None  # another teacher
+    assert models.shipped_teacher_path(shipped) is None  # a checkpoint student needs the teacher's own run
+    pair = build_pair(own, tmp_path / "own", log=None)
+    assert trained == ["add-swapped"]
+    loaded = AutoModelForCausalLM.from_pretrained(shipped_dir / "add" / "teacher")
+    for a, b in zip(pair.teacher.parameters(), loaded.parameters()):
+        assert torch.equal(a, b)
+    assert json.loads((pair.path / models.COMPLETE_MARKER).read_text())["timings"]["teacher_from"] == (
+        "the shipped add pair"
+    )
 
 
 def test_pretrain_command_builds_a_pair_that_records_the_command(tmp_path):

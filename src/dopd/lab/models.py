@@ -50,6 +50,10 @@ PRETRAINED_DIR = Path(__file__).parent / "pretrained"
 COMPLETE_MARKER = "lab_pair.json"
 
 
+# The fields that decide a pair's student only; the teacher's pretraining depends on the others.
+STUDENT_FIELDS = ("student", "student_steps", "student_checkpoints", "student_task")
+
+
 @dataclass(frozen=True)
 class LabPairConfig:
     """Everything that decides the pretrained pair; its hash names the cache directory.
@@ -108,12 +112,14 @@ class LabPairConfig:
         d["student_checkpoints"] = tuple(int(step) for step in d.get("student_checkpoints", ()))
         return cls(**d)
 
-    def config_hash(self) -> str:
-        """Stable across processes and Python versions: sha256 of the sorted JSON of the fields and of the
-        task's parameters (so that changing a task's defaults also rebuilds)."""
+    def config_hash(self, leave_out: tuple[str, ...] = ()) -> str:
+        """Stable across processes and Python versions: sha256 of the sorted JSON of the fields (less `leave_out`)
+        and of the task's parameters (so that changing a task's defaults also rebuilds)."""
         task_params = {k: v for k, v in vars(get_task(self.task)).items() if not k.startswith("_")}
         fields = {**self.to_dict(), "task_params": task_params, "prompt_split": SPLIT_RULE}
-        text = json.dumps(fields, sort_keys=True, separators=(",", ":"), default=repr)
+        text = json.dumps(
+            {k: v for k, v in fields.items() if k not in leave_out}, sort_keys=True, separators=(",", ":"), default=repr
+        )
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -175,20 +181,40 @@ def load_pair(path: str | Path) -> LabPair:
     )
 
 
+def shipped_teacher_path(config: LabPairConfig) -> Path | None:
+    """The shipped pair whose teacher `config` would pretrain again, or None. Only a pair with a student of its own
+    (`student_task`) can take it: its teacher's pretraining depends on the teacher's fields alone, while a student
+    chosen among the teacher's checkpoints needs the teacher's run itself."""
+    shipped = shipped_config(config.task)
+    if shipped is None or config.student_task is None:
+        return None
+    same_teacher = config.config_hash(STUDENT_FIELDS) == shipped.config_hash(STUDENT_FIELDS)
+    return PRETRAINED_DIR / config.task if same_teacher else None
+
+
 def _pretrain_teacher_and_student(config: LabPairConfig, task: Task, tokenizer, n_eval: int, log) -> dict:
     """The pretrained models, their histories and timings, and (with checkpoints) the candidates' measurements."""
-    timings, histories = {}, {}
-    teacher = make_model(config.teacher, tokenizer, config.seed)
-    if log:
-        log(
-            f"pretraining teacher {config.teacher} ({teacher.num_parameters():,} parameters) for "
-            f"{config.teacher_steps} steps"
-        )
+    timings, histories, kept = {}, {}, {}
+    shipped = shipped_teacher_path(config)
     start = time.time()
-    keep_at = () if config.student_task else config.student_checkpoints
-    histories["teacher"], kept = pretrain(
-        teacher, tokenizer, task, config.recipe("teacher"), config.seed + 1000, log, keep_at
-    )
+    if shipped is not None:  # the same teacher, pretrained by the same recipe: load it instead
+        with quiet_transformers():
+            teacher = AutoModelForCausalLM.from_pretrained(shipped / "teacher").eval()
+        histories["teacher"] = json.loads((shipped / "history.json").read_text())["teacher"]
+        timings["teacher_from"] = f"the shipped {config.task} pair"
+        if log:
+            log(f"teacher: the shipped {config.task} pair's (the same config and recipe), {shipped}")
+    else:
+        teacher = make_model(config.teacher, tokenizer, config.seed)
+        if log:
+            log(
+                f"pretraining teacher {config.teacher} ({teacher.num_parameters():,} parameters) for "
+                f"{config.teacher_steps} steps"
+            )
+        keep_at = () if config.student_task else config.student_checkpoints
+        histories["teacher"], kept = pretrain(
+            teacher, tokenizer, task, config.recipe("teacher"), config.seed + 1000, log, keep_at
+        )
     timings["teacher_seconds"] = round(time.time() - start, 1)
     selection = None
     if config.student_checkpoints and config.student_task:  # a student of its own, on the teacher's recipe

@@ -205,7 +205,7 @@ def run_study(study: Study | str, config: LabConfig, log=print) -> dict:
     started = time.time()
     labs = {}
     for settings, lab in configs.items():
-        shown = ", ".join(f"{key}={value}" for key, value in settings) or "the lab's settings"
+        shown = ", ".join(f"{key}={getattr(lab, key)}" for key, _ in settings) or "the lab's settings"
         log(f"study {study.name}: lab with {shown} -> {lab.out}")
         labs[settings] = run_lab(lab, log=log)
     results = study_results(study, config, labs, round(time.time() - started, 1))

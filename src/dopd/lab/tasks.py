@@ -352,10 +352,10 @@ class ChainTask(LookupTask):
     """`lookup` with more chains to search and hints that give the route: `Q:...;d?` -> `d=c;c=b;b=a;a=7;A:7`
     with the hints `d=c;c=b;b=a;a=#` (every variable met, not the digit).
 
-    Meant as the lab's second task, of a structure other than arithmetic: the capability is retrieval over a
-    shuffled table (each hop one content lookup among three distractor chains), the plan is the route, and the
-    last lookup is left to the model even with the hints. No pair for it meets the lab's properties yet: the
-    3 x 64 teacher does not learn the lookup in 8,000 steps (docs/lab_design.md, "The chain task").
+    A structure other than arithmetic: the capability is retrieval over a shuffled table (each hop one content
+    lookup among three distractor chains), the plan is the route, and the last lookup is left to the model even
+    with the hints. No pair for it meets the lab's properties: the 3 x 64 teacher does not learn the lookup in
+    8,000 steps (docs/lab_design.md, "The chain task"); the lab's second task is `add`.
     """
 
     name = "chain"
