@@ -106,6 +106,7 @@ def assert_same(expected, actual, rtol):
 
 OPTIONS = [
     {"method": "dopd"},
+    {"method": "dopd-rkl"},
     {"method": "opd"},
     {"method": "opd-priv"},
     {"method": "opsd"},
@@ -158,7 +159,7 @@ def test_chunked_equals_plain_float32(option, target_path):
 
 
 @pytest.mark.parametrize("chunk_size", [1, 4, 100, None])  # None: the default, larger than the 9 tokens
-@pytest.mark.parametrize("option", [OPTIONS[0], OPTIONS[5], OPTIONS[6], OPTIONS[13]], ids=option_id)
+@pytest.mark.parametrize("option", [OPTIONS[0], OPTIONS[6], OPTIONS[7], OPTIONS[14]], ids=option_id)
 def test_chunk_sizes(option, chunk_size):
     objective = build_objective({"top_k": K, **option})
     case = make_case(seed=3)
@@ -167,7 +168,7 @@ def test_chunk_sizes(option, chunk_size):
     assert_same(expected, actual, rtol=1e-5)
 
 
-@pytest.mark.parametrize("option", [OPTIONS[i] for i in (0, 1, 5, 6, 9, 18)], ids=option_id)
+@pytest.mark.parametrize("option", [OPTIONS[i] for i in (0, 2, 6, 7, 10, 19)], ids=option_id)
 def test_chunked_equals_plain_float64(option, target_path):
     objective = build_objective({"top_k": K, **option})
     case = make_case(torch.float64, seed=1)
@@ -374,4 +375,4 @@ def test_num_sequences_matches_plain():
     objective = build_objective({"top_k": K})
     case = make_case()
     assert_same(plain(objective, case, num_sequences=7), chunked(objective, case, 2, num_sequences=7), rtol=1e-5)
-    assert objectives.METHODS == ("dopd", "opd", "opd-priv", "opsd", "gkd", "eopd", "sft")  # each is in OPTIONS
+    assert objectives.METHODS == ("dopd", "dopd-rkl", "opd", "opd-priv", "opsd", "gkd", "eopd", "sft")  # in OPTIONS

@@ -371,6 +371,7 @@ def test_eopd_adds_forward_kl_on_high_teacher_entropy_tokens():
     "method,needs_self,needs_teacher",
     [
         ("dopd", True, True),
+        ("dopd-rkl", True, True),
         ("opd", False, True),
         ("opd-priv", False, True),
         ("opsd", True, False),
@@ -384,7 +385,9 @@ def test_every_method_builds(method, needs_self, needs_teacher):
     assert (objective.needs_self, objective.needs_teacher) == (needs_self, needs_teacher)
     assert (
         objective.teacher_privileged
-        == {"dopd": True, "opd": False, "opd-priv": True, "opsd": None, "gkd": False, "eopd": False}[method]
+        == {"dopd": True, "dopd-rkl": True, "opd": False, "opd-priv": True, "opsd": None, "gkd": False, "eopd": False}[
+            method
+        ]
     )
 
 
@@ -392,6 +395,22 @@ def test_dopd_terms_are_the_spec_table():
     terms = {t.applies_to: (t.target, t.divergence, t.granularity, t.weight) for t in build_objective("dopd").terms}
     terms = {routing.REGIMES.index(name): term for name, term in terms.items()}  # TABLE is keyed by regime code
     assert terms == TABLE
+
+
+def test_dopd_rkl_is_dopd_with_reverse_kl_on_ht():
+    """The named variant: the spec table with reverse KL in place of JS on HT, the same routing and weights, and
+    the same loss as `dopd` with `objective.divergence=reverse_kl` (which changes only HT's divergence)."""
+    terms = {t.applies_to: (t.target, t.divergence, t.granularity, t.weight) for t in build_objective("dopd-rkl").terms}
+    terms = {routing.REGIMES.index(name): term for name, term in terms.items()}
+    assert terms == {**TABLE, HT: ("teacher", "reverse_kl", "full", 1.0)}
+    *_, probs = hand_batch()
+    named, override, paper = run({"method": "dopd-rkl"}), run({"divergence": "reverse_kl"}), run()
+    assert named[0].regime.tolist() == paper[0].regime.tolist()
+    assert named[0].loss.item() == pytest.approx(override[0].loss.item(), rel=1e-12)
+    assert named[0].loss.item() == pytest.approx(reference_loss(probs, {**TABLE, HT: terms[HT]}), rel=1e-10)
+    assert named[0].loss.item() != pytest.approx(paper[0].loss.item())
+    objective = build_objective("dopd-rkl")
+    assert objective.uses_routing and objective.needs_self and objective.teacher_privileged
 
 
 def test_unknown_method_lists_the_known_ones():

@@ -26,12 +26,16 @@ from typing import Literal
 from . import losses, routing
 from .routing import REGIMES
 
-METHODS: tuple[str, ...] = ("dopd", "opd", "opd-priv", "opsd", "gkd", "eopd", "sft")
+METHODS: tuple[str, ...] = ("dopd", "dopd-rkl", "opd", "opd-priv", "opsd", "gkd", "eopd", "sft")
+# DOPD and its named variants: the routed objective. `dopd` keeps the paper's terms; `dopd-rkl` takes reverse KL in
+# place of JS on HT, the reading the lab's findings favour (docs/method.md, "Named variants").
+DOPD_METHODS: tuple[str, ...] = ("dopd", "dopd-rkl")
 GRANULARITIES: tuple[str, ...] = ("sampled", "topk", "full")
 TARGETS: tuple[str, ...] = ("teacher", "self")
 TEACHER_FULL: tuple[str, ...] = ("full", "topk_bucket")
 _DEFAULT_TEACHER_PRIVILEGED = {
-    "dopd": True, "opd": False, "opd-priv": True, "opsd": None, "gkd": False, "eopd": False, "sft": False,
+    "dopd": True, "dopd-rkl": True, "opd": False, "opd-priv": True, "opsd": None, "gkd": False, "eopd": False,
+    "sft": False,
 }  # fmt: skip
 # The weights the privileged student scores with (`objective.self_weights`); `self_weights.py` keeps them.
 SELF_WEIGHTS: tuple[str, ...] = ("live", "frozen", "ema", "lagged")
@@ -76,7 +80,7 @@ class ObjectiveConfig:
     """Every option of the objective, each field one config key. Defaults are the paper's where it gives one
     (docs/method.md says which, and the reading taken where it does not)."""
 
-    method: str = "dopd"  # dopd | opd | opd-priv | opsd | gkd | eopd | sft (the teacher samples, the student imitates)
+    method: str = "dopd"  # dopd | dopd-rkl | opd | opd-priv | opsd | gkd | eopd | sft (docs/method.md, "Baselines")
     top_k: int = 128  # K of the Top-K terms
     topk_support: str = "target"  # target | student | union: whose top-K tokens form the support
     topk_tail: str = "renormalize"  # renormalize | bucket: renormalize over the support, or add a tail entry
@@ -181,7 +185,7 @@ class Objective:
             raise ValueError(f"objective.reward_weight = {config.reward_weight} must be >= 0")
         if not 0.0 < config.eopd_entropy_quantile < 1.0:
             raise ValueError(f"objective.eopd_entropy_quantile = {config.eopd_entropy_quantile} must be in (0, 1)")
-        if config.method == "dopd" and config.beta_w >= config.beta_l:
+        if config.method in DOPD_METHODS and config.beta_w >= config.beta_l:
             warnings.warn(
                 f"objective.beta_w = {config.beta_w} >= objective.beta_l = {config.beta_l}: the paper requires "
                 "beta_w < beta_l (low-confidence self tokens weigh less than the others)",
@@ -206,7 +210,7 @@ class Objective:
                 )
         self.terms = self._resolve_terms()
         self.needs_teacher = any(term.target == "teacher" for term in self.terms)
-        self.uses_routing = any(term.applies_to in REGIMES for term in self.terms) or config.method == "dopd"
+        self.uses_routing = any(term.applies_to in REGIMES for term in self.terms) or config.method in DOPD_METHODS
         gap_drop = config.drop_fraction > 0 and config.drop_mode in ("lowest_gap", "highest_gap")
         self.needs_self = any(term.target == "self" for term in self.terms) or self.uses_routing or gap_drop
         if self.uses_routing or gap_drop:
@@ -223,11 +227,11 @@ class Objective:
 
     def _resolve_terms(self) -> list[Term]:
         c = self.config
-        if c.method == "dopd":
+        if c.method in DOPD_METHODS:
             by_regime = {
                 "LH": Term("teacher", "reverse_kl", "topk", c.beta_l, "LH"),
                 "LL": Term("self", "reverse_kl", "topk", c.beta_w, "LL"),
-                "HT": Term("teacher", "js", "full", c.ht_weight, "HT"),
+                "HT": Term("teacher", "js" if c.method == "dopd" else "reverse_kl", "full", c.ht_weight, "HT"),
                 "HS": Term("self", "reverse_kl", "topk", c.beta_l, "HS"),
             }
             terms = [by_regime[name] for name in REGIMES if name in c.regimes]

@@ -16,6 +16,7 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING
 
 from ..answers import gap_recovery
+from ..objectives import DOPD_METHODS
 from ..routing import REGIMES
 from ..run_dir import write_json_atomic, write_text_atomic
 from .attribution import mean_attribution
@@ -130,7 +131,7 @@ def kind_results(config: LabConfig, specs: list[MethodSpec], records: list[dict]
         }
         for name in REFERENCES
     }
-    dopd_labels = [spec.label for spec in specs if spec.method == "dopd"]
+    dopd_labels = [spec.label for spec in specs if spec.method in DOPD_METHODS]
     differences = {
         first: {second: paired(records, first, second, common) for second in labels if second != first}
         for first in dopd_labels
