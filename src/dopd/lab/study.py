@@ -1,8 +1,9 @@
-"""`dopd lab --study FACTOR`: one factor's grid, and DOPD's paired differences against privileged and vanilla OPD
-at each of its levels.
+"""`dopd lab --study FACTOR`; over 450 lines: each factor's levels, its labs, its paired table and plot in one.
+
+One factor's grid, and DOPD's paired differences against privileged and vanilla OPD at each of its levels.
 
 A factor is a list of levels. A level names the DOPD variant it measures (`dopd`, `dopd[top_k=4]`), the
-privileged kind it reads, and the lab settings it changes (`undetermined_share`, `steps`); levels with the same
+privileged kind it reads, and the lab settings it changes (`undetermined_share`, `steps`, `pair`); levels with the same
 settings share one lab run, so the study reuses the lab as it is: its pairs, seeds, worker processes, statistics,
 budget check and attribution, with each lab's own `results.md` under `<out>/<settings>/`. At every level the
 study reports the variant minus `opd-priv` and minus `opd`, paired over the same seeds, overall and on each part
