@@ -86,7 +86,7 @@ def test_padded_teacher_embeddings_and_chat_prompts(pair, tmp_path):
         ("empty_privileged", "rows have an empty 'privileged_context'"),
         ("template", "lacks {privileged_context}"),
         ("long_prompt", "prompts are longer than data.max_prompt_length = 8 tokens"),
-        ("method", "objective.method = 'dopdd' is unknown; known: dopd, opd"),
+        ("method", "objective.method = 'dopdd' is unknown; known: dopd, dopd-rkl, opd"),
         ("top_k", "objective.top_k = 1000 is larger than the vocabulary"),
         ("teacher_tokenizer", "has another tokenizer than the student"),
     ],
