@@ -192,9 +192,19 @@ def shipped_teacher_path(config: LabPairConfig) -> Path | None:
     return PRETRAINED_DIR / config.task if same_teacher else None
 
 
+def student_origin(config: LabPairConfig, chosen_step: int | None) -> str:
+    """Where a pair's student comes from, in words (the build's log and the lab's printout)."""
+    if chosen_step is not None:
+        if config.student_task:
+            return f"the state of its own pretraining on {config.student_task} after {chosen_step} steps"
+        return f"the teacher's pretraining state after {chosen_step} steps"
+    return f"a model of its own{f' pretrained on {config.student_task}' if config.student_task else ''}"
+
+
 def _pretrain_teacher_and_student(config: LabPairConfig, task: Task, tokenizer, n_eval: int, log) -> dict:
     """The pretrained models, their histories and timings, and (with checkpoints) the candidates' measurements."""
     timings, histories, kept = {}, {}, {}
+    student_task = get_task(config.student_task) if config.student_task else task
     shipped = shipped_teacher_path(config)
     start = time.time()
     if shipped is not None:  # the same teacher, pretrained by the same recipe: load it instead
@@ -228,7 +238,7 @@ def _pretrain_teacher_and_student(config: LabPairConfig, task: Task, tokenizer, 
         histories["student"], kept = pretrain(
             own,
             tokenizer,
-            get_task(config.student_task),
+            student_task,
             config.recipe("teacher"),
             config.seed + 2000,
             log,
@@ -255,8 +265,7 @@ def _pretrain_teacher_and_student(config: LabPairConfig, task: Task, tokenizer, 
             "accuracy": {"teacher": teacher_accuracy, "student": measured[chosen]},
         }
         if log:
-            whose = f"its own pretraining on {config.student_task}" if config.student_task else "the teacher's"
-            log(f"student: the state of {whose} after {chosen} steps (candidates {list(kept)})")
+            log(f"student: {student_origin(config, chosen)} (candidates {list(kept)})")
     else:
         student = make_model(config.student, tokenizer, config.seed + 1)
         if log:
@@ -265,7 +274,6 @@ def _pretrain_teacher_and_student(config: LabPairConfig, task: Task, tokenizer, 
                 f"{config.student_steps} steps" + (f" on {config.student_task}" if config.student_task else "")
             )
         start = time.time()
-        student_task = get_task(config.student_task) if config.student_task else task
         histories["student"], _ = pretrain(
             student, tokenizer, student_task, config.recipe("student"), config.seed + 2000, log
         )

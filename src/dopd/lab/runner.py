@@ -37,7 +37,7 @@ from ..routing import REGIMES
 from ..run_dir import read_jsonl, write_text_atomic
 from .config import TEST_SEED, TRAIN_SEED, VALIDATION_SEED, LabConfig
 from .methods import MethodSpec, method_specs
-from .models import default_pair_config, load_or_build_pair, pair_config_with
+from .models import default_pair_config, load_or_build_pair, pair_config_with, student_origin
 from .properties import describe_weakness, properties_hold
 from .results import build_results, write_results
 from .tasks import LAB_PRIVILEGED_TEMPLATE, PRIVILEGED_KINDS, Task, get_task, with_undetermined_share
@@ -388,12 +388,7 @@ def describe_baseline(baseline: dict, config: LabConfig, pair) -> str:
 
 def _student_origin(pair) -> str:
     selection = pair.properties.get("student_selection")
-    own_task = pair.config.student_task
-    if selection:
-        if own_task:
-            return f"the state of its own pretraining on {own_task} after {selection['chosen_step']} steps"
-        return f"the teacher's pretraining state after {selection['chosen_step']} steps"
-    return f"a model of its own{f' pretrained on {own_task}' if own_task else ''}"
+    return student_origin(pair.config, selection["chosen_step"] if selection else None)
 
 
 def _safe(label: str) -> str:

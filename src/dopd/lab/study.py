@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 
 from ..run_dir import write_json_atomic, write_text_atomic
 from .config import LabConfig
@@ -36,19 +36,17 @@ class Level:
     variant: str = "dopd"  # the DOPD variant measured at this level (a --methods entry)
     kind: str = "hints"  # the privileged kind
     # LabConfig fields this level changes. A `pair` value is added to the lab's own `--pair` settings, its
-    # placeholders (THE_TASK, OTHER_CONVENTION, TEACHER below) resolved for the lab's task and pair.
+    # placeholders (THE_TASK, OTHER_CONVENTION, SIZE_ROLES below) resolved for the lab's task and pair.
     settings: tuple[tuple[str, object], ...] = ()
     tag: str = ""  # the directory name of the level's lab (default: made from the settings)
 
 
 # Placeholders in a level's `pair` settings, resolved for the lab's task and pair (`_resolve`): the task itself,
-# the task's student task of another convention, and the size of the pair's teacher.
-THE_TASK, OTHER_CONVENTION, TEACHER = "<task>", "<other convention>", "<teacher>"
+# the task's student task of another convention, and the sizes of the pair's teacher and student (`<teacher>`,
+# `<student>`, as the task's pair config and the lab's `--pair` settings leave them).
+THE_TASK, OTHER_CONVENTION, SIZE_ROLES = "<task>", "<other convention>", ("teacher", "student")
 SAME_TASK, OTHER_TASK = f"student_task={THE_TASK}", f"student_task={OTHER_CONVENTION}"
-TEACHER_SIZE, SMALL_SIZE = (
-    f"student={TEACHER}",
-    "student={layers: 2, hidden: 48, heads: 4, kv_heads: 2, intermediate: 128}",
-)
+TEACHER_SIZE, SMALL_SIZE = "student=<teacher>", "student=<student>"  # the pair's student is the smaller model
 
 
 @dataclass(frozen=True)
@@ -166,19 +164,20 @@ def study_configs(study: Study, config: LabConfig) -> dict[tuple, LabConfig]:
 
 
 def _resolve(pair_setting: str, config: LabConfig) -> str:
-    """`pair_setting` with its placeholders replaced: THE_TASK by the task, TEACHER by the size of the pair's teacher
-    (as the lab's `--pair` settings leave it) and OTHER_CONVENTION by the task's student task of another convention;
-    one line when the setting needs one and the task has none."""
-    from dataclasses import asdict
-
+    """`pair_setting` with its placeholders replaced: THE_TASK by the task, `<teacher>` and `<student>` by the sizes
+    of the pair's models and OTHER_CONVENTION by the task's student task of another convention; one line when the
+    setting needs one and the task has none."""
     from .models import default_pair_config, pair_config_with
     from .tasks import get_task
 
     task_name = config.task
     pair_setting = pair_setting.replace(THE_TASK, task_name)
-    if TEACHER in pair_setting:
-        teacher = asdict(pair_config_with(default_pair_config(task_name), config.pair).teacher)
-        pair_setting = pair_setting.replace(TEACHER, "{" + ", ".join(f"{k}: {v}" for k, v in teacher.items()) + "}")
+    for role in SIZE_ROLES:
+        if f"<{role}>" in pair_setting:
+            size = asdict(getattr(pair_config_with(default_pair_config(task_name), config.pair), role))
+            pair_setting = pair_setting.replace(
+                f"<{role}>", "{" + ", ".join(f"{k}: {v}" for k, v in size.items()) + "}"
+            )
     if OTHER_CONVENTION not in pair_setting:
         return pair_setting
     other = getattr(get_task(task_name), "other_convention", None)
